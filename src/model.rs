@@ -1,0 +1,360 @@
+//! The validated configuration: what the rest of the gateway runs on.
+//!
+//! Built by [`crate::config`] from the raw YAML structs; every value here has already been
+//! checked (ranges, references, topics), so runtime code never re-validates. Indices
+//! (`Device::bus`, `Point::group`) point into sibling vectors and are guaranteed in range.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub mqtt: Mqtt,
+    pub buses: Vec<Bus>,
+    pub devices: Vec<Device>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gateway {
+    /// Gateway identity; also the default MQTT client id and topic prefix.
+    pub id: String,
+    /// Topic prefix (`{prefix}` in templates). Defaults to `id`.
+    pub prefix: String,
+    /// `tracing` filter directive (e.g. `info`, `fieldbridge=debug`); `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttTransport {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA bundle (PEM) used to verify the broker. `None`: the system roots are not used;
+    /// a CA is required for TLS (validated at load).
+    pub ca: PathBuf,
+    /// Client certificate chain and key (PEM) for mutual TLS; both or neither.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+/// A secret string that never prints itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Qos {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+/// What happens when the in-memory queue of unacknowledged messages is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Drop the oldest queued message (counted and logged once per episode).
+    DropOldest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mqtt {
+    pub transport: MqttTransport,
+    pub host: String,
+    pub port: u16,
+    /// Path for WebSocket transports (e.g. `/mqtt`).
+    pub ws_path: String,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    /// Resolved at load time from `password_file` / `password_env` (or inline if the user insists).
+    pub password: Option<Secret>,
+    pub tls: Option<TlsFiles>,
+    /// Largest MQTT packet accepted or sent, bytes.
+    pub max_packet_size: usize,
+    /// Messages the link keeps in memory waiting for delivery (not yet PUBACKed).
+    pub queue_capacity: usize,
+    pub when_full: WhenFull,
+    /// Messages on the wire awaiting PUBACK at once.
+    pub inflight: u16,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Gateway status topic (last will `offline`, `online` on connect, retained).
+    pub status_topic: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Serial {
+    pub port: String,
+    pub baud: u32,
+    /// 7 or 8.
+    pub data_bits: u8,
+    pub parity: Parity,
+    /// 1 or 2.
+    pub stop_bits: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BusKind {
+    /// Modbus RTU over a serial line.
+    Rtu(Serial),
+    /// Modbus TCP (MBAP framing).
+    Tcp { host: String, port: u16 },
+    /// Modbus RTU frames carried over a TCP connection (serial device servers).
+    RtuOverTcp { host: String, port: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bus {
+    pub name: String,
+    pub kind: BusKind,
+    /// Silent interval kept between frames (RTU kinds): 3.5 character times computed from the
+    /// baud rate, 1.75 ms above 19200 baud, or the user's larger value. Zero for TCP.
+    pub frame_gap: Duration,
+    /// Pause after connecting before the first request (some serial servers need it).
+    pub connect_delay: Duration,
+    /// Cap of the reconnect back-off.
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RegisterKind {
+    /// Coils, read with FC1, written with FC5/FC15.
+    Coil,
+    /// Discrete inputs, read with FC2.
+    DiscreteInput,
+    /// Holding registers, read with FC3, written with FC6/FC16.
+    Holding,
+    /// Input registers, read with FC4.
+    Input,
+}
+
+impl RegisterKind {
+    pub fn is_bits(self) -> bool {
+        matches!(self, RegisterKind::Coil | RegisterKind::DiscreteInput)
+    }
+    /// Function code used to read this kind.
+    pub fn read_function(self) -> u8 {
+        match self {
+            RegisterKind::Coil => 1,
+            RegisterKind::DiscreteInput => 2,
+            RegisterKind::Holding => 3,
+            RegisterKind::Input => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    /// A coil or discrete input.
+    Bool,
+    /// One bit (0 = least significant) of a 16-bit register.
+    Bit(u8),
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+    /// ASCII text in N registers, two characters per register; trailing NULs and spaces trimmed.
+    Ascii(u16),
+}
+
+impl DataType {
+    /// Registers (or bits, for `Bool`) this type occupies.
+    pub fn width(self) -> u16 {
+        match self {
+            DataType::Bool | DataType::Bit(_) | DataType::U16 | DataType::I16 => 1,
+            DataType::U32 | DataType::I32 | DataType::F32 => 2,
+            DataType::U64 | DataType::I64 | DataType::F64 => 4,
+            DataType::Ascii(n) => n,
+        }
+    }
+}
+
+/// Byte and word order of a multi-register value, named after how the bytes of a 32-bit value
+/// `A B C D` (A most significant) appear on the wire. It is two independent swaps, so the same
+/// four names cover 16-, 32- and 64-bit values:
+/// - `Abcd`: big-endian words, big-endian bytes (the Modbus default).
+/// - `Cdab`: word order reversed (low word first), bytes big-endian within each word.
+/// - `Badc`: bytes swapped within each word, words big-endian.
+/// - `Dcba`: both (fully little-endian).
+///
+/// For 64-bit values these are `ABCDEFGH`, `GHEFCDAB`, `BADCFEHG`, `HGFEDCBA`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WordOrder {
+    #[default]
+    Abcd,
+    Cdab,
+    Badc,
+    Dcba,
+}
+
+impl WordOrder {
+    pub const ALL: [WordOrder; 4] = [
+        WordOrder::Abcd,
+        WordOrder::Cdab,
+        WordOrder::Badc,
+        WordOrder::Dcba,
+    ];
+    pub fn word_swap(self) -> bool {
+        matches!(self, WordOrder::Cdab | WordOrder::Dcba)
+    }
+    pub fn byte_swap(self) -> bool {
+        matches!(self, WordOrder::Badc | WordOrder::Dcba)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WordOrder::Abcd => "ABCD",
+            WordOrder::Cdab => "CDAB",
+            WordOrder::Badc => "BADC",
+            WordOrder::Dcba => "DCBA",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// `{"value": 230.1, "unit": "V", "ts": "2026-11-21T10:00:00.123Z"}`
+    Json,
+    /// The bare value as text: `230.1`.
+    Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PublishPolicy {
+    /// Publish every reading.
+    EveryPoll,
+    /// Publish when the value moved by more than `deadband` (absolute; 0 = any change) since the
+    /// last published value, or `heartbeat` has passed since the last publish.
+    OnChange {
+        deadband: f64,
+        heartbeat: Option<Duration>,
+    },
+}
+
+/// How readings of a device are grouped into MQTT messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageMode {
+    /// One message per point on the point's topic.
+    PerPoint,
+    /// One JSON message per device and poll group on the device topic with every point's value.
+    PerDevice,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollGroup {
+    /// `default` for the device's own interval.
+    pub name: String,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub name: String,
+    /// Index into `Config::buses`.
+    pub bus: usize,
+    /// Modbus unit (slave) id, 1..=247 (0 is broadcast and never used for reads).
+    pub unit: u8,
+    /// Poll groups; index 0 is the device's `default` group with its own interval.
+    pub groups: Vec<PollGroup>,
+    /// Timeout of one request.
+    pub timeout: Duration,
+    /// Consecutive failed polls after which the device is reported offline.
+    pub offline_after: u32,
+    /// Cap of the back-off applied to a failing device's polls.
+    pub backoff_max: Duration,
+    /// Largest run of unused registers (or bits) bridged when coalescing reads.
+    pub max_gap: u16,
+    /// Largest read, registers (<= 125) and bits (<= 2000).
+    pub max_registers: u16,
+    pub max_bits: u16,
+    pub message_mode: MessageMode,
+    /// Topic of per-device messages (`MessageMode::PerDevice`).
+    pub topic: String,
+    /// `{prefix}/{device}/status`: `online` / `offline`, retained.
+    pub status_topic: String,
+    pub points: Vec<Point>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub name: String,
+    pub kind: RegisterKind,
+    pub address: u16,
+    pub data_type: DataType,
+    pub order: WordOrder,
+    pub scale: f64,
+    pub offset: f64,
+    pub unit: Option<String>,
+    /// Raw integer value -> label. When present the label is published as the value.
+    pub labels: BTreeMap<i64, String>,
+    /// Index into `Device::groups`.
+    pub group: usize,
+    /// Rendered topic.
+    pub topic: String,
+    pub payload: PayloadFormat,
+    pub publish: PublishPolicy,
+    pub qos: Qos,
+    pub retain: bool,
+    /// Accepts commands (holding registers and coils only). Used by the command path.
+    pub writable: bool,
+    /// Engineering-unit bounds for writes.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Point {
+    /// Registers (or bits) this point occupies starting at `address`.
+    pub fn width(&self) -> u16 {
+        self.data_type.width()
+    }
+    /// Last address used (inclusive). Validation guarantees no overflow.
+    pub fn last_address(&self) -> u16 {
+        self.address + (self.width() - 1)
+    }
+}
+
+/// A decoded, scaled reading.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Text(String),
+}
+
+impl Value {
+    /// Numeric view for deadband comparison; `None` for text.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::Bool(b) => Some(if b { 1.0 } else { 0.0 }),
+            Value::Int(i) => Some(i as f64),
+            Value::UInt(u) => Some(u as f64),
+            Value::Float(f) => Some(f),
+            Value::Text(_) => None,
+        }
+    }
+}
