@@ -1,0 +1,2188 @@
+//! YAML loading and validation: `fieldbridge.yaml` → [`Config`].
+//!
+//! Two stages, as in ripgrep's low-level/high-level args:
+//! 1. `raw`: serde structs mirroring the YAML, `deny_unknown_fields`, no logic. A YAML syntax
+//!    error, an unknown key or a value of the wrong YAML type stops here with one error.
+//! 2. Validation (`Validator` below): raw → [`Config`], collecting *every* error, each
+//!    with its YAML path, line and column (found by `locate`), what is wrong and a hint.
+//!    Nothing is coerced: a QoS of 3 or an address past 65535 is an error, never wrapped.
+//!
+//! Derived fields (rendered topics, the `default` poll group, the RTU frame gap) are computed
+//! here so that runtime code never re-validates.
+
+mod locate;
+mod raw;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_yaml::Value;
+
+use crate::model::{
+    Bus, BusKind, Config, DataType, Device, Gateway, MessageMode, Mqtt, MqttTransport, Parity,
+    PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind, Secret, Serial, TlsFiles,
+    WhenFull, WordOrder,
+};
+use locate::{join_key, Locator};
+use raw::{RawBus, RawConfig, RawDevice, RawMqtt, RawPoint, RawPublish};
+
+/// One problem found in the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// YAML path of the offending node, e.g. `devices[2].points[5].address`.
+    pub path: String,
+    /// 1-based line and column of the node, when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let (Some(line), Some(col)) = (self.line, self.column) {
+            write!(f, "{line}:{col}: ")?;
+        }
+        let path = if self.path.is_empty() {
+            "(top level)"
+        } else {
+            &self.path
+        };
+        write!(f, "{path}: {}", self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(
+            f,
+            "{}: {n} error{}",
+            self.file,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            if e.line.is_some() {
+                write!(f, "\n{}:{e}", self.file)?;
+            } else {
+                write!(f, "\n{}: {e}", self.file)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &file),
+        Err(e) => Err(ConfigErrors {
+            file,
+            errors: vec![ConfigError {
+                path: String::new(),
+                line: None,
+                column: None,
+                message: format!("cannot read the file: {e}"),
+                hint: None,
+            }],
+        }),
+    }
+}
+
+/// Validates configuration text. `file_name` is only used in messages; relative paths in the
+/// text (`password_file`, TLS files) are resolved against the current directory.
+pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
+    let fail = |errors| ConfigErrors {
+        file: file_name.to_string(),
+        errors,
+    };
+    if text.trim().is_empty() {
+        return Err(fail(vec![ConfigError {
+            path: String::new(),
+            line: None,
+            column: None,
+            message: "the file is empty".into(),
+            hint: Some("start from the commented reference config/fieldbridge.yaml".into()),
+        }]));
+    }
+    let raw: RawConfig = match serde_yaml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => return Err(fail(vec![from_serde(&e)])),
+    };
+    let mut v = Validator {
+        loc: Locator::new(text),
+        errors: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        let mut errors = v.errors;
+        errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
+        Err(fail(errors))
+    }
+}
+
+/// The silent interval between RTU frames (3.5 characters; 1.75 ms above 19200 baud), the
+/// minimum of a bus's `frame_gap`. One definition, shared with the planner's bus-time estimate.
+pub use crate::plan::frame_gap_for_baud;
+
+// ---------------------------------------------------------------------------------------------
+// serde errors
+
+/// Turns serde_yaml's single error into a [`ConfigError`] with a friendlier message.
+fn from_serde(e: &serde_yaml::Error) -> ConfigError {
+    let (line, column) = match e.location() {
+        Some(l) => (Some(l.line()), Some(l.column())),
+        None => (None, None),
+    };
+    let mut text = e.to_string();
+    if let Some(i) = text.find(" at line ") {
+        if line.is_some() {
+            text.truncate(i);
+        }
+    }
+    // serde_yaml writes `path: message`; a path has no spaces or backticks.
+    let (mut path, mut msg) = match text.split_once(": ") {
+        Some((p, m)) if !p.contains([' ', '`', '"']) => (p.to_string(), m.to_string()),
+        _ => (String::new(), text.clone()),
+    };
+    if path == "." {
+        path.clear();
+    }
+    let mut hint = None;
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let (key, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let expected: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let key = key.to_string();
+        let mut h = String::new();
+        if let Some(best) = closest(&key, &expected) {
+            h.push_str(&format!("did you mean `{best}`? "));
+        }
+        if !expected.is_empty() {
+            h.push_str(&format!("expected one of: {}", expected.join(", ")));
+        }
+        hint = (!h.is_empty()).then_some(h.trim_end().to_string());
+        path = join_key(&path, &key);
+        msg = format!("unknown key `{key}`");
+    } else if let Some(rest) = msg.strip_prefix("missing field `") {
+        let key = rest.trim_end_matches('`').to_string();
+        path = join_key(&path, &key);
+        msg = format!("required key `{key}` is missing");
+    } else if let Some(rest) = msg.strip_prefix("duplicate field `") {
+        let key = rest.trim_end_matches('`').to_string();
+        path = join_key(&path, &key);
+        msg = format!("key `{key}` is given twice");
+        hint = Some("keep one of them".into());
+    } else if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
+        for (from, to) in [
+            ("expected i64", "expected an integer"),
+            ("expected f64", "expected a number"),
+            ("expected a boolean", "expected true or false"),
+            (
+                "expected a YAML mapping",
+                "expected a mapping (`key: value` lines)",
+            ),
+            ("expected a sequence", "expected a list (`- item` lines)"),
+        ] {
+            msg = msg.replace(from, to);
+        }
+        if let Some(i) = msg.find("expected struct Raw") {
+            msg.truncate(i);
+            msg.push_str("expected a mapping (`key: value` lines)");
+        }
+        if msg.contains("expected true or false") {
+            hint = Some("YAML 1.2: only true and false are booleans (not yes/no/on/off)".into());
+        }
+    } else if msg.starts_with("duplicate entry") {
+        hint = Some("each key may appear once in a mapping".into());
+    }
+    ConfigError {
+        path,
+        line,
+        column,
+        message: msg,
+        hint,
+    }
+}
+
+/// The candidate nearest to `word` by edit distance, if it is plausibly a typo of it.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev[j] + usize::from(ca != *cb);
+                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    candidates
+        .iter()
+        .map(|c| (distance(word, c), *c))
+        .filter(|(d, c)| *d <= (word.len().max(c.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+// ---------------------------------------------------------------------------------------------
+// small validators
+
+const DURATION_HINT: &str = "use a number and a unit without spaces: 500ms, 1s, 2m";
+
+/// `500ms`, `1s`, `2m`, `1h`, `250us`, or a sum like `1m30s`. No spaces, no fractions.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let one = match &rest[..unit_len] {
+            "us" | "µs" => Duration::from_micros(1),
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return None,
+        };
+        total = total.checked_add(one.checked_mul(u32::try_from(n).ok()?)?)?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+/// Short human form of a duration, in the syntax the config accepts.
+fn fmt_duration(d: Duration) -> String {
+    // Rounded up: a printed minimum must itself be accepted.
+    let us = d.as_nanos().div_ceil(1000);
+    if us % 1000 != 0 {
+        format!("{us}us")
+    } else if us % 1_000_000 != 0 || us == 0 {
+        format!("{}ms", us / 1000)
+    } else {
+        format!("{}s", us / 1_000_000)
+    }
+}
+
+/// A name used as one topic level (gateway id, device and point names).
+fn check_level(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| matches!(c, '/' | '+' | '#' | '\0') || c.is_whitespace())
+    {
+        let shown = match c {
+            '\0' => "NUL".to_string(),
+            c if c.is_whitespace() => "whitespace".to_string(),
+            c => format!("`{c}`"),
+        };
+        return Err(format!(
+            "`{name}` contains {shown}, which a single topic level cannot"
+        ));
+    }
+    Ok(())
+}
+
+/// A topic we publish to (MQTT 3.1.1 §4.7: no wildcards in publish topics, no NUL).
+fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("the topic is empty".into());
+    }
+    if topic.len() > 65_535 {
+        return Err("the topic is longer than 65535 bytes".into());
+    }
+    if let Some(c) = topic.chars().find(|c| matches!(c, '+' | '#' | '\0')) {
+        let c = if c == '\0' {
+            "NUL".to_string()
+        } else {
+            format!("`{c}`")
+        };
+        return Err(format!(
+            "topic `{topic}` contains {c}, which is not allowed when publishing"
+        ));
+    }
+    if topic.split('/').any(str::is_empty) {
+        return Err(format!(
+            "topic `{topic}` has an empty level (leading, trailing or double `/`)"
+        ));
+    }
+    if topic.starts_with('$') {
+        return Err(format!(
+            "topic `{topic}` starts with `$`, which brokers reserve for themselves"
+        ));
+    }
+    Ok(())
+}
+
+/// Substitutes `{name}` placeholders from `vars`; any other placeholder is an error.
+fn render(template: &str, vars: &[(&str, &str)]) -> Result<String, (String, String)> {
+    let allowed = || {
+        vars.iter()
+            .map(|(k, _)| format!("{{{k}}}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find(['{', '}']) {
+        out.push_str(&rest[..open]);
+        if rest[open..].starts_with('}') {
+            return Err((
+                "unmatched `}`".into(),
+                format!("placeholders are {}", allowed()),
+            ));
+        }
+        let Some(close) = rest[open..].find('}') else {
+            return Err((
+                "unmatched `{`".into(),
+                format!("placeholders are {}", allowed()),
+            ));
+        };
+        let name = &rest[open + 1..open + close];
+        match vars.iter().find(|(k, _)| *k == name) {
+            Some((_, v)) => out.push_str(v),
+            None => {
+                return Err((
+                    format!("unknown placeholder `{{{name}}}`"),
+                    format!("placeholders allowed here: {}", allowed()),
+                ))
+            }
+        }
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// stage 2
+
+struct Validator {
+    loc: Locator,
+    errors: Vec<ConfigError>,
+}
+
+/// What a topic in the collision table belongs to.
+struct TopicOwner {
+    what: String,
+    path: String,
+}
+
+impl Validator {
+    fn err(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
+        let pos = self.loc.value(path);
+        self.errors.push(ConfigError {
+            path: path.to_string(),
+            line: pos.map(|p| p.line),
+            column: pos.map(|p| p.column),
+            message: message.into(),
+            hint,
+        });
+    }
+
+    fn err_at_key(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
+        let pos = self.loc.key(path);
+        self.errors.push(ConfigError {
+            path: path.to_string(),
+            line: pos.map(|p| p.line),
+            column: pos.map(|p| p.column),
+            message: message.into(),
+            hint,
+        });
+    }
+
+    fn int(&mut self, path: &str, v: Option<i64>, default: i64, lo: i64, hi: i64) -> i64 {
+        match v {
+            None => default,
+            Some(n) if (lo..=hi).contains(&n) => n,
+            Some(n) => {
+                self.err(path, format!("{n} is outside {lo}..={hi}"), None);
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, v: Option<&Value>, default: Duration) -> Duration {
+        self.opt_duration(path, v).unwrap_or(default)
+    }
+
+    fn opt_duration(&mut self, path: &str, v: Option<&Value>) -> Option<Duration> {
+        match v? {
+            Value::String(s) => match parse_duration(s) {
+                Some(d) => Some(d),
+                None => {
+                    self.err(
+                        path,
+                        format!("`{s}` is not a duration"),
+                        Some(DURATION_HINT.into()),
+                    );
+                    None
+                }
+            },
+            Value::Number(n) => {
+                self.err(
+                    path,
+                    format!("`{n}` has no unit"),
+                    Some(format!("{DURATION_HINT} (e.g. `{n}s` or `{n}ms`)")),
+                );
+                None
+            }
+            _ => {
+                self.err(path, "expected a duration", Some(DURATION_HINT.into()));
+                None
+            }
+        }
+    }
+
+    /// A duration that must be at least `min`.
+    fn duration_min(
+        &mut self,
+        path: &str,
+        v: Option<&Value>,
+        default: Duration,
+        min: Duration,
+    ) -> Duration {
+        let d = self.duration(path, v, default);
+        if d < min {
+            self.err(
+                path,
+                format!(
+                    "{} is shorter than the minimum {}",
+                    fmt_duration(d),
+                    fmt_duration(min)
+                ),
+                None,
+            );
+            return default;
+        }
+        d
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        path: &str,
+        v: Option<&str>,
+        default: T,
+        allowed: &[(&str, T)],
+    ) -> T {
+        let Some(s) = v else { return default };
+        match allowed.iter().find(|(name, _)| *name == s) {
+            Some((_, t)) => *t,
+            None => {
+                let names: Vec<&str> = allowed.iter().map(|(n, _)| *n).collect();
+                self.err(
+                    path,
+                    format!("`{s}` is not one of {}", names.join(", ")),
+                    closest(s, &names).map(|c| format!("did you mean `{c}`?")),
+                );
+                default
+            }
+        }
+    }
+
+    fn level(&mut self, path: &str, name: &str) {
+        if let Err(e) = check_level(name) {
+            self.err(
+                path,
+                format!("name {e}"),
+                Some(
+                    "names become one MQTT topic level: use letters, digits, `-`, `_`, `.`".into(),
+                ),
+            );
+        }
+    }
+
+    /// Renders and checks a topic template; `None` (already reported) when it is not usable.
+    fn topic(&mut self, path: &str, template: &str, vars: &[(&str, &str)]) -> Option<String> {
+        match render(template, vars) {
+            Ok(t) => match check_topic(&t) {
+                Ok(()) => Some(t),
+                Err(e) => {
+                    self.err(path, e, None);
+                    None
+                }
+            },
+            Err((msg, hint)) => {
+                self.err(path, msg, Some(hint));
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        // gateway
+        let g = raw.gateway;
+        self.level("gateway.id", &g.id);
+        let explicit_prefix = g.prefix.is_some();
+        let prefix = g.prefix.unwrap_or_else(|| g.id.clone());
+        // A prefix taken from a bad id is already reported as the id.
+        let checked = explicit_prefix || check_level(&g.id).is_ok();
+        if let (true, Err(e)) = (checked, check_topic(&prefix)) {
+            let path = if explicit_prefix {
+                "gateway.prefix"
+            } else {
+                "gateway.id"
+            };
+            self.err(
+                path,
+                format!("prefix: {e}"),
+                Some("the prefix is one or more topic levels, like plant/hall3".into()),
+            );
+        }
+        let log_level = g.log_level.unwrap_or_else(|| "info".into());
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        // EnvFilter takes a bare word as a target name (`verbose` = all of target `verbose`);
+        // here that is almost always a mistyped level.
+        if let Some(bad) = log_level
+            .split(',')
+            .map(str::trim)
+            .find(|d| !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str()))
+        {
+            self.err(
+                "gateway.log_level",
+                format!("`{bad}` is not a level"),
+                Some("levels are off, error, warn, info, debug, trace; for one module write e.g. fieldbridge::modbus=debug".into()),
+            );
+        } else if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            self.err(
+                "gateway.log_level",
+                format!("`{log_level}` is not a log filter: {e}"),
+                Some("use error, warn, info, debug, trace, or e.g. info,fieldbridge=debug".into()),
+            );
+        }
+        let gateway = Gateway {
+            id: g.id,
+            prefix,
+            log_level,
+        };
+
+        let mqtt = self.mqtt(raw.mqtt, &gateway);
+
+        // buses
+        let mut buses = Vec::new();
+        let mut bus_names: HashMap<String, usize> = HashMap::new();
+        for (i, rb) in raw.buses.into_iter().enumerate() {
+            let path = format!("buses[{i}]");
+            if let Some(first) = bus_names.get(&rb.name) {
+                self.err(
+                    &format!("{path}.name"),
+                    format!("bus name `{}` is already used by buses[{first}]", rb.name),
+                    Some("bus names must be unique".into()),
+                );
+            } else {
+                bus_names.insert(rb.name.clone(), i);
+            }
+            buses.push(self.bus(&path, rb));
+        }
+        if buses.is_empty() {
+            self.err(
+                "buses",
+                "no bus is defined",
+                Some("add a bus (type rtu, tcp or rtu_over_tcp)".into()),
+            );
+        }
+
+        // devices
+        let mut devices = Vec::new();
+        let mut device_names: HashMap<String, usize> = HashMap::new();
+        let mut units: HashMap<(usize, u8), String> = HashMap::new();
+        let mut topics: HashMap<String, TopicOwner> = HashMap::new();
+        topics.insert(
+            mqtt.status_topic.clone(),
+            TopicOwner {
+                what: "the gateway status topic".into(),
+                path: "mqtt.status_topic".into(),
+            },
+        );
+        for (i, rd) in raw.devices.into_iter().enumerate() {
+            let path = format!("devices[{i}]");
+            if let Some(first) = device_names.get(&rd.name) {
+                self.err(
+                    &format!("{path}.name"),
+                    format!(
+                        "device name `{}` is already used by devices[{first}]",
+                        rd.name
+                    ),
+                    Some("device names must be unique (they are topic levels)".into()),
+                );
+            } else {
+                device_names.insert(rd.name.clone(), i);
+            }
+            let bus = match bus_names.get(&rd.bus) {
+                Some(b) => Some(*b),
+                None => {
+                    let mut known: Vec<&str> = bus_names.keys().map(String::as_str).collect();
+                    known.sort_unstable();
+                    self.err(
+                        &format!("{path}.bus"),
+                        format!("no bus is named `{}`", rd.bus),
+                        Some(match closest(&rd.bus, &known) {
+                            Some(c) => format!("did you mean `{c}`?"),
+                            None => format!("defined buses: {}", known.join(", ")),
+                        }),
+                    );
+                    None
+                }
+            };
+            let duplicate = device_names.get(&rd.name) != Some(&i);
+            let (device, unit_ok) = self.device(&path, rd, bus.map(|b| &buses[b]), &gateway);
+            if let (Some(b), true) = (bus, unit_ok) {
+                let unit_path = format!("{path}.unit");
+                if let Some(other) = units.get(&(b, device.unit)) {
+                    self.err(
+                        &unit_path,
+                        format!(
+                            "unit {} on bus `{}` is already used by device `{other}`",
+                            device.unit, buses[b].name
+                        ),
+                        Some("each device on a bus needs its own unit id".into()),
+                    );
+                } else {
+                    units.insert((b, device.unit), device.name.clone());
+                }
+            }
+            if !duplicate {
+                // A second device of the same name collides everywhere: said once above.
+                self.claim_topics(&path, &device, &mut topics);
+            }
+            devices.push(Device {
+                bus: bus.unwrap_or(0),
+                ..device
+            });
+        }
+        if devices.is_empty() {
+            self.err(
+                "devices",
+                "no device is defined",
+                Some("add a device with at least one point".into()),
+            );
+        }
+
+        Config {
+            gateway,
+            mqtt,
+            buses,
+            devices,
+        }
+    }
+
+    fn claim_topics(&mut self, path: &str, d: &Device, topics: &mut HashMap<String, TopicOwner>) {
+        let mut claims = vec![(
+            d.status_topic.clone(),
+            format!("the status topic of device `{}`", d.name),
+            format!("{path}.name"),
+        )];
+        if d.message_mode == MessageMode::PerDevice {
+            claims.push((
+                d.topic.clone(),
+                format!("the topic of device `{}`", d.name),
+                self.present_or(&format!("{path}.topic"), &format!("{path}.name")),
+            ));
+        }
+        for (j, p) in d.points.iter().enumerate() {
+            let pp = format!("{path}.points[{j}]");
+            claims.push((
+                p.topic.clone(),
+                format!("point `{}` of device `{}`", p.name, d.name),
+                self.present_or(&format!("{pp}.topic"), &format!("{pp}.name")),
+            ));
+        }
+        for (topic, what, at) in claims {
+            if topic.is_empty() {
+                continue; // not rendered: already reported
+            }
+            if let Some(owner) = topics.get(&topic) {
+                let msg = format!(
+                    "topic `{topic}` of {what} is already used by {} ({})",
+                    owner.what, owner.path
+                );
+                self.err(
+                    &at,
+                    msg,
+                    Some("give one of them its own `topic` or another name".into()),
+                );
+            } else {
+                topics.insert(topic, TopicOwner { what, path: at });
+            }
+        }
+    }
+
+    /// `path` if the YAML has it, else `fallback`.
+    fn present_or(&self, path: &str, fallback: &str) -> String {
+        if self.loc.has(path) {
+            path.to_string()
+        } else {
+            fallback.to_string()
+        }
+    }
+
+    fn mqtt(&mut self, m: RawMqtt, gateway: &Gateway) -> Mqtt {
+        const TRANSPORTS: [(&str, MqttTransport); 4] = [
+            ("tcp", MqttTransport::Tcp),
+            ("tls", MqttTransport::Tls),
+            ("ws", MqttTransport::Ws),
+            ("wss", MqttTransport::Wss),
+        ];
+        let default_port = |t| match t {
+            MqttTransport::Tcp => 1883,
+            MqttTransport::Tls => 8883,
+            MqttTransport::Ws => 80,
+            MqttTransport::Wss => 443,
+        };
+        let is_ws = |t| matches!(t, MqttTransport::Ws | MqttTransport::Wss);
+        let (transport, host, port, ws_path) = if let Some(url) = &m.url {
+            if m.host.is_some() || m.port.is_some() || m.transport.is_some() || m.ws_path.is_some()
+            {
+                self.err(
+                    "mqtt.url",
+                    "`url` cannot be combined with host, port, transport or ws_path",
+                    Some("give either url, or host with port and transport".into()),
+                );
+            }
+            match parse_url(url) {
+                Ok((t, host, port, path)) => {
+                    let path = if is_ws(t) {
+                        path.unwrap_or_else(|| "/mqtt".into())
+                    } else {
+                        if path.is_some() {
+                            self.err(
+                                "mqtt.url",
+                                "a path is only meaningful for ws:// and wss://",
+                                None,
+                            );
+                        }
+                        String::new()
+                    };
+                    (t, host, port.unwrap_or(default_port(t)), path)
+                }
+                Err((msg, hint)) => {
+                    self.err("mqtt.url", msg, Some(hint));
+                    (MqttTransport::Tcp, String::new(), 1883, String::new())
+                }
+            }
+        } else {
+            let t = self.choice(
+                "mqtt.transport",
+                m.transport.as_deref(),
+                MqttTransport::Tcp,
+                &TRANSPORTS,
+            );
+            let host = match &m.host {
+                Some(h) if !h.is_empty() && !h.contains(['/', ' ']) => h.clone(),
+                Some(h) => {
+                    self.err(
+                        "mqtt.host",
+                        format!("`{h}` is not a host name or address"),
+                        Some("for a URL use `url:` instead".into()),
+                    );
+                    String::new()
+                }
+                None => {
+                    self.err(
+                        "mqtt",
+                        "the broker is not given",
+                        Some("set `url: mqtts://broker.example.com:8883`, or `host:` (with port and transport)".into()),
+                    );
+                    String::new()
+                }
+            };
+            let port = self.int("mqtt.port", m.port, default_port(t).into(), 1, 65535) as u16;
+            let ws_path = match (&m.ws_path, is_ws(t)) {
+                (Some(p), true) if p.starts_with('/') => p.clone(),
+                (Some(p), true) => {
+                    self.err(
+                        "mqtt.ws_path",
+                        format!("`{p}` does not start with `/`"),
+                        None,
+                    );
+                    "/mqtt".into()
+                }
+                (Some(_), false) => {
+                    self.err(
+                        "mqtt.ws_path",
+                        "ws_path applies only to transport ws or wss",
+                        None,
+                    );
+                    String::new()
+                }
+                (None, true) => "/mqtt".into(),
+                (None, false) => String::new(),
+            };
+            (t, host, port, ws_path)
+        };
+
+        let client_id = m.client_id.clone().unwrap_or_else(|| gateway.id.clone());
+        if client_id.is_empty() || client_id.len() > 65_535 {
+            self.err(
+                "mqtt.client_id",
+                "the client id must be 1 to 65535 bytes",
+                None,
+            );
+        }
+        let keep_alive = self.duration_min(
+            "mqtt.keep_alive",
+            m.keep_alive.as_ref(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        );
+        if keep_alive.subsec_nanos() != 0 || keep_alive > Duration::from_secs(65_535) {
+            self.err(
+                "mqtt.keep_alive",
+                format!(
+                    "{} is not a whole number of seconds up to 65535s",
+                    fmt_duration(keep_alive)
+                ),
+                Some("MQTT sends the keep-alive in whole seconds (MQTT 3.1.1 §3.1.2.10)".into()),
+            );
+        }
+        if let Some(u) = &m.username {
+            if u.is_empty() {
+                self.err(
+                    "mqtt.username",
+                    "the username is empty",
+                    Some("leave `username` out for none".into()),
+                );
+            }
+        }
+        let password = self.password(&m);
+        if password.is_some() && m.username.is_none() {
+            self.err(
+                "mqtt",
+                "a password is given without a username",
+                Some(
+                    "MQTT 3.1.1 §3.1.2.9 sends a password only with a username: add `username`"
+                        .into(),
+                ),
+            );
+        }
+        let tls = self.tls(&m, transport);
+
+        let max_packet_size = self.int(
+            "mqtt.max_packet_size",
+            m.max_packet_size,
+            262_144,
+            1024,
+            268_435_455,
+        ) as usize;
+        let (queue_capacity, when_full) = match &m.queue {
+            None => (100_000, WhenFull::DropOldest),
+            Some(q) => (
+                self.int("mqtt.queue.capacity", q.capacity, 100_000, 1, 10_000_000) as usize,
+                self.choice(
+                    "mqtt.queue.when_full",
+                    q.when_full.as_deref(),
+                    WhenFull::DropOldest,
+                    &[("drop_oldest", WhenFull::DropOldest)],
+                ),
+            ),
+        };
+        let inflight = self.int("mqtt.inflight", m.inflight, 100, 1, 65_535) as u16;
+        let (rmin, rmax) = match &m.reconnect {
+            None => (None, None),
+            Some(r) => (r.min.as_ref(), r.max.as_ref()),
+        };
+        let reconnect_min = self.duration_min(
+            "mqtt.reconnect.min",
+            rmin,
+            Duration::from_millis(100),
+            Duration::from_millis(1),
+        );
+        let reconnect_max = self.duration_min(
+            "mqtt.reconnect.max",
+            rmax,
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+        );
+        if reconnect_max > Duration::from_secs(300) {
+            self.err(
+                "mqtt.reconnect.max",
+                format!("{} is longer than 5m", fmt_duration(reconnect_max)),
+                Some("a long back-off delays the return of data after an outage".into()),
+            );
+        }
+        if reconnect_min > reconnect_max {
+            let at = if rmin.is_some() {
+                "mqtt.reconnect.min"
+            } else {
+                "mqtt.reconnect.max"
+            };
+            self.err(
+                at,
+                format!(
+                    "reconnect.min {} is longer than reconnect.max {}",
+                    fmt_duration(reconnect_min),
+                    fmt_duration(reconnect_max)
+                ),
+                Some("min is the first delay, max its cap: min <= max".into()),
+            );
+        }
+        let status_template = m.status_topic.as_deref().unwrap_or("{prefix}/status");
+        let status_topic = self
+            .topic(
+                "mqtt.status_topic",
+                status_template,
+                &[("prefix", &gateway.prefix)],
+            )
+            .unwrap_or_default();
+
+        Mqtt {
+            transport,
+            host,
+            port,
+            ws_path,
+            client_id,
+            keep_alive,
+            username: m.username.clone(),
+            password,
+            tls,
+            max_packet_size,
+            queue_capacity,
+            when_full,
+            inflight,
+            reconnect_min,
+            reconnect_max,
+            status_topic,
+        }
+    }
+
+    fn password(&mut self, m: &RawMqtt) -> Option<Secret> {
+        let given = [
+            m.password_file.is_some(),
+            m.password_env.is_some(),
+            m.password.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            self.err(
+                "mqtt",
+                "more than one of password_file, password_env and password is given",
+                Some("keep one".into()),
+            );
+            return None;
+        }
+        if let Some(file) = &m.password_file {
+            return match std::fs::read_to_string(file) {
+                Ok(text) => {
+                    let pw = text.strip_suffix('\n').unwrap_or(&text);
+                    let pw = pw.strip_suffix('\r').unwrap_or(pw);
+                    if pw.is_empty() {
+                        self.err("mqtt.password_file", format!("`{file}` is empty"), None);
+                        return None;
+                    }
+                    Some(Secret(pw.to_string()))
+                }
+                Err(e) => {
+                    self.err(
+                        "mqtt.password_file",
+                        format!("cannot read `{file}`: {e}"),
+                        Some("the file must exist and be readable by the fieldbridge user".into()),
+                    );
+                    None
+                }
+            };
+        }
+        if let Some(var) = &m.password_env {
+            return match std::env::var(var) {
+                Ok(pw) if !pw.is_empty() => Some(Secret(pw)),
+                Ok(_) => {
+                    self.err(
+                        "mqtt.password_env",
+                        format!("environment variable `{var}` is empty"),
+                        None,
+                    );
+                    None
+                }
+                Err(_) => {
+                    self.err(
+                        "mqtt.password_env",
+                        format!("environment variable `{var}` is not set"),
+                        Some("under systemd set it with Environment= or EnvironmentFile= in the unit".into()),
+                    );
+                    None
+                }
+            };
+        }
+        if let Some(pw) = &m.password {
+            if m.allow_inline_password != Some(true) {
+                self.err(
+                    "mqtt.password",
+                    "an inline password is refused",
+                    Some("put it in a file readable only by fieldbridge (password_file) or in the environment (password_env); or set allow_inline_password: true".into()),
+                );
+                return None;
+            }
+            return Some(Secret(pw.clone()));
+        }
+        None
+    }
+
+    fn tls(&mut self, m: &RawMqtt, transport: MqttTransport) -> Option<TlsFiles> {
+        let needs = matches!(transport, MqttTransport::Tls | MqttTransport::Wss);
+        let Some(t) = &m.tls else {
+            if needs {
+                let at = if m.url.is_some() {
+                    "mqtt.url"
+                } else {
+                    "mqtt.transport"
+                };
+                self.err(
+                    at,
+                    "TLS needs `tls.ca`",
+                    Some("add `tls: { ca: /etc/fieldbridge/ca.pem }` (the CA that signed the broker's certificate)".into()),
+                );
+            }
+            return None;
+        };
+        if !needs {
+            self.err(
+                "mqtt.tls",
+                "`tls` is given but the transport is not TLS",
+                Some("use mqtts:// or wss:// (or transport tls / wss)".into()),
+            );
+            return None;
+        }
+        let file = |v: &mut Self, key: &str, p: &Option<String>| -> Option<PathBuf> {
+            let p = p.as_ref()?;
+            let path = format!("mqtt.tls.{key}");
+            if !Path::new(p).is_file() {
+                v.err(
+                    &path,
+                    format!("`{p}` does not exist or is not a file"),
+                    None,
+                );
+            }
+            Some(PathBuf::from(p))
+        };
+        let ca = file(self, "ca", &t.ca);
+        let client_cert = file(self, "client_cert", &t.client_cert);
+        let client_key = file(self, "client_key", &t.client_key);
+        if client_cert.is_some() != client_key.is_some() {
+            let at = if client_cert.is_some() {
+                "mqtt.tls.client_cert"
+            } else {
+                "mqtt.tls.client_key"
+            };
+            self.err(
+                at,
+                "client_cert and client_key go together",
+                Some("give both for mutual TLS, or neither".into()),
+            );
+        }
+        let Some(ca) = ca else {
+            self.err(
+                "mqtt.tls.ca",
+                "`ca` is missing",
+                Some("the CA bundle (PEM) that verifies the broker".into()),
+            );
+            return None;
+        };
+        Some(TlsFiles {
+            ca,
+            client_cert,
+            client_key,
+        })
+    }
+
+    fn bus(&mut self, path: &str, b: RawBus) -> Bus {
+        #[derive(Clone, Copy, PartialEq)]
+        enum K {
+            Rtu,
+            Tcp,
+            RtuOverTcp,
+        }
+        let p = |k: &str| format!("{path}.{k}");
+        self.level(&p("name"), &b.name);
+        let kind = self.choice(
+            &p("type"),
+            Some(&b.kind),
+            K::Rtu,
+            &[
+                ("rtu", K::Rtu),
+                ("tcp", K::Tcp),
+                ("rtu_over_tcp", K::RtuOverTcp),
+            ],
+        );
+        let connect_delay = self.duration(
+            &p("connect_delay"),
+            b.connect_delay.as_ref(),
+            Duration::ZERO,
+        );
+        let reconnect_max = self.duration_min(
+            &p("reconnect_max"),
+            b.reconnect_max.as_ref(),
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        );
+        let user_gap = self.opt_duration(&p("frame_gap"), b.frame_gap.as_ref());
+        let rtu_only = |v: &mut Self, key: &str, present: bool, also_rtu_over_tcp: bool| {
+            let ok = kind == K::Rtu || (also_rtu_over_tcp && kind == K::RtuOverTcp);
+            if present && !ok {
+                v.err(
+                    &format!("{path}.{key}"),
+                    format!("`{key}` applies only to rtu buses"),
+                    Some(if kind == K::RtuOverTcp {
+                        "set the line settings on the serial device server".into()
+                    } else {
+                        "a Modbus TCP bus has no serial line".into()
+                    }),
+                );
+            }
+        };
+        rtu_only(self, "baud", b.baud.is_some(), true);
+        rtu_only(self, "data_bits", b.data_bits.is_some(), false);
+        rtu_only(self, "parity", b.parity.is_some(), false);
+        rtu_only(self, "stop_bits", b.stop_bits.is_some(), false);
+        let baud = self.int(&p("baud"), b.baud, 9600, 50, 4_000_000) as u32;
+
+        let (kind, frame_gap) = if kind == K::Rtu {
+            if b.host.is_some() {
+                self.err(
+                    &p("host"),
+                    "`host` applies to tcp and rtu_over_tcp buses",
+                    Some("an rtu bus names its serial device in `port`".into()),
+                );
+            }
+            let port = match &b.port {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(_) => {
+                    self.err(
+                        &p("port"),
+                        "the port of an rtu bus is the serial device path",
+                        Some("e.g. port: /dev/ttyUSB0 (or /dev/serial/by-id/...)".into()),
+                    );
+                    String::new()
+                }
+                None => {
+                    self.err(
+                        path,
+                        "an rtu bus needs `port`",
+                        Some("the serial device, e.g. port: /dev/ttyUSB0".into()),
+                    );
+                    String::new()
+                }
+            };
+            let data_bits = self.int(&p("data_bits"), b.data_bits, 8, 7, 8) as u8;
+            let parity = self.choice(
+                &p("parity"),
+                b.parity.as_deref(),
+                Parity::None,
+                &[
+                    ("none", Parity::None),
+                    ("even", Parity::Even),
+                    ("odd", Parity::Odd),
+                ],
+            );
+            let stop_bits = self.int(&p("stop_bits"), b.stop_bits, 1, 1, 2) as u8;
+            let min_gap = frame_gap_for_baud(baud);
+            let gap = match user_gap {
+                Some(g) if g < min_gap => {
+                    self.err(
+                        &p("frame_gap"),
+                        format!(
+                            "{} is shorter than 3.5 characters at {baud} baud",
+                            fmt_duration(g)
+                        ),
+                        Some(format!(
+                            "use at least {}, or leave frame_gap out to get exactly that",
+                            fmt_duration(min_gap)
+                        )),
+                    );
+                    min_gap
+                }
+                Some(g) => g,
+                None => min_gap,
+            };
+            (
+                BusKind::Rtu(Serial {
+                    port,
+                    baud,
+                    data_bits,
+                    parity,
+                    stop_bits,
+                }),
+                gap,
+            )
+        } else {
+            let host = match &b.host {
+                Some(h) if !h.is_empty() && !h.contains(['/', ' ']) => h.clone(),
+                Some(h) => {
+                    self.err(
+                        &p("host"),
+                        format!("`{h}` is not a host name or address"),
+                        None,
+                    );
+                    String::new()
+                }
+                None => {
+                    self.err(
+                        path,
+                        "a tcp bus needs `host`",
+                        Some("the device's address, e.g. host: 192.168.1.10".into()),
+                    );
+                    String::new()
+                }
+            };
+            let port = match &b.port {
+                None => 502,
+                Some(Value::Number(n)) => {
+                    self.int(&p("port"), Some(n.as_i64().unwrap_or(-1)), 502, 1, 65_535) as u16
+                }
+                Some(_) => {
+                    self.err(
+                        &p("port"),
+                        "the port of a tcp bus is a TCP port number",
+                        Some("e.g. port: 502 (the default)".into()),
+                    );
+                    502
+                }
+            };
+            if kind == K::Tcp {
+                if user_gap.is_some() {
+                    self.err(
+                        &p("frame_gap"),
+                        "`frame_gap` applies to rtu and rtu_over_tcp buses",
+                        Some("Modbus TCP frames are delimited by their header".into()),
+                    );
+                }
+                (BusKind::Tcp { host, port }, Duration::ZERO)
+            } else {
+                (
+                    BusKind::RtuOverTcp { host, port },
+                    user_gap.unwrap_or(Duration::ZERO),
+                )
+            }
+        };
+        Bus {
+            name: b.name,
+            kind,
+            frame_gap,
+            connect_delay,
+            reconnect_max,
+        }
+    }
+
+    fn publish(
+        &mut self,
+        path: &str,
+        p: Option<&RawPublish>,
+        inherited: PublishPolicy,
+    ) -> PublishPolicy {
+        let Some(p) = p else { return inherited };
+        #[derive(Clone, Copy, PartialEq)]
+        enum M {
+            EveryPoll,
+            OnChange,
+        }
+        let (inh_mode, inh_deadband, inh_heartbeat) = match inherited {
+            PublishPolicy::EveryPoll => (M::EveryPoll, 0.0, None),
+            PublishPolicy::OnChange {
+                deadband,
+                heartbeat,
+            } => (M::OnChange, deadband, heartbeat),
+        };
+        let mode = self.choice(
+            &format!("{path}.mode"),
+            p.mode.as_deref(),
+            inh_mode,
+            &[("every_poll", M::EveryPoll), ("on_change", M::OnChange)],
+        );
+        let deadband = match p.deadband {
+            Some(d) if !d.is_finite() || d < 0.0 => {
+                self.err(&format!("{path}.deadband"), format!("{d} is not a number >= 0"), Some("the deadband is an absolute change in engineering units; 0 publishes any change".into()));
+                inh_deadband
+            }
+            Some(d) => d,
+            None => inh_deadband,
+        };
+        let heartbeat = self
+            .opt_duration(&format!("{path}.heartbeat"), p.heartbeat.as_ref())
+            .or(inh_heartbeat);
+        if heartbeat == Some(Duration::ZERO) {
+            self.err(
+                &format!("{path}.heartbeat"),
+                "a heartbeat of 0 would publish continuously",
+                Some("leave heartbeat out for none".into()),
+            );
+        }
+        match mode {
+            M::EveryPoll => {
+                for (key, given) in [
+                    ("deadband", p.deadband.is_some()),
+                    ("heartbeat", p.heartbeat.is_some()),
+                ] {
+                    if given {
+                        self.err(
+                            &format!("{path}.{key}"),
+                            format!("`{key}` applies only to mode on_change"),
+                            Some("set mode: on_change".into()),
+                        );
+                    }
+                }
+                PublishPolicy::EveryPoll
+            }
+            M::OnChange => PublishPolicy::OnChange {
+                deadband,
+                heartbeat,
+            },
+        }
+    }
+
+    fn qos(&mut self, path: &str, v: Option<i64>, default: Qos) -> Qos {
+        match v {
+            None => default,
+            Some(0) => Qos::AtMostOnce,
+            Some(1) => Qos::AtLeastOnce,
+            Some(2) => Qos::ExactlyOnce,
+            Some(n) => {
+                self.err(
+                    path,
+                    format!("{n} is not one of 0, 1, 2"),
+                    Some("1 (at least once) is what store-and-forward relies on".into()),
+                );
+                default
+            }
+        }
+    }
+
+    fn payload(&mut self, path: &str, v: Option<&str>, default: PayloadFormat) -> PayloadFormat {
+        self.choice(
+            path,
+            v,
+            default,
+            &[
+                ("json", PayloadFormat::Json),
+                ("value", PayloadFormat::Value),
+            ],
+        )
+    }
+
+    /// The device (with `bus: 0`, set by the caller) and whether its unit id is valid.
+    fn device(
+        &mut self,
+        path: &str,
+        d: RawDevice,
+        bus: Option<&Bus>,
+        gw: &Gateway,
+    ) -> (Device, bool) {
+        let p = |k: &str| format!("{path}.{k}");
+        self.level(&p("name"), &d.name);
+        let tcp = matches!(bus.map(|b| &b.kind), Some(BusKind::Tcp { .. }));
+        let errors_before = self.errors.len();
+        let unit = match d.unit {
+            Some(0) => {
+                self.err(
+                    &p("unit"),
+                    "unit 0 is the broadcast address, which never answers",
+                    Some("use the device's own unit id, 1..=247".into()),
+                );
+                1
+            }
+            Some(255) if tcp => 255,
+            Some(n) if (1..=247).contains(&n) => n as u8,
+            Some(n) => {
+                let range = if tcp { "1..=247 (or 255)" } else { "1..=247" };
+                self.err(&p("unit"), format!("{n} is outside {range}"), None);
+                1
+            }
+            None if tcp || bus.is_none() => 1,
+            None => {
+                self.err(
+                    path,
+                    "a device on an rtu bus needs `unit`",
+                    Some("its Modbus slave id, 1..=247, as set on the device".into()),
+                );
+                1
+            }
+        };
+        let unit_ok = self.errors.len() == errors_before;
+        let min_interval = Duration::from_millis(10);
+        let interval = self.duration_min(
+            &p("interval"),
+            d.interval.as_ref(),
+            Duration::from_secs(1),
+            min_interval,
+        );
+        let timeout = self.duration_min(
+            &p("timeout"),
+            d.timeout.as_ref(),
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+        );
+        let offline_after = self.int(
+            &p("offline_after"),
+            d.offline_after,
+            3,
+            1,
+            i64::from(u32::MAX),
+        ) as u32;
+        let backoff_max = self.duration_min(
+            &p("backoff_max"),
+            d.backoff_max.as_ref(),
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+        );
+        let max_gap = self.int(&p("max_gap"), d.max_gap, 10, 0, 2000) as u16;
+        let max_registers = self.int(&p("max_registers"), d.max_registers, 125, 1, 125) as u16;
+        let max_bits = self.int(&p("max_bits"), d.max_bits, 2000, 1, 2000) as u16;
+
+        let mut groups = vec![PollGroup {
+            name: "default".into(),
+            interval,
+        }];
+        for (k, v) in d.groups.iter().flatten() {
+            let Value::String(name) = k else {
+                self.err(&p("groups"), "group names are text", None);
+                continue;
+            };
+            let gp = format!("{path}.groups.{name}");
+            if name == "default" {
+                self.err_at_key(
+                    &gp,
+                    "the group name `default` is reserved for the device's own interval",
+                    Some("set the device's `interval` instead, or pick another name".into()),
+                );
+                continue;
+            }
+            if let Err(e) = check_level(name) {
+                self.err_at_key(&gp, format!("group name {e}"), None);
+            }
+            let iv = self.duration_min(&gp, Some(v), interval, min_interval);
+            groups.push(PollGroup {
+                name: name.clone(),
+                interval: iv,
+            });
+        }
+
+        let message_mode = self.choice(
+            &p("message"),
+            d.message.as_deref(),
+            MessageMode::PerPoint,
+            &[
+                ("per_point", MessageMode::PerPoint),
+                ("per_device", MessageMode::PerDevice),
+            ],
+        );
+        let vars = [("prefix", gw.prefix.as_str()), ("device", d.name.as_str())];
+        let topic = self
+            .topic(
+                &p("topic"),
+                d.topic.as_deref().unwrap_or("{prefix}/{device}"),
+                &vars,
+            )
+            .unwrap_or_default();
+        let status_topic = render("{prefix}/{device}/status", &vars).unwrap_or_default();
+        let payload = self.payload(&p("payload"), d.payload.as_deref(), PayloadFormat::Json);
+        let publish = self.publish(&p("publish"), d.publish.as_ref(), PublishPolicy::EveryPoll);
+        let qos = self.qos(&p("qos"), d.qos, Qos::AtLeastOnce);
+        let retain = d.retain.unwrap_or(false);
+
+        let defaults = PointDefaults {
+            payload,
+            publish,
+            qos,
+            retain,
+            max_registers,
+            max_bits,
+        };
+        let mut points: Vec<Point> = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut address_valid: Vec<bool> = Vec::new();
+        for (j, rp) in d.points.into_iter().enumerate() {
+            let pp = format!("{path}.points[{j}]");
+            if let Some(first) = names.get(&rp.name) {
+                self.err(
+                    &format!("{pp}.name"),
+                    format!(
+                        "point name `{}` is already used by points[{first}] of this device",
+                        rp.name
+                    ),
+                    Some("point names must be unique within a device".into()),
+                );
+            } else {
+                names.insert(rp.name.clone(), j);
+            }
+            let duplicate = names.get(&rp.name) != Some(&j);
+            let address_ok = (0..=65_535).contains(&rp.address);
+            let mut point = self.point(&pp, rp, &groups, &defaults, gw, &d.name);
+            if address_ok {
+                self.check_overlap(&pp, &point, &points, &address_valid);
+            }
+            if duplicate {
+                // Its default topic collides with the first one: already said.
+                point.topic.clear();
+            }
+            address_valid.push(address_ok);
+            points.push(point);
+        }
+        if points.is_empty() {
+            self.err(
+                &p("points"),
+                "the device has no points",
+                Some("add at least one point to read".into()),
+            );
+        }
+        let device = Device {
+            name: d.name,
+            bus: 0,
+            unit,
+            groups,
+            timeout,
+            offline_after,
+            backoff_max,
+            max_gap,
+            max_registers,
+            max_bits,
+            message_mode,
+            topic,
+            status_topic,
+            points,
+        };
+        (device, unit_ok)
+    }
+
+    /// Points of one device and register kind may not share registers, except bit points with
+    /// each other (different bits) or with a 16-bit integer of the same register.
+    fn check_overlap(&mut self, path: &str, p: &Point, earlier: &[Point], valid: &[bool]) {
+        if p.data_type.width() == 0 || u32::from(p.address) + u32::from(p.width()) > 65_536 {
+            return; // reported as a range error
+        }
+        let earlier = earlier
+            .iter()
+            .zip(valid)
+            .filter(|(_, ok)| **ok)
+            .map(|(q, _)| q);
+        for q in earlier.filter(|q| q.kind == p.kind && q.width() > 0) {
+            if u32::from(q.address) + u32::from(q.width()) > 65_536 {
+                continue;
+            }
+            if p.address > q.last_address() || q.address > p.last_address() {
+                continue;
+            }
+            let is_word = |t: DataType| matches!(t, DataType::U16 | DataType::I16);
+            let msg = match (p.data_type, q.data_type) {
+                (DataType::Bit(a), DataType::Bit(b)) if a != b => continue,
+                (DataType::Bit(_), t) | (t, DataType::Bit(_)) if is_word(t) => continue,
+                (DataType::Bit(a), DataType::Bit(_)) => {
+                    format!(
+                        "bit {a} of {} {} is already point `{}`",
+                        kind_name(p.kind),
+                        p.address,
+                        q.name
+                    )
+                }
+                _ => format!(
+                    "{} {} overlap point `{}` ({})",
+                    kind_name(p.kind),
+                    span(p.address, p.width()),
+                    q.name,
+                    span(q.address, q.width())
+                ),
+            };
+            self.err(
+                &format!("{path}.address"),
+                msg,
+                Some("points may share a register only as bit points, or bit points with the u16/i16 of that register".into()),
+            );
+            return;
+        }
+    }
+
+    fn point(
+        &mut self,
+        path: &str,
+        r: RawPoint,
+        groups: &[PollGroup],
+        dflt: &PointDefaults,
+        gw: &Gateway,
+        device: &str,
+    ) -> Point {
+        let p = |k: &str| format!("{path}.{k}");
+        self.level(&p("name"), &r.name);
+        let kind = self.choice(
+            &p("register"),
+            r.register.as_deref(),
+            RegisterKind::Holding,
+            &[
+                ("holding", RegisterKind::Holding),
+                ("input", RegisterKind::Input),
+                ("coil", RegisterKind::Coil),
+                ("discrete", RegisterKind::DiscreteInput),
+            ],
+        );
+        let bits = kind.is_bits();
+        let type_name = r
+            .data_type
+            .clone()
+            .unwrap_or_else(|| if bits { "bool" } else { "u16" }.to_string());
+        let tp = p("type");
+        let data_type = match type_name.as_str() {
+            "bool" => Some(DataType::Bool),
+            "bit" => Some(DataType::Bit(0)),
+            "u16" => Some(DataType::U16),
+            "i16" => Some(DataType::I16),
+            "u32" => Some(DataType::U32),
+            "i32" => Some(DataType::I32),
+            "u64" => Some(DataType::U64),
+            "i64" => Some(DataType::I64),
+            "f32" => Some(DataType::F32),
+            "f64" => Some(DataType::F64),
+            "string" => Some(DataType::Ascii(1)),
+            other => {
+                let all = [
+                    "bool", "bit", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64", "string",
+                ];
+                self.err(
+                    &tp,
+                    format!("`{other}` is not one of {}", all.join(", ")),
+                    closest(other, &all).map(|c| format!("did you mean `{c}`?")),
+                );
+                None
+            }
+        };
+        let mut data_type = data_type.unwrap_or(if bits { DataType::Bool } else { DataType::U16 });
+        match (bits, data_type) {
+            (true, DataType::Bool) | (false, DataType::Bit(_)) => {}
+            (true, _) => self.err(&tp, format!("type `{type_name}` cannot be read from a {}", kind_name(kind)), Some("coils and discrete inputs hold single bits: use type bool".into())),
+            (false, DataType::Bool) => self.err(&tp, format!("type `bool` cannot be read from a {}", kind_name(kind)), Some("use type bit with `bit: 0..15` for one bit of a register, or register: coil / discrete".into())),
+            (false, _) => {}
+        }
+
+        // bit / length
+        match (data_type, r.bit) {
+            (DataType::Bit(_), Some(b)) if (0..=15).contains(&b) => {
+                data_type = DataType::Bit(b as u8)
+            }
+            (DataType::Bit(_), Some(b)) => self.err(
+                &p("bit"),
+                format!("{b} is outside 0..=15"),
+                Some("bit 0 is the least significant bit of the register".into()),
+            ),
+            (DataType::Bit(_), None) => self.err(
+                path,
+                "type bit needs `bit`",
+                Some("the bit number, 0 (least significant) to 15".into()),
+            ),
+            (_, Some(_)) => self.err(
+                &p("bit"),
+                format!("`bit` applies only to type bit, not {type_name}"),
+                None,
+            ),
+            _ => {}
+        }
+        match (data_type, r.length) {
+            (DataType::Ascii(_), Some(n)) if (1..=125).contains(&n) => {
+                data_type = DataType::Ascii(n as u16)
+            }
+            (DataType::Ascii(_), Some(n)) => self.err(
+                &p("length"),
+                format!("{n} is outside 1..=125"),
+                Some("length counts registers of two characters each".into()),
+            ),
+            (DataType::Ascii(_), None) => self.err(
+                path,
+                "type string needs `length`",
+                Some("the number of registers, two characters each".into()),
+            ),
+            (_, Some(_)) => self.err(
+                &p("length"),
+                format!("`length` applies only to type string, not {type_name}"),
+                None,
+            ),
+            _ => {}
+        }
+
+        // address
+        let address = match r.address {
+            a if (0..=65_535).contains(&a) => a as u16,
+            a => {
+                let hint = if (400_001..=465_536).contains(&a) || (40_001..=49_999).contains(&a) {
+                    Some(format!("addresses are 0-based protocol addresses; for 40001-style numbers subtract 40001 (e.g. {} → {})", a, a - if a >= 400_001 { 400_001 } else { 40_001 }))
+                } else {
+                    Some("addresses are 0-based protocol addresses; for 40001-style numbers subtract 40001".into())
+                };
+                self.err(&p("address"), format!("{a} is outside 0..=65535"), hint);
+                0
+            }
+        };
+        let width = data_type.width();
+        let (unit_word, max_read) = if bits {
+            ("bits", dflt.max_bits)
+        } else {
+            ("registers", dflt.max_registers)
+        };
+        if (0..=65_535).contains(&r.address) && u32::from(address) + u32::from(width) > 65_536 {
+            self.err(
+                &p("address"),
+                format!(
+                    "{type_name} at {address} occupies {unit_word} {}, past 65535",
+                    span(address, width)
+                ),
+                Some("the last address must be at most 65535".into()),
+            );
+        }
+        if width > max_read {
+            self.err(
+                &p("length"),
+                format!("{width} {unit_word} do not fit one read of at most {max_read}"),
+                Some("raise the device's max_registers, or shorten the point".into()),
+            );
+        }
+
+        // order
+        let wide = matches!(data_type, DataType::U64 | DataType::I64 | DataType::F64);
+        let order = match r.order.as_deref() {
+            None => WordOrder::Abcd,
+            Some(o) => {
+                let four = WordOrder::ALL.iter().find(|w| w.name() == o).copied();
+                let eight = [
+                    ("ABCDEFGH", WordOrder::Abcd),
+                    ("GHEFCDAB", WordOrder::Cdab),
+                    ("BADCFEHG", WordOrder::Badc),
+                    ("HGFEDCBA", WordOrder::Dcba),
+                ]
+                .iter()
+                .find(|(n, _)| *n == o)
+                .map(|(_, w)| *w);
+                match (four, eight) {
+                    (Some(w), _) => w,
+                    (None, Some(w)) if wide => w,
+                    (None, Some(_)) => {
+                        self.err(
+                            &p("order"),
+                            format!(
+                                "`{o}` is an 8-byte order, but {type_name} is not a 64-bit type"
+                            ),
+                            Some("use ABCD, CDAB, BADC or DCBA".into()),
+                        );
+                        WordOrder::Abcd
+                    }
+                    (None, None) => {
+                        self.err(
+                            &p("order"),
+                            format!("`{o}` is not one of ABCD, CDAB, BADC, DCBA"),
+                            Some("for 64-bit types also ABCDEFGH, GHEFCDAB, BADCFEHG, HGFEDCBA (letters in capitals)".into()),
+                        );
+                        WordOrder::Abcd
+                    }
+                }
+            }
+        };
+
+        // numeric transforms
+        let numeric = matches!(
+            data_type,
+            DataType::U16
+                | DataType::I16
+                | DataType::U32
+                | DataType::I32
+                | DataType::U64
+                | DataType::I64
+                | DataType::F32
+                | DataType::F64
+        );
+        let integer = matches!(
+            data_type,
+            DataType::Bool
+                | DataType::Bit(_)
+                | DataType::U16
+                | DataType::I16
+                | DataType::U32
+                | DataType::I32
+                | DataType::U64
+                | DataType::I64
+        );
+        for (key, given) in [
+            ("scale", r.scale.is_some()),
+            ("offset", r.offset.is_some()),
+            ("min", r.min.is_some()),
+            ("max", r.max.is_some()),
+        ] {
+            if given && !numeric {
+                self.err(
+                    &p(key),
+                    format!("`{key}` applies only to numeric types, not {type_name}"),
+                    None,
+                );
+            }
+        }
+        let scale = match r.scale {
+            Some(s) if !s.is_finite() || s == 0.0 => {
+                self.err(
+                    &p("scale"),
+                    format!("scale {s} is not a finite non-zero number"),
+                    Some("the value published is raw × scale + offset".into()),
+                );
+                1.0
+            }
+            Some(s) => s,
+            None => 1.0,
+        };
+        let offset = match r.offset {
+            Some(o) if !o.is_finite() => {
+                self.err(&p("offset"), "offset is not a finite number", None);
+                0.0
+            }
+            Some(o) => o,
+            None => 0.0,
+        };
+        for (key, v) in [("min", r.min), ("max", r.max)] {
+            if v.is_some_and(|v| !v.is_finite()) {
+                self.err(&p(key), format!("`{key}` is not a finite number"), None);
+            }
+        }
+        if let (Some(lo), Some(hi)) = (r.min, r.max) {
+            if lo > hi {
+                self.err(
+                    &p("min"),
+                    format!("min {lo} is greater than max {hi}"),
+                    Some("min and max bound written values: min <= max".into()),
+                );
+            }
+        }
+
+        // labels
+        let mut labels = BTreeMap::new();
+        if let Some(map) = &r.labels {
+            if !integer {
+                self.err(
+                    &p("labels"),
+                    format!("`labels` apply only to integer and bool types, not {type_name}"),
+                    None,
+                );
+            }
+            let (lo, hi): (i128, i128) = match data_type {
+                DataType::Bool | DataType::Bit(_) => (0, 1),
+                DataType::U16 => (0, 65_535),
+                DataType::I16 => (-32_768, 32_767),
+                DataType::U32 => (0, u32::MAX.into()),
+                DataType::I32 => (i32::MIN.into(), i32::MAX.into()),
+                DataType::U64 => (0, i64::MAX.into()),
+                _ => (i64::MIN.into(), i64::MAX.into()),
+            };
+            for (k, v) in map {
+                let key = match k {
+                    Value::Number(n) => n.as_i64(),
+                    Value::Bool(b) if matches!(data_type, DataType::Bool | DataType::Bit(_)) => {
+                        Some(i64::from(*b))
+                    }
+                    _ => None,
+                };
+                let kp = format!("{path}.labels.{}", scalar_text(k));
+                let Some(key) = key else {
+                    self.err_at_key(
+                        &kp,
+                        format!("label key `{}` is not an integer", scalar_text(k)),
+                        Some(
+                            "labels map raw integer values to text, e.g. { 0: OFF, 1: ON }".into(),
+                        ),
+                    );
+                    continue;
+                };
+                if !(lo..=hi).contains(&i128::from(key)) && integer {
+                    self.err_at_key(
+                        &kp,
+                        format!("label key {key} is outside {lo}..={hi} for {type_name}"),
+                        None,
+                    );
+                }
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => {
+                        self.err(&kp, "a label is text", None);
+                        continue;
+                    }
+                };
+                if labels.insert(key, text).is_some() {
+                    self.err_at_key(&kp, format!("label key {key} is given twice"), None);
+                }
+            }
+        }
+
+        // group
+        let group = match r.group.as_deref() {
+            None => 0,
+            Some(g) => {
+                match groups.iter().position(|x| x.name == g) {
+                    Some(i) => i,
+                    None => {
+                        let names: Vec<&str> = groups.iter().map(|x| x.name.as_str()).collect();
+                        self.err(&p("group"), format!("the device has no group `{g}`"), Some(format!("groups of this device: {} (define more under the device's `groups`)", names.join(", "))));
+                        0
+                    }
+                }
+            }
+        };
+
+        let vars = [
+            ("prefix", gw.prefix.as_str()),
+            ("device", device),
+            ("point", r.name.as_str()),
+        ];
+        let topic = self
+            .topic(
+                &p("topic"),
+                r.topic.as_deref().unwrap_or("{prefix}/{device}/{point}"),
+                &vars,
+            )
+            .unwrap_or_default();
+        let payload = self.payload(&p("payload"), r.payload.as_deref(), dflt.payload);
+        let mut publish = self.publish(&p("publish"), r.publish.as_ref(), dflt.publish);
+        // A deadband is a numeric distance: a device-wide one is not inherited by bool, bit
+        // and string points (they publish on any change); given on such a point, it is an error.
+        if !numeric {
+            let own = r.publish.as_ref().and_then(|x| x.deadband);
+            if own.is_some_and(|d| d > 0.0) {
+                self.err(
+                    &p("publish.deadband"),
+                    format!("a deadband needs a numeric type, not {type_name}"),
+                    Some("bool, bit and string points publish on any change".into()),
+                );
+            }
+            if let PublishPolicy::OnChange { deadband, .. } = &mut publish {
+                *deadband = 0.0;
+            }
+        }
+        let qos = self.qos(&p("qos"), r.qos, dflt.qos);
+        let retain = r.retain.unwrap_or(dflt.retain);
+        let writable = r.writable.unwrap_or(false);
+        if writable && matches!(kind, RegisterKind::Input | RegisterKind::DiscreteInput) {
+            self.err(
+                &p("writable"),
+                format!("{}s are read-only", kind_name(kind)),
+                Some("only holding registers and coils can be written".into()),
+            );
+        }
+
+        Point {
+            name: r.name,
+            kind,
+            address,
+            data_type,
+            order,
+            scale,
+            offset,
+            unit: r.unit,
+            labels,
+            group,
+            topic,
+            payload,
+            publish,
+            qos,
+            retain,
+            writable,
+            min: r.min,
+            max: r.max,
+        }
+    }
+}
+
+struct PointDefaults {
+    payload: PayloadFormat,
+    publish: PublishPolicy,
+    qos: Qos,
+    retain: bool,
+    max_registers: u16,
+    max_bits: u16,
+}
+
+fn kind_name(k: RegisterKind) -> &'static str {
+    match k {
+        RegisterKind::Coil => "coil",
+        RegisterKind::DiscreteInput => "discrete input",
+        RegisterKind::Holding => "holding register",
+        RegisterKind::Input => "input register",
+    }
+}
+
+/// `10..=11`, or `10` for one register.
+fn span(address: u16, width: u16) -> String {
+    let last = u32::from(address) + u32::from(width.max(1)) - 1;
+    if width <= 1 {
+        address.to_string()
+    } else {
+        format!("{address}..={last}")
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => "null".into(),
+        _ => "?".into(),
+    }
+}
+
+/// Transport, host, port and path of a broker URL.
+type BrokerUrl = (MqttTransport, String, Option<u16>, Option<String>);
+
+/// `mqtt://host[:port]`, `mqtts://…`, `ws://host[:port][/path]`, `wss://…`.
+fn parse_url(url: &str) -> Result<BrokerUrl, (String, String)> {
+    let hint = "e.g. mqtts://broker.example.com:8883 or wss://broker.example.com/mqtt".to_string();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err((format!("`{url}` is not a URL"), hint));
+    };
+    let transport = match scheme {
+        "mqtt" | "tcp" => MqttTransport::Tcp,
+        "mqtts" | "ssl" => MqttTransport::Tls,
+        "ws" => MqttTransport::Ws,
+        "wss" => MqttTransport::Wss,
+        _ => {
+            return Err((
+                format!("scheme `{scheme}` is not one of mqtt, mqtts, ws, wss"),
+                hint,
+            ))
+        }
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(&rest[i..])),
+        None => (rest, None),
+    };
+    if authority.contains('@') {
+        return Err((
+            "credentials in the URL are refused".into(),
+            "use username with password_file or password_env".into(),
+        ));
+    }
+    if rest.contains(['?', '#']) {
+        return Err((
+            "query strings and fragments are not supported in the URL".into(),
+            hint,
+        ));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let Some((h, after)) = v6.split_once(']') else {
+            return Err((format!("`{url}` has an unclosed `[`"), hint));
+        };
+        (h, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err((format!("`{url}` has no host"), hint));
+    }
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return Err((format!("port `{p}` is not a number in 1..=65535"), hint)),
+        },
+    };
+    let path = path.filter(|p| *p != "/").map(str::to_string);
+    Ok((transport, host.to_string(), port, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_gap_follows_the_serial_line_spec() {
+        assert_eq!(fmt_duration(frame_gap_for_baud(9600)), "4011us");
+        assert_eq!(fmt_duration(frame_gap_for_baud(19_200)), "2006us");
+        assert_eq!(frame_gap_for_baud(38_400), Duration::from_micros(1750));
+        assert_eq!(frame_gap_for_baud(115_200), Duration::from_micros(1750));
+    }
+
+    #[test]
+    fn durations_need_a_unit_and_no_spaces() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250us"), Some(Duration::from_micros(250)));
+        assert_eq!(parse_duration("5 sec"), None);
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+
+    #[test]
+    fn templates_render_known_placeholders_only() {
+        let vars = [("prefix", "p/q"), ("device", "d")];
+        assert_eq!(render("{prefix}/{device}/x", &vars).unwrap(), "p/q/d/x");
+        assert!(render("{prefix}/{point}", &vars)
+            .unwrap_err()
+            .0
+            .contains("{point}"));
+        assert!(render("{prefix", &vars).is_err());
+        assert!(render("a}", &vars).is_err());
+    }
+
+    #[test]
+    fn topics_refuse_wildcards_and_empty_levels() {
+        assert!(check_topic("a/b").is_ok());
+        assert!(check_topic("a/+/b").is_err());
+        assert!(check_topic("a/#").is_err());
+        assert!(check_topic("/a").is_err());
+        assert!(check_topic("a//b").is_err());
+        assert!(check_topic("a/").is_err());
+        assert!(check_level("a b").is_err());
+        assert!(check_level("a/b").is_err());
+        assert!(check_level("meter-1").is_ok());
+    }
+
+    #[test]
+    fn urls_give_transport_host_port_and_path() {
+        let (t, h, p, path) = parse_url("mqtts://broker.example.com:8883").unwrap();
+        assert_eq!(
+            (t, h.as_str(), p, path),
+            (MqttTransport::Tls, "broker.example.com", Some(8883), None)
+        );
+        let (t, _, p, path) = parse_url("wss://b.example.com/ws").unwrap();
+        assert_eq!(
+            (t, p, path.as_deref()),
+            (MqttTransport::Wss, None, Some("/ws"))
+        );
+        assert!(parse_url("mqtt://user:pw@host").is_err());
+        assert!(parse_url("http://host").is_err());
+        let (_, h, p, _) = parse_url("mqtt://[::1]:1884").unwrap();
+        assert_eq!((h.as_str(), p), ("::1", Some(1884)));
+    }
+
+    #[test]
+    fn typos_find_their_key() {
+        assert_eq!(
+            closest("adress", &["name", "address", "type"]),
+            Some("address")
+        );
+        assert_eq!(closest("zzzzzz", &["name", "address"]), None);
+    }
+}

@@ -1,0 +1,147 @@
+//! Stage 1: serde structs mirroring the YAML, with no logic.
+//!
+//! Unknown keys are refused here (`deny_unknown_fields`). Leaves whose checks need a good
+//! message (durations, enums, ranges) are kept loose (`String`, `i64`, `Value`) so that stage 2
+//! can report every bad value at once, with the allowed list, instead of serde's first error.
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub gateway: RawGateway,
+    pub mqtt: RawMqtt,
+    pub buses: Vec<RawBus>,
+    pub devices: Vec<RawDevice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub id: String,
+    pub prefix: Option<String>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub url: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<i64>,
+    pub transport: Option<String>,
+    pub ws_path: Option<String>,
+    pub client_id: Option<String>,
+    pub keep_alive: Option<Value>,
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+    pub password_env: Option<String>,
+    pub password: Option<String>,
+    pub allow_inline_password: Option<bool>,
+    pub tls: Option<RawTls>,
+    pub max_packet_size: Option<i64>,
+    pub queue: Option<RawQueue>,
+    pub inflight: Option<i64>,
+    pub reconnect: Option<RawReconnect>,
+    pub status_topic: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub capacity: Option<i64>,
+    pub when_full: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReconnect {
+    pub min: Option<Value>,
+    pub max: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBus {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Serial device path (rtu) or TCP port number (tcp kinds).
+    pub port: Option<Value>,
+    pub baud: Option<i64>,
+    pub data_bits: Option<i64>,
+    pub parity: Option<String>,
+    pub stop_bits: Option<i64>,
+    pub frame_gap: Option<Value>,
+    pub host: Option<String>,
+    pub connect_delay: Option<Value>,
+    pub reconnect_max: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublish {
+    pub mode: Option<String>,
+    pub deadband: Option<f64>,
+    pub heartbeat: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDevice {
+    pub name: String,
+    pub bus: String,
+    pub unit: Option<i64>,
+    pub interval: Option<Value>,
+    pub timeout: Option<Value>,
+    pub offline_after: Option<i64>,
+    pub backoff_max: Option<Value>,
+    pub max_gap: Option<i64>,
+    pub max_registers: Option<i64>,
+    pub max_bits: Option<i64>,
+    /// Group name → interval, in YAML order.
+    pub groups: Option<Mapping>,
+    pub message: Option<String>,
+    pub topic: Option<String>,
+    pub payload: Option<String>,
+    pub publish: Option<RawPublish>,
+    pub qos: Option<i64>,
+    pub retain: Option<bool>,
+    pub points: Vec<RawPoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPoint {
+    pub name: String,
+    pub register: Option<String>,
+    pub address: i64,
+    #[serde(rename = "type")]
+    pub data_type: Option<String>,
+    pub bit: Option<i64>,
+    pub length: Option<i64>,
+    pub order: Option<String>,
+    pub scale: Option<f64>,
+    pub offset: Option<f64>,
+    pub unit: Option<String>,
+    /// Raw integer → label, in YAML order.
+    pub labels: Option<Mapping>,
+    pub group: Option<String>,
+    pub topic: Option<String>,
+    pub payload: Option<String>,
+    pub publish: Option<RawPublish>,
+    pub qos: Option<i64>,
+    pub retain: Option<bool>,
+    pub writable: Option<bool>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
