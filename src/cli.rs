@@ -1,2 +1,413 @@
-//! TODO
-pub fn main() -> i32 { 0 }
+//! Command line: `run`, `check`, `read`. Exit codes: 0 ok, 2 configuration error, 1 runtime
+//! failure.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::modbus::{Connection, Data};
+use crate::model::{BusKind, Config, Device, Parity, RegisterKind};
+use crate::{app, codec, config, plan};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_RUNTIME: i32 = 1;
+pub const EXIT_CONFIG: i32 = 2;
+
+const DEFAULT_CONFIG: &str = "/etc/fieldbridge/fieldbridge.yaml";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fieldbridge",
+    version,
+    about = "Field devices (Modbus RTU/TCP) to MQTT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate the configuration; print devices, read blocks, topics and bus time per cycle.
+    Check {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Read a device (or one point) once and print values and raw registers decoded every way.
+    Read {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Device name.
+        device: String,
+        /// Point name; all points of the device when omitted.
+        point: Option<String>,
+    },
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK };
+        }
+    };
+    let path = match &cli.command {
+        Command::Run { config } | Command::Check { config } | Command::Read { config, .. } => {
+            config.clone()
+        }
+    };
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return EXIT_CONFIG;
+        }
+    };
+    match cli.command {
+        Command::Check { .. } => {
+            print!("{}", check_report(&path, &config));
+            EXIT_OK
+        }
+        Command::Run { .. } => {
+            init_logging(&config.gateway.log_level);
+            run(config)
+        }
+        Command::Read { device, point, .. } => {
+            init_logging("warn");
+            read(&config, &device, point.as_deref())
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .compact()
+        .try_init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // One thread is plenty for a gateway and keeps memory small on a Pi.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn run(config: Config) -> i32 {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return EXIT_RUNTIME;
+        }
+    };
+    rt.block_on(async move {
+        let cancel = CancellationToken::new();
+        let signals = cancel.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        match app::run(config, cancel).await {
+            Ok(_) => EXIT_OK,
+            Err(e) => {
+                tracing::error!(error = %e, "gateway failed");
+                EXIT_RUNTIME
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on the default action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn parity_letter(p: Parity) -> char {
+    match p {
+        Parity::None => 'N',
+        Parity::Even => 'E',
+        Parity::Odd => 'O',
+    }
+}
+
+fn kind_name(k: RegisterKind) -> &'static str {
+    match k {
+        RegisterKind::Coil => "coils",
+        RegisterKind::DiscreteInput => "discrete inputs",
+        RegisterKind::Holding => "holding",
+        RegisterKind::Input => "input",
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The `check` report: devices, read blocks per cycle, topics, bus time per cycle.
+pub fn check_report(path: &Path, config: &Config) -> String {
+    let mut out = String::new();
+    let points: usize = config.devices.iter().map(|d| d.points.len()).sum();
+    let _ = writeln!(
+        out,
+        "{}: OK (gateway {}, {} bus(es), {} device(s), {} point(s))",
+        path.display(),
+        config.gateway.id,
+        config.buses.len(),
+        config.devices.len(),
+        points
+    );
+    let _ = writeln!(
+        out,
+        "mqtt: {:?} {}:{} as {}, status topic {}",
+        config.mqtt.transport,
+        config.mqtt.host,
+        config.mqtt.port,
+        config.mqtt.client_id,
+        config.mqtt.status_topic
+    );
+    for (b, bus) in config.buses.iter().enumerate() {
+        let serial = match &bus.kind {
+            BusKind::Rtu(s) => {
+                let _ = writeln!(
+                    out,
+                    "\nbus {} (rtu {} {} {}{}{}, frame gap {})",
+                    bus.name,
+                    s.port,
+                    s.baud,
+                    s.data_bits,
+                    parity_letter(s.parity),
+                    s.stop_bits,
+                    ms(bus.frame_gap)
+                );
+                Some(s)
+            }
+            BusKind::Tcp { host, port } => {
+                let _ = writeln!(out, "\nbus {} (modbus tcp {host}:{port})", bus.name);
+                None
+            }
+            BusKind::RtuOverTcp { host, port } => {
+                let _ = writeln!(out, "\nbus {} (rtu over tcp {host}:{port})", bus.name);
+                None
+            }
+        };
+        let mut load = 0.0f64;
+        for device in config.devices.iter().filter(|d| d.bus == b) {
+            let _ = writeln!(
+                out,
+                "  device {} unit {} timeout {}, {} point(s)",
+                device.name,
+                device.unit,
+                humantime::format_duration(device.timeout),
+                device.points.len()
+            );
+            for (g, group) in device.groups.iter().enumerate() {
+                let selected: Vec<usize> = device
+                    .points
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.group == g)
+                    .map(|(i, _)| i)
+                    .collect();
+                if selected.is_empty() {
+                    continue;
+                }
+                let blocks = plan::plan(
+                    &device.points,
+                    &selected,
+                    plan::Limits::of(device),
+                    &plan::BadRanges::default(),
+                );
+                let _ = writeln!(
+                    out,
+                    "    group {} every {}: {} read(s) per cycle",
+                    group.name,
+                    humantime::format_duration(group.interval),
+                    blocks.len()
+                );
+                let mut cycle = Duration::ZERO;
+                for block in &blocks {
+                    let names: Vec<&str> = block
+                        .points
+                        .iter()
+                        .map(|&p| device.points[p].name.as_str())
+                        .collect();
+                    let _ = writeln!(
+                        out,
+                        "      FC{} {} {}..={} ({}) -> {}",
+                        block.kind.read_function(),
+                        kind_name(block.kind),
+                        block.start,
+                        block.start + (block.count - 1),
+                        block.count,
+                        names.join(", ")
+                    );
+                    if let Some(s) = serial {
+                        cycle += plan::estimate_rtu_time(
+                            block,
+                            s.baud,
+                            s.data_bits,
+                            s.parity != Parity::None,
+                            s.stop_bits,
+                            bus.frame_gap,
+                        );
+                    }
+                }
+                if serial.is_some() {
+                    load += cycle.as_secs_f64() / group.interval.as_secs_f64();
+                    let _ = writeln!(out, "      estimated bus time per cycle: {}", ms(cycle));
+                }
+            }
+        }
+        if serial.is_some() {
+            let _ = writeln!(
+                out,
+                "  estimated bus load: {:.1} % of the line{}",
+                load * 100.0,
+                if load > 0.8 {
+                    " (WARNING: above 80 %; raise intervals or the baud rate)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    let _ = writeln!(out, "\ntopics:");
+    for device in &config.devices {
+        let _ = writeln!(out, "  {} (device status, retained)", device.status_topic);
+        match device.message_mode {
+            crate::model::MessageMode::PerDevice => {
+                let _ = writeln!(out, "  {} (all points of {})", device.topic, device.name);
+            }
+            crate::model::MessageMode::PerPoint => {
+                for p in &device.points {
+                    let _ = writeln!(
+                        out,
+                        "  {} (qos {}{}{})",
+                        p.topic,
+                        p.qos as u8,
+                        if p.retain { ", retained" } else { "" },
+                        if p.writable { ", writable" } else { "" }
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+fn read(config: &Config, device_name: &str, point: Option<&str>) -> i32 {
+    let Some(device) = config.devices.iter().find(|d| d.name == device_name) else {
+        let names: Vec<&str> = config.devices.iter().map(|d| d.name.as_str()).collect();
+        eprintln!(
+            "no device named {device_name:?}; devices: {}",
+            names.join(", ")
+        );
+        return EXIT_CONFIG;
+    };
+    let selected: Vec<usize> = match point {
+        Some(name) => match device.points.iter().position(|p| p.name == name) {
+            Some(i) => vec![i],
+            None => {
+                let names: Vec<&str> = device.points.iter().map(|p| p.name.as_str()).collect();
+                eprintln!(
+                    "device {device_name} has no point {name:?}; points: {}",
+                    names.join(", ")
+                );
+                return EXIT_CONFIG;
+            }
+        },
+        None => (0..device.points.len()).collect(),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    let bus = &config.buses[device.bus];
+    rt.block_on(async {
+        let mut conn = Connection::new(
+            bus.kind.clone(),
+            bus.frame_gap,
+            bus.connect_delay,
+            bus.reconnect_max,
+        );
+        read_points(&mut conn, device, &selected).await
+    })
+}
+
+async fn read_points(conn: &mut Connection, device: &Device, selected: &[usize]) -> i32 {
+    let mut failed = false;
+    for &p in selected {
+        let point = &device.points[p];
+        let result = conn
+            .read(
+                device.unit,
+                point.kind,
+                point.address,
+                point.width(),
+                device.timeout,
+            )
+            .await;
+        match result {
+            Ok(Data::Words(regs)) => {
+                let hex: Vec<String> = regs.iter().map(|r| format!("0x{r:04X}")).collect();
+                match codec::decode(point.data_type, point.order, &regs) {
+                    Ok(raw) => println!(
+                        "{} = {} {}  (registers {} at {})",
+                        point.name,
+                        crate::publish::value_json(&codec::to_value(point, &raw)),
+                        point.unit.as_deref().unwrap_or(""),
+                        hex.join(" "),
+                        point.address
+                    ),
+                    Err(e) => println!("{}: cannot decode {}: {e}", point.name, hex.join(" ")),
+                }
+                for (way, value) in codec::decode_all_ways(&regs) {
+                    println!("    {way:<12} {value}");
+                }
+            }
+            Ok(Data::Bits(bits)) => {
+                println!("{} = {}  (bit at {})", point.name, bits[0], point.address);
+            }
+            Err(e) => {
+                failed = true;
+                println!("{}: {e}", point.name);
+            }
+        }
+    }
+    if failed {
+        EXIT_RUNTIME
+    } else {
+        EXIT_OK
+    }
+}

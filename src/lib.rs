@@ -19,7 +19,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod link;
-pub mod model;
 pub mod modbus;
+pub mod model;
 pub mod plan;
 pub mod publish;

@@ -1,1 +1,702 @@
-//! TODO
+//! The MQTT link: delivers every message to the broker and knows which ones were delivered.
+//!
+//! # Design
+//! Two tasks. The *event-loop task* owns rumqttc's `EventLoop` and does nothing but poll it,
+//! forward the events that matter over an unbounded channel (so it never awaits a full one) and
+//! sleep a capped back-off between reconnect attempts. The *manager task* owns the messages.
+//!
+//! A message is delivered when the broker acknowledged it (PUBACK for QoS 1, PUBCOMP for QoS 2;
+//! QoS 0 when written), never when `publish()` returned: that only means queued. The manager
+//! keeps every message in one of three places, each ordered by a sequence number:
+//! - `queue`: not yet handed to rumqttc;
+//! - `handed`: handed to rumqttc's request channel, packet id not known yet;
+//! - `inflight`: written with a packet id, waiting for its acknowledgement.
+//!
+//! rumqttc reports `Outgoing::Publish(pkid)` in the order publishes are written, which is the
+//! order they were handed, so the front of `handed` gets that packet id; `Incoming::PubAck(pkid)`
+//! then completes it. The window `handed + inflight` is capped at `inflight`, below rumqttc's
+//! own limit, so rumqttc never holds a request back behind its flow control.
+//!
+//! # Reconnects
+//! The session is clean: on a new session rumqttc throws away its own pending list (and on a
+//! connection error it has already drained its request channel into that list). So after a
+//! disconnect the manager moves `handed` and `inflight` back to the front of `queue`, in order,
+//! and re-sends them after the next CONNACK. To make "what rumqttc holds" exact, handing over
+//! happens under a small gate shared with the event-loop task: the event-loop task closes the
+//! gate (and drains the request channel with `clean()`) before it reports a disconnect, and
+//! opens it with a new generation on CONNACK; the manager hands over only while the gate is
+//! open in the generation whose CONNACK it has processed. A message can therefore never be
+//! both re-queued by us and still held by rumqttc. QoS 1 allows duplicates: a message whose
+//! PUBACK was lost with the connection is sent again.
+//!
+//! # Bounds
+//! At most `queue_capacity` messages are held. When full, the policy is `drop_oldest`: the oldest
+//! message not yet handed over is dropped, counted, and logged once per episode.
+//!
+//! # Shutdown
+//! When the inbound channel closes (the publisher is done), the manager keeps delivering until
+//! everything is acknowledged or the flush deadline passes, publishes `offline` (retained) on
+//! the status topic, disconnects and reports what was left undelivered.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Mqtt, MqttTransport, Qos};
+
+/// A message for the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: Qos,
+    pub retain: bool,
+    /// When the reading behind it was taken (latency is measured from here to the ack).
+    pub created: Instant,
+}
+
+/// A message received from the broker (command topics).
+#[derive(Debug, Clone)]
+pub struct InMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// Counters of the link, readable from any task.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub connected: AtomicU64,
+    pub connects: AtomicU64,
+    pub queued: AtomicU64,
+    pub delivered: AtomicU64,
+    pub dropped: AtomicU64,
+    pub resent: AtomicU64,
+}
+
+/// What the link reports when it stops.
+#[derive(Debug, Clone)]
+pub struct LinkReport {
+    pub delivered: u64,
+    pub dropped: u64,
+    pub undelivered: u64,
+    pub latency: LatencyHistogram,
+}
+
+/// Handle to the running link.
+pub struct Link {
+    pub sender: mpsc::Sender<OutMessage>,
+    pub stats: Arc<LinkStats>,
+    pub done: tokio::task::JoinHandle<LinkReport>,
+}
+
+/// Settings derived from the config that the manager needs.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    pub status_topic: String,
+    pub queue_capacity: usize,
+    pub window: usize,
+    pub flush_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Filters to subscribe to after every CONNACK (command topics).
+    pub subscriptions: Vec<String>,
+}
+
+impl LinkSettings {
+    pub fn from_config(mqtt: &Mqtt) -> Self {
+        LinkSettings {
+            status_topic: mqtt.status_topic.clone(),
+            queue_capacity: mqtt.queue_capacity.max(1),
+            window: usize::from(mqtt.inflight.max(1)),
+            flush_timeout: Duration::from_secs(5),
+            reconnect_min: mqtt.reconnect_min,
+            reconnect_max: mqtt.reconnect_max,
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+/// Builds rumqttc options from the validated config.
+pub fn mqtt_options(mqtt: &Mqtt) -> Result<MqttOptions, LinkError> {
+    let (broker, transport) = match mqtt.transport {
+        MqttTransport::Tcp => (mqtt.host.clone(), rumqttc::Transport::Tcp),
+        MqttTransport::Tls => (
+            mqtt.host.clone(),
+            rumqttc::Transport::tls_with_config(tls_config(mqtt)?),
+        ),
+        MqttTransport::Ws => (
+            format!("ws://{}:{}{}", mqtt.host, mqtt.port, mqtt.ws_path),
+            rumqttc::Transport::Ws,
+        ),
+        MqttTransport::Wss => (
+            format!("wss://{}:{}{}", mqtt.host, mqtt.port, mqtt.ws_path),
+            rumqttc::Transport::wss_with_config(tls_config(mqtt)?),
+        ),
+    };
+    let mut options = MqttOptions::new(mqtt.client_id.clone(), broker, mqtt.port);
+    options
+        .set_transport(transport)
+        .set_keep_alive(mqtt.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(mqtt.max_packet_size, mqtt.max_packet_size)
+        // One more than our window: rumqttc's flow control never holds a request back.
+        .set_inflight(mqtt.inflight.saturating_add(1))
+        .set_request_channel_capacity(usize::from(mqtt.inflight) + 16)
+        .set_last_will(LastWill::new(
+            mqtt.status_topic.clone(),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let Some(user) = &mqtt.username {
+        let password = mqtt
+            .password
+            .as_ref()
+            .map(|s| s.0.clone())
+            .unwrap_or_default();
+        options.set_credentials(user.clone(), password);
+    }
+    Ok(options)
+}
+
+/// rustls client configuration with the ring provider (no aws-lc, no OpenSSL).
+fn tls_config(mqtt: &Mqtt) -> Result<rumqttc::TlsConfiguration, LinkError> {
+    let files = mqtt
+        .tls
+        .as_ref()
+        .ok_or_else(|| LinkError::Tls("TLS transport without a `tls` section".into()))?;
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = read(&files.ca)?;
+    for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+        let cert = cert.map_err(|e| LinkError::Tls(format!("{}: {e}", files.ca.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| LinkError::Tls(format!("{}: {e}", files.ca.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(LinkError::Tls(format!(
+            "{}: no certificate found",
+            files.ca.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| LinkError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (&files.client_cert, &files.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| LinkError::Tls(format!("{}: {e}", cert.display())))?;
+            let key_der = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+                .map_err(|e| LinkError::Tls(format!("{}: {e}", key.display())))?
+                .ok_or_else(|| {
+                    LinkError::Tls(format!("{}: no private key found", key.display()))
+                })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| LinkError::Tls(e.to_string()))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+fn qos(q: Qos) -> QoS {
+    match q {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+/// Shared between the two tasks: whether rumqttc may be handed requests, and in which session.
+#[derive(Debug, Default)]
+struct Gate {
+    open: bool,
+    generation: u64,
+}
+
+enum LinkEvent {
+    Connected { generation: u64 },
+    Disconnected { error: String },
+    Written { pkid: u16 },
+    Acked { pkid: u16 },
+    Incoming(InMessage),
+    Stopped,
+}
+
+/// Starts the link. `commands` receives publishes on subscribed topics.
+pub fn spawn(
+    mqtt: &Mqtt,
+    settings: LinkSettings,
+    commands: Option<mpsc::Sender<InMessage>>,
+    inbound_capacity: usize,
+) -> Result<Link, LinkError> {
+    let options = mqtt_options(mqtt)?;
+    let (client, eventloop) = AsyncClient::new(options, usize::from(mqtt.inflight) + 16);
+    let gate = Arc::new(Mutex::new(Gate::default()));
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    tokio::spawn(drive_eventloop(
+        eventloop,
+        gate.clone(),
+        events_tx,
+        stop.clone(),
+        settings.reconnect_min,
+        settings.reconnect_max,
+    ));
+    let (sender, inbound) = mpsc::channel(inbound_capacity.max(1));
+    let stats = Arc::new(LinkStats::default());
+    let manager = Manager {
+        client,
+        gate,
+        settings,
+        stats: stats.clone(),
+        queue: VecDeque::new(),
+        handed: VecDeque::new(),
+        inflight: BTreeMap::new(),
+        generation: None,
+        next_seq: 1,
+        dropping: 0,
+        latency: LatencyHistogram::default(),
+        commands,
+    };
+    let done = tokio::spawn(manager.run(inbound, events_rx, stop));
+    Ok(Link {
+        sender,
+        stats,
+        done,
+    })
+}
+
+/// Polls the event loop forever; forwards what the manager needs.
+async fn drive_eventloop(
+    mut eventloop: EventLoop,
+    gate: Arc<Mutex<Gate>>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+    stop: CancellationToken,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+) {
+    let mut backoff = reconnect_min;
+    let mut generation = 0u64;
+    loop {
+        let polled = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            polled = eventloop.poll() => polled,
+        };
+        let event = match polled {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                backoff = reconnect_min;
+                generation += 1;
+                let mut g = gate.lock().expect("gate poisoned");
+                g.open = true;
+                g.generation = generation;
+                LinkEvent::Connected { generation }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Written { pkid },
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => LinkEvent::Acked { pkid: ack.pkid },
+            Ok(Event::Incoming(Incoming::PubComp(comp))) => LinkEvent::Acked { pkid: comp.pkid },
+            Ok(Event::Incoming(Incoming::Publish(p))) => LinkEvent::Incoming(InMessage {
+                topic: p.topic.to_string(),
+                payload: p.payload.to_vec(),
+            }),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                let _ = events.send(LinkEvent::Stopped);
+                break;
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                {
+                    let mut g = gate.lock().expect("gate poisoned");
+                    g.open = false;
+                    // Anything handed over since rumqttc's own clean-up is drained now, under
+                    // the gate, so that rumqttc holds nothing the manager will re-send.
+                    eventloop.clean();
+                }
+                if events
+                    .send(LinkEvent::Disconnected {
+                        error: e.to_string(),
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(reconnect_max);
+                continue;
+            }
+        };
+        if events.send(event).is_err() {
+            break;
+        }
+    }
+}
+
+struct Entry {
+    seq: u64,
+    msg: OutMessage,
+}
+
+struct Manager {
+    client: AsyncClient,
+    gate: Arc<Mutex<Gate>>,
+    settings: LinkSettings,
+    stats: Arc<LinkStats>,
+    queue: VecDeque<Entry>,
+    handed: VecDeque<Entry>,
+    inflight: BTreeMap<u16, Entry>,
+    /// Generation of the CONNACK processed last; `None` while disconnected.
+    generation: Option<u64>,
+    next_seq: u64,
+    /// Messages dropped in the current full-queue episode.
+    dropping: u64,
+    latency: LatencyHistogram,
+    commands: Option<mpsc::Sender<InMessage>>,
+}
+
+impl Manager {
+    async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<OutMessage>,
+        mut events: mpsc::UnboundedReceiver<LinkEvent>,
+        stop: CancellationToken,
+    ) -> LinkReport {
+        let mut inbound_open = true;
+        let mut flush_deadline: Option<Instant> = None;
+        let mut down_since: Option<Instant> = Some(Instant::now());
+        let mut last_error = String::new();
+        loop {
+            if !inbound_open {
+                let deadline = *flush_deadline
+                    .get_or_insert_with(|| Instant::now() + self.settings.flush_timeout);
+                if self.pending() == 0 || Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let sleep_until =
+                flush_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                event = events.recv() => match event {
+                    Some(event) => self.on_event(event, &mut down_since, &mut last_error),
+                    None => break,
+                },
+                msg = inbound.recv(), if inbound_open => match msg {
+                    Some(msg) => {
+                        self.enqueue(msg);
+                        // Take whatever else is already waiting, without yielding.
+                        while let Ok(msg) = inbound.try_recv() {
+                            self.enqueue(msg);
+                        }
+                    }
+                    None => inbound_open = false,
+                },
+                _ = tokio::time::sleep_until(sleep_until.into()) => {}
+            }
+            self.pump();
+        }
+        let undelivered = self.pending() as u64;
+        if undelivered > 0 {
+            tracing::warn!(
+                undelivered,
+                "MQTT link stopping with messages not delivered"
+            );
+        }
+        self.goodbye(&mut events).await;
+        stop.cancel();
+        LinkReport {
+            delivered: self.stats.delivered.load(Ordering::Relaxed),
+            dropped: self.stats.dropped.load(Ordering::Relaxed),
+            undelivered,
+            latency: self.latency.clone(),
+        }
+    }
+
+    /// Publishes the retained `offline` status (a clean disconnect sends no last will) and
+    /// disconnects, waiting briefly for both.
+    async fn goodbye(&mut self, events: &mut mpsc::UnboundedReceiver<LinkEvent>) {
+        if self.generation.is_none() {
+            return;
+        }
+        let topic = self.settings.status_topic.clone();
+        if self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, "offline")
+            .is_err()
+        {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        // Messages handed before it are written first.
+        let mut ahead = self.handed.len();
+        let mut written = None;
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(LinkEvent::Written { .. })) if ahead > 0 => ahead -= 1,
+                Ok(Some(LinkEvent::Written { pkid })) if written.is_none() => written = Some(pkid),
+                Ok(Some(LinkEvent::Acked { pkid })) if Some(pkid) == written => break,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout_at(deadline, async {
+            while let Some(event) = events.recv().await {
+                if matches!(event, LinkEvent::Stopped | LinkEvent::Disconnected { .. }) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn pending(&self) -> usize {
+        self.queue.len() + self.handed.len() + self.inflight.len()
+    }
+
+    fn enqueue(&mut self, msg: OutMessage) {
+        if self.pending() >= self.settings.queue_capacity {
+            if self.queue.pop_front().is_some() {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                if self.dropping == 0 {
+                    tracing::warn!(
+                        capacity = self.settings.queue_capacity,
+                        "MQTT queue full: dropping the oldest messages (policy drop_oldest)"
+                    );
+                }
+                self.dropping += 1;
+            } else {
+                // Everything held is on the wire; the newest cannot be kept.
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropping += 1;
+                return;
+            }
+        } else if self.dropping > 0 && self.pending() < self.settings.queue_capacity / 2 {
+            tracing::warn!(dropped = self.dropping, "MQTT queue no longer full");
+            self.dropping = 0;
+        }
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push_back(Entry { seq, msg });
+    }
+
+    fn on_event(
+        &mut self,
+        event: LinkEvent,
+        down_since: &mut Option<Instant>,
+        last_error: &mut String,
+    ) {
+        match event {
+            LinkEvent::Connected { generation } => {
+                self.generation = Some(generation);
+                self.stats.connected.store(1, Ordering::Relaxed);
+                self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                let down = down_since.take().map(|t| t.elapsed()).unwrap_or_default();
+                tracing::info!(
+                    backlog = self.pending(),
+                    down_ms = down.as_millis() as u64,
+                    "MQTT connected"
+                );
+                last_error.clear();
+                // `online` (retained) goes first, tracked like any message so that packet ids
+                // stay in step; subscriptions produce no publish event.
+                self.queue.push_front(Entry {
+                    seq: 0,
+                    msg: OutMessage {
+                        topic: self.settings.status_topic.clone(),
+                        payload: b"online".to_vec(),
+                        qos: Qos::AtLeastOnce,
+                        retain: true,
+                        created: Instant::now(),
+                    },
+                });
+                for filter in self.settings.subscriptions.clone() {
+                    let _ = self.try_hand_raw(|c| c.try_subscribe(filter, QoS::AtLeastOnce));
+                }
+            }
+            LinkEvent::Disconnected { error } => {
+                if self.generation.take().is_some() {
+                    tracing::warn!(error = %error, "MQTT connection lost");
+                    *down_since = Some(Instant::now());
+                } else if *last_error != error {
+                    tracing::warn!(error = %error, "MQTT connect failed");
+                } else {
+                    tracing::debug!(error = %error, "MQTT connect failed again");
+                }
+                *last_error = error;
+                self.stats.connected.store(0, Ordering::Relaxed);
+                // Whatever rumqttc held is gone with the session: re-send it, in order.
+                let mut back: Vec<Entry> = self.handed.drain(..).collect();
+                back.extend(std::mem::take(&mut self.inflight).into_values());
+                back.sort_by_key(|e| e.seq);
+                self.stats
+                    .resent
+                    .fetch_add(back.len() as u64, Ordering::Relaxed);
+                for entry in back.into_iter().rev() {
+                    self.queue.push_front(entry);
+                }
+            }
+            LinkEvent::Written { pkid } => {
+                if let Some(entry) = self.handed.pop_front() {
+                    if entry.msg.qos == Qos::AtMostOnce || pkid == 0 {
+                        self.delivered(entry);
+                    } else {
+                        self.inflight.insert(pkid, entry);
+                    }
+                }
+            }
+            LinkEvent::Acked { pkid } => {
+                if let Some(entry) = self.inflight.remove(&pkid) {
+                    self.delivered(entry);
+                }
+            }
+            LinkEvent::Incoming(msg) => {
+                if let Some(commands) = &self.commands {
+                    if commands.try_send(msg).is_err() {
+                        tracing::warn!("command queue full: command dropped");
+                    }
+                }
+            }
+            LinkEvent::Stopped => {}
+        }
+    }
+
+    fn delivered(&mut self, entry: Entry) {
+        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        self.latency.record(entry.msg.created.elapsed());
+    }
+
+    /// Hands a request that is not a tracked message to rumqttc, if the gate is open.
+    fn try_hand_raw(
+        &mut self,
+        f: impl FnOnce(&AsyncClient) -> Result<(), rumqttc::ClientError>,
+    ) -> bool {
+        let Some(generation) = self.generation else {
+            return false;
+        };
+        let gate = self.gate.lock().expect("gate poisoned");
+        if !gate.open || gate.generation != generation {
+            return false;
+        }
+        f(&self.client).is_ok()
+    }
+
+    /// Hands queued messages to rumqttc while connected and the window has room.
+    fn pump(&mut self) {
+        let Some(generation) = self.generation else {
+            return;
+        };
+        if self.queue.is_empty() {
+            return;
+        }
+        let gate = self.gate.lock().expect("gate poisoned");
+        if !gate.open || gate.generation != generation {
+            return;
+        }
+        while self.handed.len() + self.inflight.len() < self.settings.window {
+            let Some(entry) = self.queue.pop_front() else {
+                break;
+            };
+            let m = &entry.msg;
+            match self
+                .client
+                .try_publish(m.topic.clone(), qos(m.qos), m.retain, m.payload.clone())
+            {
+                Ok(()) => self.handed.push_back(entry),
+                Err(e) => {
+                    tracing::debug!(error = %e, "rumqttc request channel full; retrying later");
+                    self.queue.push_front(entry);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Latency histogram with 5 % wide buckets from 1 µs to about 5 minutes.
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    buckets: Vec<u64>,
+    count: u64,
+}
+
+const BUCKET_RATIO: f64 = 1.05;
+const BUCKETS: usize = 400;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: vec![0; BUCKETS],
+            count: 0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    pub fn record(&mut self, d: Duration) {
+        let us = d.as_micros().max(1) as f64;
+        let i = (us.ln() / BUCKET_RATIO.ln()) as usize;
+        self.buckets[i.min(BUCKETS - 1)] += 1;
+        self.count += 1;
+    }
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+    /// Upper bound of the bucket holding the `q` quantile (0..=1); `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let us = BUCKET_RATIO.powi(i as i32 + 1);
+                return Some(Duration::from_micros(us as u64));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_five_percent() {
+        let mut h = LatencyHistogram::default();
+        for ms in 1..=100u64 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile(0.5).unwrap().as_micros() as f64;
+        let p99 = h.quantile(0.99).unwrap().as_micros() as f64;
+        assert!((50_000.0..=52_500.0).contains(&p50), "{p50}");
+        assert!((99_000.0..=104_000.0).contains(&p99), "{p99}");
+        assert_eq!(h.count(), 100);
+        assert_eq!(LatencyHistogram::default().quantile(0.5), None);
+    }
+}

@@ -1,0 +1,543 @@
+//! Bus tasks: one task owns each serial port or TCP endpoint and serves every device on it.
+//!
+//! The task keeps a schedule of (device, poll group) jobs, each with its next due time. It sleeps
+//! until the earliest job is due, reads that job's coalesced blocks one after the other, decodes
+//! them and hands a [`Reading`] to the publisher. Requests from elsewhere (writes, one-shot reads)
+//! arrive on the task's queue and are served before the next poll request, so they wait at most
+//! for the transaction already on the wire.
+//!
+//! Time rules:
+//! - No drift: the next due time is the previous due time plus the interval, not "now plus".
+//!   A tick that passed while the bus was busy is skipped and counted, never queued up.
+//! - A device that fails (timeout, transport or framing error) stops its cycle at the first
+//!   failure, so it delays the other devices by at most one timeout; its polls are then spaced
+//!   out (doubling back-off up to `backoff_max`) and it is reported offline after
+//!   `offline_after` consecutive failed polls.
+//! - A Modbus exception is an answer: the device is online, the points of that block are bad
+//!   quality. A block answered with "illegal data address" is split and retried at once, and the
+//!   gap between the halves is remembered so that later cycles plan around it.
+
+pub mod conn;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::codec::{self, Raw};
+use crate::model::{Bus, Device, RegisterKind};
+use crate::plan::{self, BadRanges, Limits, ReadBlock, SplitOutcome};
+pub use conn::{Connection, Data, RequestError, Write};
+
+/// The decoded values of one poll of one device group.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    /// Index into `Config::devices`.
+    pub device: usize,
+    /// Index into the device's poll groups.
+    pub group: usize,
+    /// Wall-clock time of the reading (published as `ts`).
+    pub ts: SystemTime,
+    /// Monotonic time the read completed (for latency figures).
+    pub read_at: Instant,
+    /// Point index → raw value, or the reason it is bad quality.
+    pub values: Vec<(usize, Result<Raw, String>)>,
+}
+
+/// What a bus task tells the publisher.
+#[derive(Debug, Clone)]
+pub enum BusEvent {
+    Reading(Reading),
+    /// A device went online (first good answer) or offline (`offline_after` failures).
+    Status {
+        device: usize,
+        online: bool,
+        reason: String,
+    },
+}
+
+/// An operation asked of the bus by another task.
+#[derive(Debug)]
+pub enum Op {
+    Read {
+        kind: RegisterKind,
+        start: u16,
+        count: u16,
+    },
+    Write(Write),
+}
+
+/// A request to the bus task; answered on `reply`.
+#[derive(Debug)]
+pub struct BusRequest {
+    pub unit: u8,
+    pub op: Op,
+    pub timeout: Duration,
+    pub reply: oneshot::Sender<Result<Option<Data>, RequestError>>,
+}
+
+/// Counters of one bus, readable from any task.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    pub polls: AtomicU64,
+    pub requests: AtomicU64,
+    pub failed_polls: AtomicU64,
+    pub exceptions: AtomicU64,
+    pub skipped_ticks: AtomicU64,
+    pub resets: AtomicU64,
+    pub devices_online: AtomicU64,
+}
+
+impl BusStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Handle to a running bus task.
+#[derive(Clone, Debug)]
+pub struct BusHandle {
+    pub name: String,
+    pub requests: mpsc::Sender<BusRequest>,
+    pub stats: Arc<BusStats>,
+}
+
+/// Starts the task owning `bus`, polling `devices` (pairs of config index and device).
+pub fn spawn(
+    bus: &Bus,
+    devices: Vec<(usize, Device)>,
+    events: mpsc::Sender<BusEvent>,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> BusHandle {
+    let (tx, rx) = mpsc::channel(64);
+    let stats = Arc::new(BusStats::default());
+    let task = BusTask::new(bus, devices, events, rx, stats.clone());
+    tracker.spawn(task.run(cancel));
+    BusHandle {
+        name: bus.name.clone(),
+        requests: tx,
+        stats,
+    }
+}
+
+struct DeviceState {
+    index: usize,
+    device: Device,
+    limits: Limits,
+    bad: BadRanges,
+    /// Cached plan per poll group; cleared when `bad` changes.
+    plans: Vec<Option<Vec<ReadBlock>>>,
+    /// Points of each group.
+    group_points: Vec<Vec<usize>>,
+    failures: u32,
+    /// `None` until the first poll settles it.
+    online: Option<bool>,
+    backoff_until: Option<Instant>,
+    last_error: String,
+}
+
+struct Job {
+    device: usize,
+    group: usize,
+    due: Instant,
+    interval: Duration,
+}
+
+struct BusTask {
+    name: String,
+    conn: Connection,
+    devices: Vec<DeviceState>,
+    jobs: Vec<Job>,
+    events: mpsc::Sender<BusEvent>,
+    requests: mpsc::Receiver<BusRequest>,
+    stats: Arc<BusStats>,
+}
+
+impl BusTask {
+    fn new(
+        bus: &Bus,
+        devices: Vec<(usize, Device)>,
+        events: mpsc::Sender<BusEvent>,
+        requests: mpsc::Receiver<BusRequest>,
+        stats: Arc<BusStats>,
+    ) -> Self {
+        let now = Instant::now();
+        let mut jobs = Vec::new();
+        let devices: Vec<DeviceState> = devices
+            .into_iter()
+            .enumerate()
+            .map(|(slot, (index, device))| {
+                let mut group_points = vec![Vec::new(); device.groups.len()];
+                for (p, point) in device.points.iter().enumerate() {
+                    group_points[point.group].push(p);
+                }
+                for (g, group) in device.groups.iter().enumerate() {
+                    if !group_points[g].is_empty() {
+                        jobs.push(Job {
+                            device: slot,
+                            group: g,
+                            due: now,
+                            interval: group.interval,
+                        });
+                    }
+                }
+                DeviceState {
+                    index,
+                    limits: Limits::of(&device),
+                    bad: BadRanges::default(),
+                    plans: vec![None; device.groups.len()],
+                    group_points,
+                    failures: 0,
+                    online: None,
+                    backoff_until: None,
+                    last_error: String::new(),
+                    device,
+                }
+            })
+            .collect();
+        BusTask {
+            name: bus.name.clone(),
+            conn: Connection::new(
+                bus.kind.clone(),
+                bus.frame_gap,
+                bus.connect_delay,
+                bus.reconnect_max,
+            ),
+            devices,
+            jobs,
+            events,
+            requests,
+            stats,
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        tracing::info!(bus = %self.name, endpoint = %self.conn.endpoint(), devices = self.devices.len(), "bus started");
+        loop {
+            let next = self
+                .jobs
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, j)| j.due)
+                .map(|(i, j)| (i, j.due));
+            // A bus with no jobs still serves requests.
+            let (job, due) = match next {
+                Some((i, due)) => (Some(i), due),
+                None => (None, Instant::now() + Duration::from_secs(3600)),
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                request = self.requests.recv() => match request {
+                    Some(request) => self.serve(request).await,
+                    None => {
+                        // Every handle dropped: keep polling until cancelled.
+                        if job.is_none() { cancel.cancelled().await; break; }
+                        let (_tx, rx) = mpsc::channel(1);
+                        self.requests = rx;
+                    }
+                },
+                _ = tokio::time::sleep_until(due.into()), if job.is_some() => {
+                    let job = job.expect("guarded");
+                    if self.run_job(job, &cancel).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!(bus = %self.name, "bus stopped");
+    }
+
+    /// Serves an outside request at once (it has priority over polls).
+    async fn serve(&mut self, request: BusRequest) {
+        BusStats::add(&self.stats.requests, 1);
+        let result = match &request.op {
+            Op::Read { kind, start, count } => self
+                .conn
+                .read(request.unit, *kind, *start, *count, request.timeout)
+                .await
+                .map(Some),
+            Op::Write(write) => self
+                .conn
+                .write(request.unit, write, request.timeout)
+                .await
+                .map(|()| None),
+        };
+        // The asker may have given up; nothing to do then.
+        let _ = request.reply.send(result);
+    }
+
+    /// Serves whatever requests are already queued (between two poll transactions).
+    async fn serve_queued(&mut self) {
+        while let Ok(request) = self.requests.try_recv() {
+            self.serve(request).await;
+        }
+    }
+
+    /// Polls one group of one device. `Err` only when the publisher is gone (shutting down).
+    async fn run_job(&mut self, job: usize, cancel: &CancellationToken) -> Result<(), ()> {
+        let (slot, group, due, interval) = {
+            let j = &self.jobs[job];
+            (j.device, j.group, j.due, j.interval)
+        };
+        BusStats::add(&self.stats.polls, 1);
+        let outcome = self.poll_group(slot, group, cancel).await;
+        let now = Instant::now();
+
+        let mut events = Vec::new();
+        let state = &mut self.devices[slot];
+        match outcome {
+            Ok(values) => {
+                if state.failures > 0 && state.online == Some(true) {
+                    tracing::info!(device = %state.device.name, failures = state.failures, "device answering again");
+                }
+                state.failures = 0;
+                state.backoff_until = None;
+                if state.online != Some(true) {
+                    state.online = Some(true);
+                    BusStats::add(&self.stats.devices_online, 1);
+                    tracing::info!(device = %state.device.name, bus = %self.name, unit = state.device.unit, "device online");
+                    events.push(BusEvent::Status {
+                        device: state.index,
+                        online: true,
+                        reason: String::new(),
+                    });
+                }
+                if !values.is_empty() {
+                    events.push(BusEvent::Reading(Reading {
+                        device: state.index,
+                        group,
+                        ts: SystemTime::now(),
+                        read_at: now,
+                        values,
+                    }));
+                }
+            }
+            Err(error) => {
+                BusStats::add(&self.stats.failed_polls, 1);
+                state.failures = state.failures.saturating_add(1);
+                state.last_error = error.to_string();
+                // The first failure of an episode is worth a line; the rest are counted.
+                if state.failures == 1 {
+                    tracing::warn!(device = %state.device.name, bus = %self.name, unit = state.device.unit, error = %error, "poll failed");
+                } else {
+                    tracing::debug!(device = %state.device.name, failures = state.failures, error = %error, "poll failed again");
+                }
+                let backoff = backoff(interval, state.failures, state.device.backoff_max);
+                state.backoff_until = Some(now + backoff);
+                if state.failures >= state.device.offline_after && state.online != Some(false) {
+                    if state.online == Some(true) {
+                        self.stats.devices_online.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    state.online = Some(false);
+                    tracing::warn!(device = %state.device.name, bus = %self.name, failures = state.failures, error = %error, "device offline");
+                    events.push(BusEvent::Status {
+                        device: state.index,
+                        online: false,
+                        reason: error.reason(),
+                    });
+                }
+            }
+        }
+        self.stats.resets.store(self.conn.resets, Ordering::Relaxed);
+
+        // Schedule the next run of every job of this device.
+        let backoff_until = self.devices[slot].backoff_until;
+        let j = &mut self.jobs[job];
+        let (next, skipped) = next_due(due, interval, now);
+        j.due = next;
+        BusStats::add(&self.stats.skipped_ticks, skipped);
+        if let Some(until) = backoff_until {
+            for j in self.jobs.iter_mut().filter(|j| j.device == slot) {
+                if j.due < until {
+                    j.due = until;
+                }
+            }
+        }
+
+        for event in events {
+            if self.events.send(event).await.is_err() {
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every block of a group. `Err` on the first transport-level failure.
+    async fn poll_group(
+        &mut self,
+        slot: usize,
+        group: usize,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<(usize, Result<Raw, String>)>, RequestError> {
+        let blocks = {
+            let state = &mut self.devices[slot];
+            if state.plans[group].is_none() {
+                state.plans[group] = Some(plan::plan(
+                    &state.device.points,
+                    &state.group_points[group],
+                    state.limits,
+                    &state.bad,
+                ));
+            }
+            state.plans[group].clone().expect("planned above")
+        };
+        let mut values = Vec::new();
+        // Blocks still to read; split halves are pushed back to the front.
+        let mut stack: Vec<ReadBlock> = blocks.into_iter().rev().collect();
+        let mut bad_changed = false;
+        let mut guard = 0u32;
+        while let Some(block) = stack.pop() {
+            guard += 1;
+            if guard > 10_000 || cancel.is_cancelled() {
+                break;
+            }
+            self.serve_queued().await;
+            let (unit, timeout) = {
+                let d = &self.devices[slot].device;
+                (d.unit, d.timeout)
+            };
+            let result = self
+                .conn
+                .read(unit, block.kind, block.start, block.count, timeout)
+                .await;
+            let state = &mut self.devices[slot];
+            let points = &state.device.points;
+            match result {
+                Ok(data) => decode_block(points, &block, &data, &mut values),
+                Err(RequestError::Exception(e)) => {
+                    BusStats::add(&self.stats.exceptions, 1);
+                    let illegal = e == tokio_modbus::ExceptionCode::IllegalDataAddress;
+                    match (illegal, plan::split(&block, points)) {
+                        (true, SplitOutcome::Halves(a, b)) => {
+                            if let Some((from, to)) = plan::gap_between(&a, &b) {
+                                state.bad.remember(block.kind, from, to);
+                                bad_changed = true;
+                            }
+                            tracing::debug!(device = %state.device.name, start = block.start, count = block.count, "illegal data address: splitting block");
+                            stack.push(b);
+                            stack.push(a);
+                        }
+                        (is_illegal, _) => {
+                            if is_illegal {
+                                state.bad.remember(
+                                    block.kind,
+                                    block.start,
+                                    block.start + (block.count - 1),
+                                );
+                                bad_changed = true;
+                            }
+                            let reason = RequestError::Exception(e).reason();
+                            tracing::debug!(device = %state.device.name, start = block.start, count = block.count, %reason, "points bad quality");
+                            for &p in &block.points {
+                                values.push((p, Err(reason.clone())));
+                            }
+                        }
+                    }
+                }
+                Err(other) => {
+                    self.stats.resets.store(self.conn.resets, Ordering::Relaxed);
+                    return Err(other);
+                }
+            }
+        }
+        if bad_changed {
+            let state = &mut self.devices[slot];
+            state.plans.iter_mut().for_each(|p| *p = None);
+        }
+        Ok(values)
+    }
+}
+
+/// Decodes every point of a block from its data.
+fn decode_block(
+    points: &[crate::model::Point],
+    block: &ReadBlock,
+    data: &Data,
+    out: &mut Vec<(usize, Result<Raw, String>)>,
+) {
+    for &p in &block.points {
+        let point = &points[p];
+        let offset = usize::from(point.address - block.start);
+        let width = usize::from(point.width());
+        let value = match data {
+            Data::Words(words) => match words.get(offset..offset + width) {
+                Some(regs) => codec::decode(point.data_type, point.order, regs)
+                    .map_err(|e| format!("decode: {e}")),
+                None => Err("decode: short answer".to_string()),
+            },
+            Data::Bits(bits) => match bits.get(offset..offset + 1) {
+                Some(b) => Ok(codec::decode_bits(b)),
+                None => Err("decode: short answer".to_string()),
+            },
+        };
+        out.push((p, value));
+    }
+}
+
+/// Next due time after a run that was due at `due` and finished at `now`, and how many ticks
+/// were skipped because they passed while the bus was busy.
+pub fn next_due(due: Instant, interval: Duration, now: Instant) -> (Instant, u64) {
+    let next = due + interval;
+    if next > now {
+        return (next, 0);
+    }
+    let behind = now.duration_since(next);
+    let missed = (behind.as_nanos() / interval.as_nanos().max(1)) as u64 + 1;
+    let skip = u32::try_from(missed).unwrap_or(u32::MAX);
+    (next + interval * skip, missed)
+}
+
+/// Spacing of a failing device's polls: the interval doubled per consecutive failure, capped.
+pub fn backoff(interval: Duration, failures: u32, cap: Duration) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    interval.saturating_mul(factor).min(cap.max(interval))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_due_keeps_the_grid_without_drift() {
+        let t0 = Instant::now();
+        let i = Duration::from_millis(100);
+        let (next, skipped) = next_due(t0, i, t0 + Duration::from_millis(30));
+        assert_eq!(next, t0 + i);
+        assert_eq!(skipped, 0);
+    }
+
+    #[test]
+    fn ticks_missed_while_busy_are_skipped_and_counted() {
+        let t0 = Instant::now();
+        let i = Duration::from_millis(100);
+        // The run took 350 ms: ticks at 100, 200, 300 passed.
+        let (next, skipped) = next_due(t0, i, t0 + Duration::from_millis(350));
+        assert_eq!(next, t0 + Duration::from_millis(400));
+        assert_eq!(skipped, 3);
+        // Exactly on a tick: that tick is missed too.
+        let (next, skipped) = next_due(t0, i, t0 + Duration::from_millis(100));
+        assert_eq!(next, t0 + Duration::from_millis(200));
+        assert_eq!(skipped, 1);
+    }
+
+    #[test]
+    fn backoff_doubles_per_failure_up_to_the_cap() {
+        let i = Duration::from_secs(1);
+        let cap = Duration::from_secs(30);
+        assert_eq!(backoff(i, 1, cap), Duration::from_secs(1));
+        assert_eq!(backoff(i, 2, cap), Duration::from_secs(2));
+        assert_eq!(backoff(i, 4, cap), Duration::from_secs(8));
+        assert_eq!(backoff(i, 10, cap), cap);
+        assert_eq!(backoff(i, u32::MAX, cap), cap);
+        // A cap below the interval never makes polls faster than the interval.
+        assert_eq!(backoff(i, 3, Duration::from_millis(10)), i);
+    }
+}
