@@ -104,21 +104,23 @@ async fn publisher(
     link: mpsc::Sender<OutMessage>,
 ) {
     let mut filters: HashMap<(usize, usize), ChangeFilter> = HashMap::new();
+    let mut online = std::collections::BTreeSet::new();
     while let Some(event) = events.recv().await {
         let messages = match event {
-            BusEvent::Status { device, online, .. } => {
-                let d = &config.devices[device];
-                vec![OutMessage {
-                    topic: d.status_topic.clone(),
-                    payload: if online {
-                        b"online".to_vec()
-                    } else {
-                        b"offline".to_vec()
-                    },
-                    qos: Qos::AtLeastOnce,
-                    retain: true,
-                    created: Instant::now(),
-                }]
+            BusEvent::Status {
+                device,
+                online: is_online,
+                ..
+            } => {
+                if is_online {
+                    online.insert(device);
+                } else {
+                    online.remove(&device);
+                    // A consumer that saw `offline` gets every value again when the device
+                    // returns, not only those that changed meanwhile.
+                    filters.retain(|(d, _), _| *d != device);
+                }
+                vec![device_status(&config, device, is_online)]
             }
             BusEvent::Reading(reading) => render_reading(&config, &reading, &mut filters),
         };
@@ -127,6 +129,30 @@ async fn publisher(
                 return;
             }
         }
+    }
+    // Polling has stopped: the retained device statuses must not keep saying `online`.
+    for device in online {
+        if link
+            .send(device_status(&config, device, false))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn device_status(config: &Config, device: usize, online: bool) -> OutMessage {
+    OutMessage {
+        topic: config.devices[device].status_topic.clone(),
+        payload: if online {
+            b"online".to_vec()
+        } else {
+            b"offline".to_vec()
+        },
+        qos: Qos::AtLeastOnce,
+        retain: true,
+        created: Instant::now(),
     }
 }
 

@@ -506,6 +506,10 @@ async fn sigterm_flushes_publishes_offline_and_exits_zero() {
     let offline = late.expect(|t| t == "t/status", WAIT).await;
     assert_eq!(offline.text(), "offline");
     assert!(offline.retain);
+    // So do the devices' statuses: a clean stop does not leave them saying `online`.
+    let mut late = MqttProbe::connect(broker.port(), "t/d/status").await;
+    let device = late.expect(|t| t == "t/d/status", WAIT).await;
+    assert_eq!((device.text().as_str(), device.retain), ("offline", true));
     assert!(gateway.logs().contains("link summary"));
 }
 

@@ -297,6 +297,13 @@ impl Connection {
 }
 
 fn transport_error(e: io::Error) -> RequestError {
+    // tokio-modbus 0.17 reports a stream that ended (the device closed the connection) as
+    // `io::Error::last_os_error()`, i.e. whatever errno was left over: usually EAGAIN or
+    // EINPROGRESS. Say what happened instead of a misleading OS message.
+    const EINPROGRESS: i32 = 115;
+    if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(EINPROGRESS) {
+        return RequestError::Transport("connection closed by the device".into());
+    }
     if e.kind() == io::ErrorKind::InvalidData {
         // The codec could not frame what arrived (bad CRC, garbage, short frame).
         RequestError::Protocol(e.to_string())
