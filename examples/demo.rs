@@ -25,7 +25,7 @@ const POWER_BACK_AT: Duration = Duration::from_secs(18);
 const STOP_AT: Duration = Duration::from_secs(28);
 
 /// The gateway configuration, as a user would write it (see config/fieldbridge.yaml).
-fn config_yaml(broker: u16, meter: u16, plc: u16) -> String {
+fn config_yaml(broker: u16, meter: u16, plc: u16, store: &str) -> String {
     format!(
         r#"
 gateway:
@@ -35,6 +35,8 @@ mqtt:
   port: {broker}
   keep_alive: 5s
   reconnect: {{ min: 100ms, max: 1s }}
+store:
+  path: {store}
 buses:
   - name: meter-bus
     type: tcp
@@ -205,7 +207,15 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // 3. Configuration, through the same parser and validation as a file.
-    let yaml = config_yaml(broker_port, meter_port, plc_port);
+    // The store-and-forward outbox lives in a temporary directory for the demo.
+    let store_dir = std::env::temp_dir().join(format!("fieldbridge-demo-{}", std::process::id()));
+    let store = store_dir.join("outbox.db");
+    let yaml = config_yaml(
+        broker_port,
+        meter_port,
+        plc_port,
+        &store.display().to_string(),
+    );
     let config = match fieldbridge::config::parse(&yaml, "demo.yaml") {
         Ok(config) => config,
         Err(errors) => anyhow::bail!("the demo configuration is invalid:\n{errors}"),
@@ -256,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
         report.link.dropped,
         report.link.undelivered
     );
+    let _ = std::fs::remove_dir_all(&store_dir);
     // The broker thread is not joined: leaving main ends the process.
     Ok(())
 }

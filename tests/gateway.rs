@@ -371,7 +371,26 @@ async fn a_network_outage_loses_nothing_from_the_memory_queue_and_keeps_order() 
         .wait_for_count(|_| true, before + 40, WAIT)
         .await;
     relay.restore();
-    gateway.expect_log("MQTT connected", WAIT);
+    assert!(
+        common::wait_until(WAIT, || gateway.logs().matches("MQTT connected").count()
+            >= 2),
+        "no reconnect: {}",
+        gateway.logs()
+    );
+    // Everything read until now must arrive: wait for the value of the latest read.
+    let target = device.state().requests().len() as u64 - 1;
+    let mut msgs = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !counter_values(&msgs, "t/d/n").iter().any(|&v| v >= target) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match probe.next(left).await {
+            Some(m) => msgs.push(m),
+            None => panic!(
+                "value {target} never arrived: {:?}",
+                counter_values(&msgs, "t/d/n")
+            ),
+        }
+    }
     // Stop polling, so that the last value is known, and let the gateway flush.
     let mut gateway = gateway;
     gateway.terminate();
@@ -379,10 +398,15 @@ async fn a_network_outage_loses_nothing_from_the_memory_queue_and_keeps_order() 
         .wait_exit(WAIT)
         .expect("gateway exits after SIGTERM");
     assert!(status.success(), "exit {status:?}: {}", gateway.logs());
-    let msgs = probe.collect_for(Duration::from_millis(500)).await;
+    msgs.extend(probe.collect_for(Duration::from_millis(500)).await);
     let mut all = counter_values(&msgs, "t/d/n");
     all.dedup(); // QoS 1 may repeat what was in flight when the link was cut
-    assert!(all.len() >= 40, "only {} values: {all:?}", all.len());
+    assert!(
+        all.len() >= 40,
+        "only {} values: {all:?}\n{}",
+        all.len(),
+        gateway.logs()
+    );
     // Every value the device served arrived, in order, with no gap.
     let served = device
         .state()

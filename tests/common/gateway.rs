@@ -40,7 +40,15 @@ impl Gateway {
             .tempdir()
             .expect("tempdir");
         let config = dir.path().join("config.yaml");
-        let yaml = config_yaml.replace("{dir}", &dir.path().display().to_string());
+        let mut yaml = config_yaml.replace("{dir}", &dir.path().display().to_string());
+        // Tests run in parallel: each gateway gets its own store unless the test chose one
+        // (the default, /var/lib/fieldbridge/outbox.db, would be shared between them).
+        if !yaml.lines().any(|l| l.starts_with("store:")) {
+            yaml.push_str(&format!(
+                "\nstore:\n  path: {}\n",
+                dir.path().join("outbox.db").display()
+            ));
+        }
         std::fs::write(&config, yaml).expect("write config");
         let mut g = Gateway {
             child: None,

@@ -1,0 +1,383 @@
+//! Store-and-forward under fault injection: the broker killed, the link cut, the gateway
+//! stopped, killed (-9) and restarted, a tiny store cap, a corrupt store file. The device
+//! serves a counter (one more per read), so a missing or reordered reading shows as a gap.
+//!
+//! The gateway reaches the broker through a `Relay` so that a test can keep it cut off until
+//! the test's own subscriber is back (a subscriber that is not connected would miss messages
+//! that the gateway did deliver, which would look like loss).
+
+mod common;
+
+use std::time::Duration;
+
+use common::relay::Relay;
+use common::{DeviceState, Gateway, Kind, Mosquitto, MqttProbe, Msg, TcpDevice};
+
+const WAIT: Duration = Duration::from_secs(20);
+const TOPIC: &str = "t/d/n";
+
+fn config(broker_port: u16, device_port: u16, interval: &str, store: &str) -> String {
+    format!(
+        "gateway:\n  id: gw\n  prefix: t\n  stats_interval: 1s\nmqtt:\n  url: mqtt://127.0.0.1:{broker_port}\n  reconnect: {{ min: 50ms, max: 300ms }}\nstore:\n  path: \"{{dir}}/outbox.db\"\n{store}buses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {device_port} }}\ndevices:\n  - {{ name: d, bus: b, interval: {interval}, points: [ {{ name: n, address: 0 }} ] }}\n"
+    )
+}
+
+fn counter_device() -> TcpDevice {
+    let state = DeviceState::new(&[1]);
+    state.set_auto_increment(1, Kind::HoldingRegister, 0);
+    TcpDevice::start(state)
+}
+
+/// Counter values in arrival order.
+fn values(msgs: &[Msg]) -> Vec<u64> {
+    msgs.iter()
+        .filter(|m| m.topic == TOPIC)
+        .map(|m| m.json()["value"].as_u64().expect("counter value"))
+        .collect()
+}
+
+/// Reads served by the device so far (each returned the counter, then incremented it).
+fn served(device: &TcpDevice) -> u64 {
+    device
+        .state()
+        .requests()
+        .iter()
+        .filter(|r| r.fc == 3)
+        .count() as u64
+}
+
+/// Collects messages until the value `target` (or a later one) has arrived.
+async fn collect_until(probe: &mut MqttProbe, msgs: &mut Vec<Msg>, target: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !values(msgs).iter().any(|&v| v >= target) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match probe.next(left).await {
+            Some(m) => msgs.push(m),
+            None => {
+                let v = values(msgs);
+                panic!(
+                    "value {target} never arrived; got {} values, last {:?}",
+                    v.len(),
+                    v.last()
+                )
+            }
+        }
+    }
+}
+
+/// Every value from the first seen to `last` arrived, in order; duplicates allowed only as
+/// repeats (QoS 1), never as going back in time after a later value.
+fn assert_complete_in_order(seen: &[u64], last: u64) -> Vec<u64> {
+    let mut distinct = seen.to_vec();
+    distinct.dedup();
+    let first = distinct[0];
+    let expected: Vec<u64> = (first..=last).collect();
+    let mut sorted = distinct.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let missing: Vec<u64> = expected
+        .iter()
+        .filter(|v| sorted.binary_search(v).is_err())
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing {missing:?} of {first}..={last}"
+    );
+    distinct
+}
+
+async fn wait_for_reads(device: &TcpDevice, n: usize) {
+    let before = device.state().requests().len();
+    device
+        .state()
+        .wait_for_count(|_| true, before + n, WAIT)
+        .await;
+}
+
+fn wait_connected(gateway: &Gateway, times: usize) {
+    assert!(
+        common::wait_until(WAIT, || gateway.logs().matches("MQTT connected").count()
+            >= times),
+        "not connected {times} times: {}",
+        gateway.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_broker_loses_no_reading_and_order_holds() {
+    let mut broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let gateway = Gateway::start(&config(relay.port(), device.port(), "100ms", ""));
+    let mut msgs = vec![probe.expect(|t| t == TOPIC, WAIT).await];
+
+    // The broker dies (its session state with it) for well over several poll intervals.
+    relay.cut();
+    broker.stop();
+    wait_for_reads(&device, 25).await;
+    broker.restart();
+    probe.wait_resubscribed(WAIT).await;
+    relay.restore();
+    wait_connected(&gateway, 2);
+    let last = served(&device) - 1;
+    collect_until(&mut probe, &mut msgs, last).await;
+    let distinct = assert_complete_in_order(&values(&msgs), last);
+    assert!(
+        distinct.windows(2).all(|w| w[0] < w[1]),
+        "order: {distinct:?}"
+    );
+    // The readings held back are marked, and keep the time they were read.
+    let buffered: Vec<&Msg> = msgs
+        .iter()
+        .filter(|m| m.topic == TOPIC && m.json()["buffered"] == true)
+        .collect();
+    assert!(buffered.len() >= 20, "{} buffered", buffered.len());
+    drop(gateway);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_during_an_outage_loses_nothing() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let mut gateway = Gateway::start(&config(relay.port(), device.port(), "50ms", ""));
+    let mut msgs = vec![probe.expect(|t| t == TOPIC, WAIT).await];
+    relay.cut();
+    wait_for_reads(&device, 20).await;
+    gateway.terminate();
+    let status = gateway.wait_exit(WAIT).expect("exits on SIGTERM");
+    assert!(status.success(), "{status:?}: {}", gateway.logs());
+    // Stopping while the broker is away does not wait for it: what was held is on disk.
+    assert!(
+        !gateway.logs().contains("not delivered"),
+        "{}",
+        gateway.logs()
+    );
+    let stopped_at = served(&device);
+    gateway.restart();
+    assert!(
+        common::wait_until(WAIT, || gateway.logs().contains("delivering them first")),
+        "{}",
+        gateway.logs()
+    );
+    wait_for_reads(&device, 10).await;
+    relay.restore();
+    let last = served(&device) - 1;
+    collect_until(&mut probe, &mut msgs, last).await;
+    let distinct = assert_complete_in_order(&values(&msgs), last);
+    assert!(
+        distinct.windows(2).all(|w| w[0] < w[1]),
+        "order: {distinct:?}"
+    );
+    assert!(stopped_at > 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_outage_loses_at_most_the_last_commit_window() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let mut gateway = Gateway::start(&config(
+        relay.port(),
+        device.port(),
+        "50ms",
+        "  commit_interval: 100ms\n",
+    ));
+    let mut msgs = vec![probe.expect(|t| t == TOPIC, WAIT).await];
+    relay.cut();
+    wait_for_reads(&device, 30).await;
+    gateway.kill();
+    let killed_at = served(&device);
+    gateway.restart();
+    wait_for_reads(&device, 10).await;
+    relay.restore();
+    let last = served(&device) - 1;
+    collect_until(&mut probe, &mut msgs, last).await;
+    let mut seen = values(&msgs);
+    seen.sort_unstable();
+    seen.dedup();
+    let missing: Vec<u64> = (seen[0]..=last)
+        .filter(|v| seen.binary_search(v).is_err())
+        .collect();
+    // The commit window is 100 ms = 2 polls; allow the read in flight and one more.
+    assert!(missing.len() <= 4, "lost {missing:?}");
+    assert!(
+        missing.iter().all(|&v| v + 6 >= killed_at && v < killed_at),
+        "lost {missing:?}, killed after read {killed_at}: only the last window may be lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_the_drain_loses_nothing() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let state = DeviceState::new(&[1]);
+    state.set_auto_increment(1, Kind::HoldingRegister, 0);
+    let device = TcpDevice::start(state);
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let yaml = config(relay.port(), device.port(), "20ms", "");
+    let mut gateway = Gateway::start(&yaml);
+    let mut msgs = vec![probe.expect(|t| t == TOPIC, WAIT).await];
+    relay.cut();
+    wait_for_reads(&device, 100).await;
+    // Let the outage's rows be committed (commit interval 100 ms), then start the drain and
+    // kill the gateway in the middle of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.restore();
+    let first = probe.expect(|t| t == TOPIC, WAIT).await;
+    msgs.push(first);
+    gateway.kill();
+    relay.cut();
+    gateway.restart();
+    wait_for_reads(&device, 10).await;
+    relay.restore();
+    let last = served(&device) - 1;
+    collect_until(&mut probe, &mut msgs, last).await;
+    // Nothing acknowledged was lost and nothing unacknowledged was deleted: every value but
+    // those read in the kill's commit window arrived.
+    let mut seen = values(&msgs);
+    seen.sort_unstable();
+    seen.dedup();
+    let missing: Vec<u64> = (seen[0]..=last)
+        .filter(|v| seen.binary_search(v).is_err())
+        .collect();
+    assert!(
+        missing.len() <= 8,
+        "lost {} values: {missing:?}",
+        missing.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_drops_the_oldest_counts_them_and_keeps_the_newest() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    // 16 KiB holds about 130 of these messages.
+    let mut gateway = Gateway::start(&config(
+        relay.port(),
+        device.port(),
+        "10ms",
+        "  max_bytes: 16384\n",
+    ));
+    probe.expect(|t| t == TOPIC, WAIT).await;
+    relay.cut();
+    wait_for_reads(&device, 400).await;
+    assert!(
+        common::wait_until(WAIT, || gateway.logs().contains("store full")),
+        "{}",
+        gateway.logs()
+    );
+    let last_before = served(&device) - 1;
+    probe.drain();
+    relay.restore();
+    let mut msgs = Vec::new();
+    collect_until(&mut probe, &mut msgs, last_before).await;
+    let seen = values(&msgs);
+    // The newest survived, contiguous up to the end; the oldest were dropped.
+    let tail: Vec<u64> = seen.iter().copied().filter(|&v| v <= last_before).collect();
+    assert!(tail.len() >= 60 && tail.len() <= 200, "{} kept", tail.len());
+    let from = *tail.first().unwrap();
+    assert_complete_in_order(&tail, last_before);
+    assert!(from > 150, "the oldest were dropped (first kept {from})");
+    gateway.terminate();
+    gateway.wait_exit(WAIT).expect("exits");
+    let logs = gateway.logs();
+    assert_eq!(
+        logs.matches("store full: dropping").count(),
+        1,
+        "logged once per episode"
+    );
+    assert!(logs.contains("store no longer full"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_store_file_is_moved_aside_and_the_gateway_runs() {
+    let broker = Mosquitto::start();
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("outbox.db");
+    std::fs::write(&store, b"garbage, not SQLite ".repeat(500)).unwrap();
+    let yaml = config(broker.port(), device.port(), "100ms", "").replace(
+        "  path: \"{dir}/outbox.db\"",
+        &format!("  path: \"{}\"", store.display()),
+    );
+    let gateway = Gateway::start(&yaml);
+    probe.expect(|t| t == TOPIC, WAIT).await;
+    let logs = gateway.logs();
+    assert!(logs.contains("moved aside"), "{logs}");
+    assert!(logs.contains("ERROR"), "logged as an error: {logs}");
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .count();
+    assert_eq!(aside, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_always_survives_kill_9_while_online() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let mut gateway = Gateway::start(&config(
+        relay.port(),
+        device.port(),
+        "50ms",
+        "  durability: always\n  commit_interval: 50ms\n",
+    ));
+    let mut msgs = vec![probe.expect(|t| t == TOPIC, WAIT).await];
+    wait_for_reads(&device, 10).await;
+    // Cut and kill at once: what the broker had not acknowledged must come from the store.
+    relay.cut();
+    gateway.kill();
+    let killed_at = served(&device);
+    gateway.restart();
+    relay.restore();
+    wait_for_reads(&device, 5).await;
+    let last = served(&device) - 1;
+    collect_until(&mut probe, &mut msgs, last).await;
+    let mut seen = values(&msgs);
+    seen.sort_unstable();
+    seen.dedup();
+    let missing: Vec<u64> = (seen[0]..=last)
+        .filter(|v| seen.binary_search(v).is_err())
+        .collect();
+    assert!(
+        missing.iter().all(|&v| v + 4 >= killed_at),
+        "lost {missing:?} (killed after read {killed_at})"
+    );
+    assert!(missing.len() <= 3, "lost {missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_the_backlog_of_the_store() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let mut gateway = Gateway::start(&config(relay.port(), device.port(), "20ms", ""));
+    probe.expect(|t| t == TOPIC, WAIT).await;
+    relay.cut();
+    wait_for_reads(&device, 50).await;
+    gateway.terminate();
+    gateway.wait_exit(WAIT).expect("exits");
+    let config_path = gateway.config_path().to_str().unwrap().to_string();
+    let out = common::run_cli(&["status", "--config", &config_path]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let backlog: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backlog: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no backlog line: {}", out.stdout));
+    assert!(backlog >= 40, "{}", out.stdout);
+}
