@@ -179,6 +179,8 @@ fn write_config(conf: &Path, log: &Path, port: u16, tls: Option<(&TestCerts, boo
     let _ = writeln!(c, "per_listener_settings false");
     let _ = writeln!(c, "persistence false");
     let _ = writeln!(c, "allow_anonymous true");
+    // Nagle off (mosquitto >= 2.0): latency figures must not include 40 ms delayed ACKs.
+    let _ = writeln!(c, "set_tcp_nodelay true");
     let _ = writeln!(c, "log_dest file {}", log.display());
     let _ = writeln!(c, "log_type all");
     let _ = writeln!(c, "log_timestamp_format %Y-%m-%dT%H:%M:%S");

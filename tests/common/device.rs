@@ -15,6 +15,7 @@
 //! - `auto_increment`: each read covering that address returns the current value, then the
 //!   value increments (wrapping), so successive polls see fresh data.
 //! - `delay`: the answer is sent after this delay (slow device, timeout tests).
+//! - `reject_writes`: a write touching one of these ranges answers 0x03 IllegalDataValue.
 //! - Function codes served: 1, 2, 3, 4, 5, 6, 15, 16, 22 (mask write), 23 (read/write).
 //!   Anything else answers 0x01 IllegalFunction.
 
@@ -52,6 +53,9 @@ pub struct Unit {
     pub holding_registers: HashMap<u16, u16>,
     /// Accesses touching these answer IllegalDataAddress.
     pub illegal: Vec<(Kind, RangeInclusive<u16>)>,
+    /// Writes touching these answer IllegalDataValue (reads are served): a device refusing a
+    /// value it does not accept.
+    pub reject_writes: Vec<(Kind, RangeInclusive<u16>)>,
     /// A register (input or holding) that increments after every read covering it.
     pub auto_increment: Option<(Kind, u16)>,
     /// No answer at all while set.
@@ -161,6 +165,11 @@ impl DeviceState {
     /// Accesses of `kind` touching `range` on `unit` answer IllegalDataAddress.
     pub fn add_illegal(&self, unit: u8, kind: Kind, range: RangeInclusive<u16>) {
         self.with_unit(unit, |u| u.illegal.push((kind, range)));
+    }
+
+    /// Writes of `kind` touching `range` on `unit` answer IllegalDataValue; reads still work.
+    pub fn add_reject_writes(&self, unit: u8, kind: Kind, range: RangeInclusive<u16>) {
+        self.with_unit(unit, |u| u.reject_writes.push((kind, range)));
     }
 
     pub fn set_silent(&self, unit: u8, silent: bool) {
@@ -365,8 +374,34 @@ fn read_regs(u: &mut Unit, kind: Kind, address: u16, count: u16) -> Vec<u16> {
     values
 }
 
+/// The table and range a write request touches.
+fn write_target(req: &Request<'_>) -> Option<(Kind, u16, u16)> {
+    let n = |len: usize| u16::try_from(len).unwrap_or(u16::MAX);
+    Some(match req {
+        Request::WriteSingleCoil(a, _) => (Kind::Coil, *a, 1),
+        Request::WriteMultipleCoils(a, vs) => (Kind::Coil, *a, n(vs.len())),
+        Request::WriteSingleRegister(a, _) | Request::MaskWriteRegister(a, _, _) => {
+            (Kind::HoldingRegister, *a, 1)
+        }
+        Request::WriteMultipleRegisters(a, vs)
+        | Request::ReadWriteMultipleRegisters(_, _, a, vs) => {
+            (Kind::HoldingRegister, *a, n(vs.len()))
+        }
+        _ => return None,
+    })
+}
+
 fn serve(u: &mut Unit, req: &Request<'_>) -> Result<Response, ExceptionCode> {
     use Kind::*;
+    if let Some((kind, address, count)) = write_target(req) {
+        let last = u32::from(address) + u32::from(count.max(1)) - 1;
+        let rejected = u.reject_writes.iter().any(|(k, r)| {
+            *k == kind && u32::from(*r.start()) <= last && u32::from(*r.end()) >= u32::from(address)
+        });
+        if rejected {
+            return Err(ExceptionCode::IllegalDataValue);
+        }
+    }
     match req {
         Request::ReadCoils(a, q) => {
             check(u, Coil, *a, *q, 2000)?;

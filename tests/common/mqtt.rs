@@ -132,6 +132,8 @@ impl MqttProbe {
             }));
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        // Nagle off, as in the gateway: latency measurements must not include delayed ACKs.
+        eventloop.network_options.set_tcp_nodelay(true);
         let (tx, rx) = mpsc::unbounded_channel();
         let (status_tx, mut status) = mpsc::unbounded_channel();
         let sub_client = client.clone();

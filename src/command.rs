@@ -1,0 +1,851 @@
+//! Commands: MQTT command topics become validated device writes, with a result for every one.
+//!
+//! This module is the pure part (no runtime): topic filters, payload parsing, expiry, the
+//! value → function-code plan, the per-point rate limiter and id memory, and the result JSON.
+//! [`router`] is the thin async part that owns that state and talks to the bus tasks.
+//!
+//! # Path of one command
+//! 1. The link forwards a publish received on a subscribed filter ([`subscriptions`]): every
+//!    writable point's command topic, plus the default-template wildcard
+//!    `{prefix}/+/+/set`, so that a command for an unknown or read-only point still gets a
+//!    result (configuration refuses any published topic that the wildcard would match).
+//! 2. Refusals, each with a result and no bus traffic, in this order: payload larger than
+//!    [`MAX_PAYLOAD`] (`too_large`); unknown topic or point (`unknown_point`); point not
+//!    writable (`not_writable`); payload not understood (`bad_payload`); an `id` already seen
+//!    for this point (the remembered result is published again with `"duplicate": true`);
+//!    expired (`expired`, or `missing_timestamp` when the point has `max_age` and the command
+//!    carries neither `ts` nor `expires`); value refused by the schema (`wrong_type`,
+//!    `out_of_range`, `unknown_label`, `not_representable`); rate limit (`rate_limited`).
+//! 3. The plan ([`plan`]) goes to the bus's command executor, which runs it through the bus
+//!    task's request queue (served ahead of polls): FC5/FC15 for coils, FC6/FC16 for registers,
+//!    and for a bit of a register FC22 or read (FC3) + write.
+//! 4. Optional read-back; the result is published (QoS 1, not retained) and the new value at
+//!    once on the point's topic.
+//!
+//! # MQTT 3.1.1 limits
+//! rumqttc 0.25's async client speaks MQTT 3.1.1: there is no message expiry, no response
+//! topic and no correlation data, and a publish carries no send time. So expiry comes from the
+//! payload only: `expires` (RFC 3339), or `ts` (RFC 3339 send time) checked against the point's
+//! `max_age`. A point with `max_age` refuses commands that carry neither.
+
+pub mod router;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value as Json};
+
+use crate::codec::{self, CodecError, Raw};
+use crate::modbus::Write;
+use crate::model::{BitWrite, Config, DataType, Point, PointCommand, RegisterKind, Value};
+use crate::publish;
+
+/// Largest command payload accepted, bytes.
+pub const MAX_PAYLOAD: usize = 4096;
+/// Command ids remembered per point (with their result) to execute a redelivery once.
+pub const REMEMBERED_IDS: usize = 32;
+/// Commands waiting between the link and the router.
+pub const QUEUE: usize = 256;
+
+/// The filter derived from the default command template: `{prefix}/+/+/set`.
+pub fn wildcard_filter(prefix: &str) -> String {
+    format!("{prefix}/+/+/set")
+}
+
+/// Whether `topic` matches the subscription `filter` (MQTT 3.1.1 §4.7: `+` one level, `#`
+/// the rest; topics starting with `$` match no wildcard at the first level).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Filters the gateway subscribes to: the wildcard, plus each writable point's command topic
+/// that the wildcard does not already cover (overlapping subscriptions may deliver a message
+/// twice, MQTT 3.1.1 §3.3.5).
+pub fn subscriptions(config: &Config) -> Vec<String> {
+    let wildcard = wildcard_filter(&config.gateway.prefix);
+    let mut out = vec![wildcard.clone()];
+    for d in &config.devices {
+        for (p, c) in d.points.iter().zip(&d.commands) {
+            if p.writable
+                && !c.topic.is_empty()
+                && !topic_matches(&wildcard, &c.topic)
+                && !out.contains(&c.topic)
+            {
+                out.push(c.topic.clone());
+            }
+        }
+    }
+    out
+}
+
+/// `(device, point)` of a topic of the default form `{prefix}/{device}/{point}/set`.
+pub fn parse_default_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
+    let rest = rest.strip_suffix("/set")?;
+    let (device, point) = rest.split_once('/')?;
+    (!point.contains('/')).then_some((device, point))
+}
+
+/// Why a command was not executed, or failed: `reason` is machine-readable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub reason: String,
+    pub error: String,
+}
+
+impl Refusal {
+    pub fn new(reason: impl Into<String>, error: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            error: error.into(),
+        }
+    }
+}
+
+/// A parsed command payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub value: Value,
+    pub id: Option<String>,
+    pub expires: Option<SystemTime>,
+    /// When the sender says it sent the command (for `max_age`).
+    pub ts: Option<SystemTime>,
+}
+
+fn bad(error: impl Into<String>) -> Refusal {
+    Refusal::new("bad_payload", error)
+}
+
+/// Parses a payload: a bare value (`21.5`, `true`, `"AUTO"`, or unquoted text such as `AUTO`)
+/// or a JSON object `{"value": .., "id": .., "expires": .., "ts": ..}` (no other keys).
+pub fn parse_payload(payload: &[u8]) -> Result<Command, Refusal> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Refusal::new(
+            "too_large",
+            format!("payload of {} bytes exceeds {MAX_PAYLOAD}", payload.len()),
+        ));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| bad("payload is not UTF-8"))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(bad("payload is empty"));
+    }
+    let json: Json = match serde_json::from_str(text) {
+        Ok(j) => j,
+        // JSON that is broken, not plain text that happens not to be JSON.
+        Err(e) if text.starts_with(['{', '[', '"']) => {
+            return Err(bad(format!("malformed JSON: {e}")))
+        }
+        Err(_) => {
+            return Ok(Command {
+                value: Value::Text(text.to_string()),
+                id: None,
+                expires: None,
+                ts: None,
+            })
+        }
+    };
+    let Json::Object(map) = json else {
+        let value =
+            json_value(&json).ok_or_else(|| bad("the value must be a number, bool or string"))?;
+        return Ok(Command {
+            value,
+            id: None,
+            expires: None,
+            ts: None,
+        });
+    };
+    let mut cmd = Command {
+        value: Value::Bool(false),
+        id: None,
+        expires: None,
+        ts: None,
+    };
+    let mut have_value = false;
+    for (k, v) in &map {
+        match k.as_str() {
+            "value" => {
+                cmd.value =
+                    json_value(v).ok_or_else(|| bad("`value` must be a number, bool or string"))?;
+                have_value = true;
+            }
+            "id" => {
+                cmd.id = match v {
+                    Json::String(s) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
+                    Json::Number(n) => Some(n.to_string()),
+                    Json::Null => None,
+                    _ => return Err(bad("`id` must be a string (1 to 256 bytes) or a number")),
+                }
+            }
+            "expires" | "ts" => {
+                let t = v.as_str().and_then(parse_time).ok_or_else(|| {
+                    bad(format!(
+                        "`{k}` must be an RFC 3339 time, e.g. 2026-01-01T12:00:00Z"
+                    ))
+                })?;
+                if k == "ts" {
+                    cmd.ts = Some(t);
+                } else {
+                    cmd.expires = Some(t);
+                }
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown key `{other}` (keys: value, id, expires, ts)"
+                )))
+            }
+        }
+    }
+    if !have_value {
+        return Err(bad("the JSON object has no `value`"));
+    }
+    Ok(cmd)
+}
+
+fn json_value(j: &Json) -> Option<Value> {
+    Some(match j {
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::UInt(u)
+            } else {
+                Value::Float(n.as_f64()?)
+            }
+        }
+        Json::String(s) => Value::Text(s.clone()),
+        _ => return None,
+    })
+}
+
+/// RFC 3339 with `Z` or a numeric offset (`+02:00`), fractions optional.
+pub fn parse_time(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    if let Some(base) = s.strip_suffix(['Z', 'z']) {
+        return humantime::parse_rfc3339_weak(base).ok();
+    }
+    if s.len() < 6 || !s.is_char_boundary(s.len() - 6) {
+        return None;
+    }
+    let (base, off) = s.split_at(s.len() - 6);
+    let b = off.as_bytes();
+    if !matches!(b[0], b'+' | b'-') || b[3] != b':' {
+        return None;
+    }
+    let hours: u64 = off[1..3].parse().ok()?;
+    let minutes: u64 = off[4..6].parse().ok()?;
+    let shift = Duration::from_secs(hours * 3600 + minutes * 60);
+    let local = humantime::parse_rfc3339_weak(base).ok()?;
+    // Local time = UTC + offset.
+    if b[0] == b'+' {
+        local.checked_sub(shift)
+    } else {
+        local.checked_add(shift)
+    }
+}
+
+/// Refuses a command past its `expires`, or older than `max_age` by its `ts`.
+pub fn check_expiry(
+    cmd: &Command,
+    max_age: Option<Duration>,
+    now: SystemTime,
+) -> Result<(), Refusal> {
+    if let Some(expires) = cmd.expires {
+        if now > expires {
+            return Err(Refusal::new(
+                "expired",
+                format!(
+                    "expired {} ago",
+                    fmt_ms(now.duration_since(expires).unwrap_or_default())
+                ),
+            ));
+        }
+    }
+    if let Some(max_age) = max_age {
+        match cmd.ts {
+            Some(ts) => {
+                // A sender clock ahead of ours gives a negative age: not expired.
+                let age = now.duration_since(ts).unwrap_or_default();
+                if age > max_age {
+                    return Err(Refusal::new(
+                        "expired",
+                        format!("sent {} ago, max_age is {}", fmt_ms(age), fmt_ms(max_age)),
+                    ));
+                }
+            }
+            None if cmd.expires.is_some() => {}
+            None => {
+                return Err(Refusal::new(
+                    "missing_timestamp",
+                    "this point has max_age: send JSON with `ts` (send time) or `expires`",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fmt_ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// The bus operation(s) of one command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// One write request.
+    Write(Write),
+    /// Read the holding register, set or clear the bit, write it back.
+    SetBit {
+        address: u16,
+        bit: u8,
+        on: bool,
+        multiple: bool,
+    },
+}
+
+/// A validated command, ready for the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub step: Step,
+    /// The raw value written (after rounding).
+    pub raw: Raw,
+}
+
+fn refusal_of(e: &CodecError) -> Refusal {
+    let reason = match e {
+        CodecError::OutOfRange { .. } | CodecError::OutOfBounds { .. } => "out_of_range",
+        CodecError::UnknownLabel(_) => "unknown_label",
+        CodecError::TypeMismatch(_) | CodecError::NotANumber | CodecError::NotAscii(_) => {
+            "wrong_type"
+        }
+        CodecError::WrongLength { .. } | CodecError::NeedsReadModifyWrite => "internal",
+    };
+    Refusal::new(reason, e.to_string())
+}
+
+/// Validates `value` against `point` and encodes it into the bus operation to run.
+///
+/// Bool points (coils, bits) also take 0 and 1. An integer point refuses a value that is
+/// not a whole number of its resolution (21.55 with scale 0.1), instead of rounding it.
+pub fn plan(point: &Point, cmd: &PointCommand, value: &Value) -> Result<Plan, Refusal> {
+    if !point.writable {
+        return Err(Refusal::new("not_writable", "the point is not writable"));
+    }
+    let is_bool = matches!(point.data_type, DataType::Bool | DataType::Bit(_));
+    let value = match (is_bool, value) {
+        (true, Value::Int(0) | Value::UInt(0)) => Value::Bool(false),
+        (true, Value::Int(1) | Value::UInt(1)) => Value::Bool(true),
+        _ => value.clone(),
+    };
+    let raw = codec::from_value(point, &value).map_err(|e| refusal_of(&e))?;
+    let integer = matches!(
+        point.data_type,
+        DataType::U16
+            | DataType::I16
+            | DataType::U32
+            | DataType::I32
+            | DataType::U64
+            | DataType::I64
+    );
+    if let (true, Value::Float(f)) = (integer, &value) {
+        let exact = (f - point.offset) / point.scale;
+        if (exact - exact.round()).abs() > 1e-9 * exact.abs().max(1.0) {
+            return Err(Refusal::new(
+                "not_representable",
+                format!(
+                    "{f} is not a whole step of the point (raw = (value - offset) / scale = {exact})"
+                ),
+            ));
+        }
+    }
+    let a = point.address;
+    let step = match (point.kind, point.data_type, &raw) {
+        (RegisterKind::Coil, _, Raw::Bool(b)) if cmd.write_multiple => {
+            Step::Write(Write::MultipleCoils(a, vec![*b]))
+        }
+        (RegisterKind::Coil, _, Raw::Bool(b)) => Step::Write(Write::SingleCoil(a, *b)),
+        (RegisterKind::Holding, DataType::Bit(bit), Raw::Bool(on)) => match cmd.bit_write {
+            BitWrite::Mask => {
+                let mask = 1u16 << bit;
+                Step::Write(Write::MaskWrite(a, !mask, if *on { mask } else { 0 }))
+            }
+            BitWrite::ReadModifyWrite => Step::SetBit {
+                address: a,
+                bit,
+                on: *on,
+                multiple: cmd.write_multiple,
+            },
+        },
+        (RegisterKind::Holding, dt, raw) => {
+            let regs = codec::encode(dt, point.order, raw).map_err(|e| refusal_of(&e))?;
+            if regs.len() == 1 && !cmd.write_multiple {
+                Step::Write(Write::SingleRegister(a, regs[0]))
+            } else {
+                Step::Write(Write::MultipleRegisters(a, regs))
+            }
+        }
+        _ => {
+            return Err(Refusal::new(
+                "not_writable",
+                "only coils and holding registers can be written",
+            ))
+        }
+    };
+    Ok(Plan { step, raw })
+}
+
+/// The write of a read-modify-write, from the register as read.
+pub fn set_bit_write(address: u16, reg: u16, bit: u8, on: bool, multiple: bool) -> Write {
+    let new = codec::set_bit(reg, bit, on);
+    if multiple {
+        Write::MultipleRegisters(address, vec![new])
+    } else {
+        Write::SingleRegister(address, new)
+    }
+}
+
+/// A point's value as JSON, with its label when it has one (as the publisher shows it).
+pub fn value_json(point: &Point, raw: &Raw) -> (Json, Option<Json>) {
+    let v = publish::value_json(&codec::to_value(point, raw));
+    match codec::label(point, raw) {
+        Some(l) => (Json::String(l.to_string()), Some(v)),
+        None => (v, None),
+    }
+}
+
+/// Result of an executed command.
+pub fn ok_result(
+    device: &str,
+    point: &Point,
+    id: Option<&str>,
+    raw: &Raw,
+    written_at: SystemTime,
+    read_back: bool,
+) -> Map<String, Json> {
+    let mut m = Map::new();
+    m.insert(
+        "id".into(),
+        id.map_or(Json::Null, |i| Json::String(i.into())),
+    );
+    m.insert("ok".into(), Json::Bool(true));
+    let (value, raw_json) = value_json(point, raw);
+    m.insert("value".into(), value);
+    if let Some(r) = raw_json {
+        m.insert("raw".into(), r);
+    }
+    m.insert("read_back".into(), Json::Bool(read_back));
+    m.insert(
+        "written_at".into(),
+        Json::String(publish::rfc3339_millis(written_at)),
+    );
+    m.insert("device".into(), Json::String(device.into()));
+    m.insert("point".into(), Json::String(point.name.clone()));
+    m
+}
+
+/// Result of a refused or failed command.
+pub fn err_result(
+    device: Option<&str>,
+    point: Option<&str>,
+    id: Option<&str>,
+    r: &Refusal,
+) -> Map<String, Json> {
+    let mut m = Map::new();
+    m.insert(
+        "id".into(),
+        id.map_or(Json::Null, |i| Json::String(i.into())),
+    );
+    m.insert("ok".into(), Json::Bool(false));
+    m.insert("error".into(), Json::String(r.error.clone()));
+    m.insert("reason".into(), Json::String(r.reason.clone()));
+    if let Some(d) = device {
+        m.insert("device".into(), Json::String(d.into()));
+    }
+    if let Some(p) = point {
+        m.insert("point".into(), Json::String(p.into()));
+    }
+    m
+}
+
+/// Token bucket: `count` commands, refilled at `count` per `per`.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    capacity: f64,
+    per_token: Duration,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(rate: crate::model::Rate, now: Instant) -> Self {
+        RateLimiter {
+            capacity: f64::from(rate.count),
+            per_token: rate.per / rate.count.max(1),
+            tokens: f64::from(rate.count),
+            last: now,
+        }
+    }
+
+    /// Takes a token if one is left.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        self.last = now;
+        self.tokens = (self.tokens
+            + elapsed.as_secs_f64() / self.per_token.as_secs_f64().max(1e-9))
+        .min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What happened to a command id of one point.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    /// Still executing; `extra` deliveries are waiting for the result.
+    Pending {
+        extra: u32,
+    },
+    Done(Map<String, Json>),
+}
+
+/// The last [`REMEMBERED_IDS`] ids of one point with their outcome.
+#[derive(Debug, Default, Clone)]
+pub struct RecentIds {
+    entries: VecDeque<(String, Seen)>,
+}
+
+impl RecentIds {
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Seen> {
+        self.entries
+            .iter_mut()
+            .find(|(i, _)| i == id)
+            .map(|(_, s)| s)
+    }
+
+    /// Records `id` (new, or updates it); the oldest id is forgotten beyond the cap.
+    pub fn put(&mut self, id: &str, seen: Seen) {
+        if let Some(s) = self.get_mut(id) {
+            *s = seen;
+            return;
+        }
+        if self.entries.len() >= REMEMBERED_IDS {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((id.to_string(), seen));
+    }
+}
+
+/// `payload` shortened for a log line.
+pub fn log_text(payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(payload);
+    let mut t: String = text.chars().take(80).collect();
+    if text.chars().count() > 80 {
+        t.push('…');
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{PayloadFormat, PublishPolicy, Qos, Rate, WordOrder};
+    use std::collections::BTreeMap;
+
+    fn point(kind: RegisterKind, data_type: DataType) -> Point {
+        Point {
+            name: "p".into(),
+            kind,
+            address: 10,
+            data_type,
+            order: WordOrder::Abcd,
+            scale: 1.0,
+            offset: 0.0,
+            unit: None,
+            labels: BTreeMap::new(),
+            group: 0,
+            topic: "t/d/p".into(),
+            payload: PayloadFormat::Json,
+            publish: PublishPolicy::EveryPoll,
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            writable: true,
+            min: None,
+            max: None,
+        }
+    }
+
+    fn settings() -> PointCommand {
+        PointCommand {
+            topic: "t/d/p/set".into(),
+            result_topic: "t/d/p/set/result".into(),
+            write_multiple: false,
+            bit_write: BitWrite::ReadModifyWrite,
+            read_back: false,
+            max_age: None,
+            rate: None,
+        }
+    }
+
+    fn step(p: &Point, c: &PointCommand, v: Value) -> Result<Step, String> {
+        plan(p, c, &v).map(|p| p.step).map_err(|r| r.reason)
+    }
+
+    #[test]
+    fn filters_match_like_mqtt() {
+        assert!(topic_matches("t/+/+/set", "t/d/p/set"));
+        assert!(!topic_matches("t/+/+/set", "t/d/p/set/result"));
+        assert!(!topic_matches("t/+/+/set", "t/d/set"));
+        assert!(topic_matches("t/#", "t/a/b"));
+        assert!(!topic_matches("+/x", "$SYS/x"));
+        assert_eq!(parse_default_topic("a/b", "a/b/d/p/set"), Some(("d", "p")));
+        assert_eq!(parse_default_topic("a/b", "a/b/d/p/q/set"), None);
+    }
+
+    #[test]
+    fn payloads_are_bare_values_or_json_objects() {
+        assert_eq!(parse_payload(b"21.5").unwrap().value, Value::Float(21.5));
+        assert_eq!(parse_payload(b" true ").unwrap().value, Value::Bool(true));
+        assert_eq!(
+            parse_payload(b"\"AUTO\"").unwrap().value,
+            Value::Text("AUTO".into())
+        );
+        assert_eq!(
+            parse_payload(b"AUTO").unwrap().value,
+            Value::Text("AUTO".into())
+        );
+        let c = parse_payload(br#"{"value": 7, "id": "a1", "expires": "2030-01-01T00:00:00Z"}"#)
+            .unwrap();
+        assert_eq!(c.value, Value::Int(7));
+        assert_eq!(c.id.as_deref(), Some("a1"));
+        assert!(c.expires.is_some());
+        assert_eq!(
+            parse_payload(br#"{"id": 5, "value": 1}"#)
+                .unwrap()
+                .id
+                .as_deref(),
+            Some("5")
+        );
+        for bad_one in [
+            &br#"{"value": 1"#[..],
+            br#"{"velue": 1}"#,
+            br#"{"id": "x"}"#,
+            br#"{"value": [1]}"#,
+            br#"{"value": 1, "expires": "tomorrow"}"#,
+            b"",
+            b"\xff\xfe",
+            b"[1,2]",
+        ] {
+            assert_eq!(
+                parse_payload(bad_one).unwrap_err().reason,
+                "bad_payload",
+                "{:?}",
+                String::from_utf8_lossy(bad_one)
+            );
+        }
+        assert_eq!(
+            parse_payload(&vec![b'1'; MAX_PAYLOAD + 1])
+                .unwrap_err()
+                .reason,
+            "too_large"
+        );
+    }
+
+    #[test]
+    fn times_take_z_or_an_offset() {
+        let z = parse_time("2026-01-01T12:00:00Z").unwrap();
+        assert_eq!(parse_time("2026-01-01T14:00:00+02:00"), Some(z));
+        assert_eq!(parse_time("2026-01-01T11:30:00.000-00:30"), Some(z));
+        assert_eq!(parse_time("2026-01-01 12:00"), None);
+    }
+
+    #[test]
+    fn expiry_uses_expires_or_ts_with_max_age() {
+        let now = parse_time("2026-01-01T12:00:00Z").unwrap();
+        let mut c = parse_payload(br#"{"value": 1, "expires": "2026-01-01T11:59:59Z"}"#).unwrap();
+        assert_eq!(check_expiry(&c, None, now).unwrap_err().reason, "expired");
+        c.expires = parse_time("2026-01-01T12:00:01Z");
+        assert!(check_expiry(&c, None, now).is_ok());
+        let age = Some(Duration::from_secs(10));
+        let mut t = parse_payload(br#"{"value": 1, "ts": "2026-01-01T11:59:55Z"}"#).unwrap();
+        assert!(check_expiry(&t, age, now).is_ok());
+        t.ts = parse_time("2026-01-01T11:59:00Z");
+        assert_eq!(check_expiry(&t, age, now).unwrap_err().reason, "expired");
+        let bare = parse_payload(b"1").unwrap();
+        assert!(check_expiry(&bare, None, now).is_ok());
+        assert_eq!(
+            check_expiry(&bare, age, now).unwrap_err().reason,
+            "missing_timestamp"
+        );
+    }
+
+    #[test]
+    fn registers_take_fc6_or_fc16_in_the_point_order() {
+        let c = settings();
+        let p = point(RegisterKind::Holding, DataType::U16);
+        assert_eq!(
+            step(&p, &c, Value::Int(1234)),
+            Ok(Step::Write(Write::SingleRegister(10, 1234)))
+        );
+        let forced = PointCommand {
+            write_multiple: true,
+            ..settings()
+        };
+        assert_eq!(
+            step(&p, &forced, Value::Int(1234)),
+            Ok(Step::Write(Write::MultipleRegisters(10, vec![1234])))
+        );
+        let mut f = point(RegisterKind::Holding, DataType::F32);
+        f.order = WordOrder::Cdab;
+        assert_eq!(
+            step(&f, &c, Value::Float(230.1)),
+            Ok(Step::Write(Write::MultipleRegisters(
+                10,
+                vec![0x199A, 0x4366]
+            )))
+        );
+        let i = point(RegisterKind::Holding, DataType::I16);
+        assert_eq!(
+            step(&i, &c, Value::Int(-2)),
+            Ok(Step::Write(Write::SingleRegister(10, 0xFFFE)))
+        );
+    }
+
+    #[test]
+    fn coils_and_bits_take_bools_or_zero_and_one() {
+        let c = settings();
+        let coil = point(RegisterKind::Coil, DataType::Bool);
+        assert_eq!(
+            step(&coil, &c, Value::Int(1)),
+            Ok(Step::Write(Write::SingleCoil(10, true)))
+        );
+        assert_eq!(step(&coil, &c, Value::Int(2)), Err("wrong_type".into()));
+        let fc15 = PointCommand {
+            write_multiple: true,
+            ..settings()
+        };
+        assert_eq!(
+            step(&coil, &fc15, Value::Bool(false)),
+            Ok(Step::Write(Write::MultipleCoils(10, vec![false])))
+        );
+        let bit = point(RegisterKind::Holding, DataType::Bit(3));
+        assert_eq!(
+            step(&bit, &c, Value::Bool(true)),
+            Ok(Step::SetBit {
+                address: 10,
+                bit: 3,
+                on: true,
+                multiple: false
+            })
+        );
+        let mask = PointCommand {
+            bit_write: BitWrite::Mask,
+            ..settings()
+        };
+        assert_eq!(
+            step(&bit, &mask, Value::Bool(false)),
+            Ok(Step::Write(Write::MaskWrite(10, !0x0008, 0)))
+        );
+        assert_eq!(
+            set_bit_write(10, 0b0001, 3, true, false),
+            Write::SingleRegister(10, 0b1001)
+        );
+    }
+
+    #[test]
+    fn values_outside_the_schema_are_refused_with_a_reason() {
+        let c = settings();
+        let mut p = point(RegisterKind::Holding, DataType::U16);
+        p.scale = 0.1;
+        p.min = Some(0.0);
+        p.max = Some(100.0);
+        assert_eq!(
+            step(&p, &c, Value::Float(21.5)),
+            Ok(Step::Write(Write::SingleRegister(10, 215)))
+        );
+        assert_eq!(
+            step(&p, &c, Value::Float(100.1)),
+            Err("out_of_range".into())
+        );
+        assert_eq!(
+            step(&p, &c, Value::Float(21.55)),
+            Err("not_representable".into())
+        );
+        assert_eq!(step(&p, &c, Value::Bool(true)), Err("wrong_type".into()));
+        assert_eq!(
+            step(&p, &c, Value::Text("AUTO".into())),
+            Err("unknown_label".into())
+        );
+        let u = point(RegisterKind::Holding, DataType::U16);
+        assert_eq!(step(&u, &c, Value::Int(70_000)), Err("out_of_range".into()));
+        assert_eq!(step(&u, &c, Value::Int(-1)), Err("out_of_range".into()));
+        let mut l = point(RegisterKind::Holding, DataType::U16);
+        l.labels.insert(2, "AUTO".into());
+        assert_eq!(
+            step(&l, &c, Value::Text("AUTO".into())),
+            Ok(Step::Write(Write::SingleRegister(10, 2)))
+        );
+        let s = point(RegisterKind::Holding, DataType::Ascii(2));
+        assert_eq!(
+            step(&s, &c, Value::Text("ABC".into())),
+            Ok(Step::Write(Write::MultipleRegisters(
+                10,
+                vec![0x4142, 0x4300]
+            )))
+        );
+        assert_eq!(
+            step(&s, &c, Value::Text("ABCDE".into())),
+            Err("out_of_range".into())
+        );
+        assert_eq!(step(&s, &c, Value::Int(1)), Err("wrong_type".into()));
+        let mut ro = point(RegisterKind::Holding, DataType::U16);
+        ro.writable = false;
+        assert_eq!(step(&ro, &c, Value::Int(1)), Err("not_writable".into()));
+    }
+
+    #[test]
+    fn the_rate_limiter_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(
+            Rate {
+                count: 2,
+                per: Duration::from_secs(1),
+            },
+            t0,
+        );
+        assert!(r.allow(t0));
+        assert!(r.allow(t0));
+        assert!(!r.allow(t0));
+        assert!(!r.allow(t0 + Duration::from_millis(400)));
+        assert!(r.allow(t0 + Duration::from_millis(600)));
+    }
+
+    #[test]
+    fn ids_are_remembered_up_to_the_cap() {
+        let mut ids = RecentIds::default();
+        for i in 0..=REMEMBERED_IDS {
+            ids.put(&i.to_string(), Seen::Pending { extra: 0 });
+        }
+        assert!(ids.get_mut("0").is_none());
+        assert!(ids.get_mut("1").is_some());
+        ids.put("1", Seen::Done(Map::new()));
+        assert_eq!(ids.get_mut("1"), Some(&mut Seen::Done(Map::new())));
+    }
+}
