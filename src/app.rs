@@ -28,8 +28,16 @@ pub struct RunReport {
 /// Runs the gateway until `cancel` fires. Errors only for setup failures (TLS files).
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<RunReport> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let settings = LinkSettings::from_config(&config.mqtt);
-    let link = link::spawn(&config.mqtt, settings, None, 1024)?;
+    let mut settings = LinkSettings::from_config(&config.mqtt);
+    // ---- commands (1/2): subscriptions and the channel from the link to the router ----
+    settings.subscriptions = crate::command::subscriptions(&config);
+    let (commands_tx, commands_rx) = mpsc::channel(crate::command::QUEUE);
+    let settings = settings.with_store(&config.store);
+    let outbox = open_store(&config.store);
+    let store_stats = outbox.as_ref().map(|o| o.store.stats.clone());
+    let link = link::spawn(&config.mqtt, settings, outbox, Some(commands_tx), 1024)?;
+    let command_link = link.sender.clone();
+    // ---- end commands (1/2) ----
     tracing::info!(
         gateway = %config.gateway.id,
         broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
@@ -41,6 +49,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<Ru
     let (events_tx, events_rx) = mpsc::channel::<BusEvent>(256);
     let config = Arc::new(config);
     let publisher = tokio::spawn(publisher(config.clone(), events_rx, link.sender.clone()));
+    // Stops on `cancel`, releasing its sender like the publisher does.
+    let stats_sender = link.sender.clone();
     drop(link.sender);
 
     let tracker = TaskTracker::new();
@@ -66,7 +76,29 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<Ru
         ));
     }
     drop(events_tx);
+    // ---- commands (2/2): the router; it stops on `cancel`, dropping its link sender ----
+    crate::command::router::spawn(
+        config.clone(),
+        &buses,
+        commands_rx,
+        command_link,
+        cancel.clone(),
+    );
+    // ---- end commands (2/2) ----
+    if let Some(every) = config.gateway.stats_interval {
+        tokio::spawn(publish_stats(
+            config.clone(),
+            every,
+            buses.iter().map(|b| b.stats.clone()).collect(),
+            link.stats.clone(),
+            store_stats,
+            stats_sender,
+            cancel.clone(),
+        ));
+    }
     tracker.close();
+    // ---- systemd: READY=1 now, STATUS= and WATCHDOG=1 while tasks progress, STOPPING=1 ----
+    crate::health::spawn(&config, &buses, link.stats.clone(), cancel.clone());
 
     cancel.cancelled().await;
     tracing::info!("shutting down: stopping polls");
@@ -95,6 +127,99 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<Ru
         "link summary"
     );
     Ok(RunReport { link: report })
+}
+
+/// Publishes `{prefix}/status/stats` every `every` while the broker is connected (never into
+/// the store: statistics of an outage are of no use after it).
+async fn publish_stats(
+    config: Arc<Config>,
+    every: Duration,
+    buses: Vec<Arc<modbus::BusStats>>,
+    link_stats: Arc<link::LinkStats>,
+    store: Option<Arc<crate::store::StoreStats>>,
+    sender: mpsc::Sender<OutMessage>,
+    cancel: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let topic = format!("{}/status/stats", config.gateway.prefix);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_delivered = link_stats.delivered.load(Relaxed);
+    let mut last_at = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let delivered = link_stats.delivered.load(Relaxed);
+        let rate = (delivered - last_delivered) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
+        last_delivered = delivered;
+        last_at = Instant::now();
+        if link_stats.connected.load(Relaxed) == 0 {
+            continue;
+        }
+        let online: u64 = buses.iter().map(|b| b.devices_online.load(Relaxed)).sum();
+        let (stored, stored_bytes, oldest, store_dropped) =
+            store.as_ref().map_or((0, 0, 0, 0), |s| {
+                (
+                    s.backlog.load(Relaxed),
+                    s.backlog_bytes.load(Relaxed),
+                    s.oldest_created.load(Relaxed),
+                    s.dropped.load(Relaxed),
+                )
+            });
+        let oldest_age_s = if stored > 0 && oldest > 0 {
+            (crate::store::now_ms() - oldest).max(0) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        let body = serde_json::json!({
+            "ts": publish::rfc3339_millis(std::time::SystemTime::now()),
+            "devices": config.devices.len(),
+            "devices_online": online,
+            "backlog": link_stats.backlog.load(Relaxed),
+            "store_messages": stored,
+            "store_bytes": stored_bytes,
+            "oldest_age_s": oldest_age_s,
+            "dropped": link_stats.dropped.load(Relaxed) + store_dropped,
+            "delivered": delivered,
+            "delivery_rate": (rate * 10.0).round() / 10.0,
+            "polls": buses.iter().map(|b| b.polls.load(Relaxed)).sum::<u64>(),
+            "failed_polls": buses.iter().map(|b| b.failed_polls.load(Relaxed)).sum::<u64>(),
+        });
+        let msg = OutMessage {
+            topic: topic.clone(),
+            payload: body.to_string().into_bytes(),
+            qos: Qos::AtMostOnce,
+            retain: true,
+            created: Instant::now(),
+        };
+        if sender.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Opens the outbox; without one the gateway still runs, on its memory queue, loudly.
+fn open_store(config: &crate::model::Store) -> Option<link::Outbox> {
+    let path = config.path.as_ref()?;
+    match crate::store::open(config, path) {
+        Ok((store, events)) => {
+            tracing::info!(
+                store = %path.display(),
+                backlog = store.stats.backlog.load(std::sync::atomic::Ordering::Relaxed),
+                "store opened"
+            );
+            Some(link::Outbox { store, events })
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "cannot open the store: running WITHOUT store-and-forward (memory queue only); fix store.path or its permissions"
+            );
+            None
+        }
+    }
 }
 
 /// Turns bus events into MQTT messages: scaling, labels, change filters, payloads.

@@ -35,9 +35,18 @@ enum Command {
     Run {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Log to the systemd journal with structured fields (automatic when stderr is the
+        /// journal, as under systemd).
+        #[arg(long)]
+        journald: bool,
     },
     /// Validate the configuration; print devices, read blocks, topics and bus time per cycle.
     Check {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Print the store-and-forward backlog (works while the gateway runs).
+    Status {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -61,9 +70,10 @@ pub fn main() -> i32 {
         }
     };
     let path = match &cli.command {
-        Command::Run { config } | Command::Check { config } | Command::Read { config, .. } => {
-            config.clone()
-        }
+        Command::Run { config, .. }
+        | Command::Check { config }
+        | Command::Status { config }
+        | Command::Read { config, .. } => config.clone(),
     };
     let config = match config::load(&path) {
         Ok(c) => c,
@@ -77,29 +87,16 @@ pub fn main() -> i32 {
             print!("{}", check_report(&path, &config));
             EXIT_OK
         }
-        Command::Run { .. } => {
-            init_logging(&config.gateway.log_level);
+        Command::Run { journald, .. } => {
+            crate::logging::init(&config.gateway.log_level, crate::logging::choose(journald));
             run(config)
         }
+        Command::Status { .. } => status(&config),
         Command::Read { device, point, .. } => {
-            init_logging("warn");
+            crate::logging::init("warn", crate::logging::Sink::Terminal);
             read(&config, &device, point.as_deref())
         }
     }
-}
-
-fn init_logging(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .compact()
-        .try_init();
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -409,5 +406,42 @@ async fn read_points(conn: &mut Connection, device: &Device, selected: &[usize])
         EXIT_RUNTIME
     } else {
         EXIT_OK
+    }
+}
+
+/// `status`: the store's backlog, read from the file (a running gateway is not disturbed).
+fn status(config: &Config) -> i32 {
+    let Some(path) = &config.store.path else {
+        println!("store: none (store.path: none); messages are kept in memory only");
+        return EXIT_OK;
+    };
+    if !path.exists() {
+        println!(
+            "store: {} (not created yet)\nbacklog: 0 messages",
+            path.display()
+        );
+        return EXIT_OK;
+    }
+    match crate::store::inspect(path) {
+        Ok((messages, bytes, oldest)) => {
+            println!("store: {}", path.display());
+            println!(
+                "backlog: {messages} messages, {:.1} KiB of {:.1} MiB cap",
+                bytes as f64 / 1024.0,
+                config.store.max_bytes as f64 / (1024.0 * 1024.0)
+            );
+            if let Some(created) = oldest {
+                let age_ms = crate::store::now_ms().saturating_sub(created).max(0) as u64;
+                println!(
+                    "oldest: {} ago",
+                    humantime::format_duration(Duration::from_secs(age_ms / 1000))
+                );
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("cannot read the store: {e}");
+            EXIT_RUNTIME
+        }
     }
 }

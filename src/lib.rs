@@ -11,15 +11,27 @@
 //!   frame gap, reconnect back-off, device scheduling and write priority.
 //! - [`link`]: the MQTT link task: owns the rumqttc event loop, tracks every message until
 //!   its PUBACK, re-sends after reconnect, bounded queue with a declared policy.
+//! - [`store`]: the SQLite outbox (one owner thread): spill, drain, cap, crash safety.
+//! - [`command`]: MQTT command topics → validated writes through the bus queue, a result for
+//!   every command (pure validation and encoding; the router task in `command::router`).
 //! - [`app`]: wires buses, publisher and link together; ordered shutdown.
 //! - [`cli`]: `run`, `check`, `read` sub-commands.
+//! - [`logging`]: journal (structured fields) under systemd, compact format on a terminal.
+//! - [`notify`]: the sd_notify protocol (READY, STATUS, WATCHDOG, STOPPING) over `NOTIFY_SOCKET`.
+//! - [`health`]: task heartbeats, the watchdog decision and the status line; the supervisor
+//!   task that sends them.
 
 pub mod app;
 pub mod cli;
 pub mod codec;
+pub mod command;
 pub mod config;
+pub mod health;
 pub mod link;
+pub mod logging;
 pub mod modbus;
 pub mod model;
+pub mod notify;
 pub mod plan;
 pub mod publish;
+pub mod store;

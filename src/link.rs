@@ -44,10 +44,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Mqtt, MqttTransport, Qos};
+use crate::model::{Durability, Mqtt, MqttTransport, Qos};
+use crate::store::{NewMessage, StoreEvent, StoreHandle, StoreRequest, StoredMessage};
 
 /// A message for the broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +83,10 @@ pub struct LinkStats {
     pub delivered: AtomicU64,
     pub dropped: AtomicU64,
     pub resent: AtomicU64,
+    /// Messages held (queued, handed, in flight), refreshed every turn of the manager's loop.
+    pub backlog: AtomicU64,
+    /// Beaten every turn of the manager's loop, which wakes at least every `health::TICK`.
+    pub heartbeat: crate::health::Heartbeat,
 }
 
 /// What the link reports when it stops.
@@ -111,6 +116,10 @@ pub struct LinkSettings {
     pub reconnect_max: Duration,
     /// Filters to subscribe to after every CONNACK (command topics).
     pub subscriptions: Vec<String>,
+    /// When messages go to the store (if there is one).
+    pub durability: Durability,
+    /// Messages held in memory above which new ones go to the store.
+    pub spill_threshold: usize,
 }
 
 impl LinkSettings {
@@ -123,7 +132,16 @@ impl LinkSettings {
             reconnect_min: mqtt.reconnect_min,
             reconnect_max: mqtt.reconnect_max,
             subscriptions: Vec::new(),
+            durability: Durability::Auto,
+            spill_threshold: usize::MAX,
         }
+    }
+
+    /// Adds the store's settings.
+    pub fn with_store(mut self, store: &crate::model::Store) -> Self {
+        self.durability = store.durability;
+        self.spill_threshold = store.spill_threshold;
+        self
     }
 }
 
@@ -241,15 +259,26 @@ enum LinkEvent {
     Stopped,
 }
 
-/// Starts the link. `commands` receives publishes on subscribed topics.
+/// The store the link spills to, with its event channel.
+pub struct Outbox {
+    pub store: StoreHandle,
+    pub events: mpsc::UnboundedReceiver<StoreEvent>,
+}
+
+/// Starts the link. `commands` receives publishes on subscribed topics; `outbox` is the
+/// SQLite store (or `None`: memory queue only).
 pub fn spawn(
     mqtt: &Mqtt,
     settings: LinkSettings,
+    outbox: Option<Outbox>,
     commands: Option<mpsc::Sender<InMessage>>,
     inbound_capacity: usize,
 ) -> Result<Link, LinkError> {
     let options = mqtt_options(mqtt)?;
-    let (client, eventloop) = AsyncClient::new(options, usize::from(mqtt.inflight) + 16);
+    let (client, mut eventloop) = AsyncClient::new(options, usize::from(mqtt.inflight) + 16);
+    // rumqttc leaves Nagle on: a small publish (a command result, a PUBACK) then waits for the
+    // peer's delayed ACK, about 40 ms per hop on Linux.
+    eventloop.network_options.set_tcp_nodelay(true);
     let gate = Arc::new(Mutex::new(Gate::default()));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
@@ -263,6 +292,11 @@ pub fn spawn(
     ));
     let (sender, inbound) = mpsc::channel(inbound_capacity.max(1));
     let stats = Arc::new(LinkStats::default());
+    let (store, store_events) = match outbox {
+        Some(o) => (Some(o.store), Some(o.events)),
+        None => (None, None),
+    };
+    let always = store.is_some() && settings.durability == Durability::Always;
     let manager = Manager {
         client,
         gate,
@@ -276,8 +310,19 @@ pub fn spawn(
         dropping: 0,
         latency: LatencyHistogram::default(),
         commands,
+        store,
+        spill: always,
+        always,
+        store_failed_at: None,
+        cursor: i64::MIN,
+        read_pending: None,
+        read_limit: 0,
+        appends_since_read: 0,
+        last_read_short: false,
+        to_store: Vec::new(),
+        to_delete: Vec::new(),
     };
-    let done = tokio::spawn(manager.run(inbound, events_rx, stop));
+    let done = tokio::spawn(manager.run(inbound, events_rx, store_events, stop));
     Ok(Link {
         sender,
         stats,
@@ -356,6 +401,10 @@ async fn drive_eventloop(
 struct Entry {
     seq: u64,
     msg: OutMessage,
+    /// Row id when the message is (also) in the store; its row is deleted on PUBACK.
+    store_id: Option<i64>,
+    /// Not worth keeping across a restart (the `online` status).
+    volatile: bool,
 }
 
 struct Manager {
@@ -373,35 +422,88 @@ struct Manager {
     dropping: u64,
     latency: LatencyHistogram,
     commands: Option<mpsc::Sender<InMessage>>,
+    // --- the outbox (see the module docs) ---
+    store: Option<StoreHandle>,
+    /// New messages go to the store (and come back through reads) instead of `queue`.
+    spill: bool,
+    /// `durability: always`: spilling never ends.
+    always: bool,
+    /// The last store write failed; new messages stay in memory until a retry.
+    store_failed_at: Option<Instant>,
+    /// Largest row id read back so far.
+    cursor: i64,
+    read_pending: Option<oneshot::Receiver<Vec<StoredMessage>>>,
+    read_limit: usize,
+    /// Messages sent to the store since the pending read was asked for.
+    appends_since_read: u64,
+    /// The last read returned fewer rows than asked: the store had nothing more then.
+    last_read_short: bool,
+    to_store: Vec<NewMessage>,
+    to_delete: Vec<i64>,
 }
+
+/// How long a failed store is left alone before new messages are tried on it again.
+const STORE_RETRY: Duration = Duration::from_secs(30);
 
 impl Manager {
     async fn run(
         mut self,
         mut inbound: mpsc::Receiver<OutMessage>,
         mut events: mpsc::UnboundedReceiver<LinkEvent>,
+        mut store_events: Option<mpsc::UnboundedReceiver<StoreEvent>>,
         stop: CancellationToken,
     ) -> LinkReport {
         let mut inbound_open = true;
         let mut flush_deadline: Option<Instant> = None;
         let mut down_since: Option<Instant> = Some(Instant::now());
         let mut last_error = String::new();
+        if self.backlog_in_store() > 0 {
+            // Left over from before a restart: it goes out first.
+            self.spill = true;
+            tracing::info!(
+                backlog = self.backlog_in_store(),
+                "store holds messages from before: delivering them first"
+            );
+        }
         loop {
             if !inbound_open {
                 let deadline = *flush_deadline
                     .get_or_insert_with(|| Instant::now() + self.settings.flush_timeout);
-                if self.pending() == 0 || Instant::now() >= deadline {
+                // With a store, nothing waits for a broker that is not there.
+                let parked = self.generation.is_none() && self.store_usable();
+                if self.pending() == 0 || parked || Instant::now() >= deadline {
                     break;
                 }
             }
-            let sleep_until =
-                flush_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            self.stats.heartbeat.beat();
+            self.stats.backlog.store(
+                (self.pending() as u64) + self.backlog_in_store(),
+                Ordering::Relaxed,
+            );
+            let sleep_until = flush_deadline
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+                .min(Instant::now() + crate::health::TICK);
+            let reading = self.read_pending.is_some();
             tokio::select! {
                 biased;
                 event = events.recv() => match event {
                     Some(event) => self.on_event(event, &mut down_since, &mut last_error),
                     None => break,
                 },
+                rows = async { self.read_pending.as_mut().expect("guarded").await }, if reading => {
+                    self.read_pending = None;
+                    self.on_rows(rows.unwrap_or_default());
+                }
+                event = async { store_events.as_mut().expect("guarded").recv().await },
+                    if store_events.is_some() =>
+                {
+                    match event {
+                        Some(StoreEvent::WriteFailed { returned, error }) => {
+                            self.on_store_failed(returned, &error)
+                        }
+                        None => store_events = None,
+                    }
+                }
                 msg = inbound.recv(), if inbound_open => match msg {
                     Some(msg) => {
                         self.enqueue(msg);
@@ -415,22 +517,83 @@ impl Manager {
                 _ = tokio::time::sleep_until(sleep_until.into()) => {}
             }
             self.pump();
+            self.sync_store();
         }
-        let undelivered = self.pending() as u64;
-        if undelivered > 0 {
-            tracing::warn!(
-                undelivered,
-                "MQTT link stopping with messages not delivered"
-            );
-        }
+        let undelivered = self.park();
         self.goodbye(&mut events).await;
         stop.cancel();
+        if let Some(store) = self.store.take() {
+            // Joining the store thread blocks; it has already committed (park).
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        }
         LinkReport {
             delivered: self.stats.delivered.load(Ordering::Relaxed),
             dropped: self.stats.dropped.load(Ordering::Relaxed),
             undelivered,
             latency: self.latency.clone(),
         }
+    }
+
+    fn backlog_in_store(&self) -> u64 {
+        self.store
+            .as_ref()
+            .map_or(0, |s| s.stats.backlog.load(Ordering::Relaxed))
+    }
+
+    fn store_usable(&self) -> bool {
+        self.store.is_some()
+            && self
+                .store_failed_at
+                .is_none_or(|t| t.elapsed() >= STORE_RETRY)
+    }
+
+    /// At shutdown: writes what is held in memory to the store, in delivery order, and
+    /// commits. Returns how many messages could not be kept (no store).
+    fn park(&mut self) -> u64 {
+        let mut held: Vec<Entry> = self.handed.drain(..).collect();
+        held.extend(std::mem::take(&mut self.inflight).into_values());
+        held.extend(self.queue.drain(..));
+        held.sort_by_key(|e| e.seq);
+        held.retain(|e| !e.volatile);
+        if !self.store_usable() {
+            let lost = held.iter().filter(|e| e.store_id.is_none()).count() as u64
+                + self.to_store.len() as u64;
+            if lost > 0 {
+                tracing::warn!(
+                    undelivered = lost,
+                    "MQTT link stopping with messages not delivered and no store to keep them"
+                );
+            }
+            return lost;
+        }
+        let store = self.store.as_ref().expect("usable");
+        // Messages older than every stored row (before the first one that has a row) go in
+        // front of the store; the rest after it.
+        let first_stored = held.iter().position(|e| e.store_id.is_some());
+        let (mut front, mut back) = (Vec::new(), Vec::new());
+        for (i, e) in held.into_iter().enumerate() {
+            if e.store_id.is_some() {
+                continue;
+            }
+            let m = new_message(&e.msg);
+            match first_stored {
+                Some(first) if i < first => front.push(m),
+                Some(_) => back.push(m),
+                None if self.spill => front.push(m),
+                None => back.push(m),
+            }
+        }
+        back.append(&mut self.to_store);
+        let kept = front.len() + back.len();
+        if !self.to_delete.is_empty() {
+            store.send(StoreRequest::Delete(std::mem::take(&mut self.to_delete)));
+        }
+        store.send(StoreRequest::Prepend(front));
+        store.send(StoreRequest::Append(back));
+        if kept > 0 {
+            tracing::info!(kept, "messages not yet delivered written to the store");
+        }
+        0
     }
 
     /// Publishes the retained `offline` status (a clean disconnect sends no last will) and
@@ -448,13 +611,10 @@ impl Manager {
             return;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        // Messages handed before it are written first.
-        let mut ahead = self.handed.len();
         let mut written = None;
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(LinkEvent::Written { .. })) if ahead > 0 => ahead -= 1,
-                Ok(Some(LinkEvent::Written { pkid })) if written.is_none() => written = Some(pkid),
+                Ok(Some(LinkEvent::Written { pkid })) => written = Some(pkid),
                 Ok(Some(LinkEvent::Acked { pkid })) if Some(pkid) == written => break,
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => return,
@@ -471,35 +631,169 @@ impl Manager {
         .await;
     }
 
+    /// Messages held in memory (queued, handed, in flight).
     fn pending(&self) -> usize {
         self.queue.len() + self.handed.len() + self.inflight.len()
     }
 
-    fn enqueue(&mut self, msg: OutMessage) {
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn enqueue(&mut self, mut msg: OutMessage) {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let held_back =
+            self.generation.is_none() || self.pending() >= self.settings.spill_threshold;
+        if held_back {
+            mark_buffered(&mut msg.payload);
+        }
+        if self.store_usable() && (self.spill || held_back) {
+            if !self.spill {
+                self.start_spill();
+            }
+            self.to_store.push(new_message(&msg));
+            self.appends_since_read += 1;
+            return;
+        }
         if self.pending() >= self.settings.queue_capacity {
-            if self.queue.pop_front().is_some() {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                if self.dropping == 0 {
-                    tracing::warn!(
-                        capacity = self.settings.queue_capacity,
-                        "MQTT queue full: dropping the oldest messages (policy drop_oldest)"
-                    );
-                }
-                self.dropping += 1;
-            } else {
-                // Everything held is on the wire; the newest cannot be kept.
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                self.dropping += 1;
+            // Only what is not on the wire can be dropped; the oldest goes first.
+            let victim = self.queue.iter().position(|e| e.store_id.is_none());
+            if let Some(i) = victim {
+                self.queue.remove(i);
+            }
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.dropping == 0 {
+                tracing::warn!(
+                    capacity = self.settings.queue_capacity,
+                    "MQTT queue full: dropping the oldest messages (policy drop_oldest)"
+                );
+            }
+            self.dropping += 1;
+            if victim.is_none() {
                 return;
             }
         } else if self.dropping > 0 && self.pending() < self.settings.queue_capacity / 2 {
             tracing::warn!(dropped = self.dropping, "MQTT queue no longer full");
             self.dropping = 0;
         }
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.queue.push_back(Entry { seq, msg });
+        let seq = self.next_seq();
+        self.queue.push_back(Entry {
+            seq,
+            msg,
+            store_id: None,
+            volatile: false,
+        });
+    }
+
+    /// From now on new messages go to the store. Messages queued after the last stored one
+    /// go there first, so that the store's order is the delivery order.
+    fn start_spill(&mut self) {
+        self.spill = true;
+        self.last_read_short = false;
+        // Entries up to the last stored one are older than anything still unread in the
+        // store and stay in front; everything after it moves to the store, in order.
+        let keep = self
+            .queue
+            .iter()
+            .rposition(|e| e.store_id.is_some())
+            .map_or(0, |i| i + 1);
+        let moved: Vec<Entry> = self.queue.drain(keep..).collect();
+        for e in moved {
+            if e.volatile {
+                self.queue.push_back(e);
+            } else {
+                self.to_store.push(new_message(&e.msg));
+                self.appends_since_read += 1;
+            }
+        }
+        tracing::debug!(to_store = self.to_store.len(), "spilling to the store");
+    }
+
+    /// Sends batched appends and deletes to the store, and asks for more rows when draining.
+    fn sync_store(&mut self) {
+        let Some(store) = &self.store else { return };
+        if !self.to_store.is_empty() && self.store_usable() {
+            store.send(StoreRequest::Append(std::mem::take(&mut self.to_store)));
+        }
+        if !self.to_delete.is_empty() {
+            store.send(StoreRequest::Delete(std::mem::take(&mut self.to_delete)));
+        }
+        let drained = self.last_read_short && self.appends_since_read == 0;
+        let room = (self.settings.window * 4).saturating_sub(self.queue.len());
+        if self.spill
+            && self.read_pending.is_none()
+            && self.generation.is_some()
+            && !drained
+            && room >= self.settings.window
+        {
+            let (tx, rx) = oneshot::channel();
+            if store.send(StoreRequest::Read {
+                after: self.cursor,
+                limit: room,
+                reply: tx,
+            }) {
+                self.read_pending = Some(rx);
+                self.read_limit = room;
+                self.appends_since_read = 0;
+            }
+        }
+    }
+
+    /// Rows read back from the store join the queue, in order.
+    fn on_rows(&mut self, rows: Vec<StoredMessage>) {
+        self.last_read_short = rows.len() < self.read_limit;
+        let now_ms = crate::store::now_ms();
+        for row in rows {
+            self.cursor = self.cursor.max(row.id);
+            let age =
+                Duration::from_millis(now_ms.saturating_sub(row.message.created).max(0) as u64);
+            let seq = self.next_seq();
+            let m = row.message;
+            self.queue.push_back(Entry {
+                seq,
+                msg: OutMessage {
+                    topic: m.topic,
+                    payload: m.payload,
+                    qos: m.qos,
+                    retain: m.retain,
+                    created: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                },
+                store_id: Some(row.id),
+                volatile: false,
+            });
+        }
+        if self.last_read_short && self.appends_since_read == 0 && !self.always {
+            // Everything stored is in memory now: new messages can go straight to the queue,
+            // behind it.
+            self.spill = false;
+            tracing::debug!("store drained; back to direct delivery");
+        }
+    }
+
+    fn on_store_failed(&mut self, returned: Vec<NewMessage>, error: &str) {
+        tracing::error!(
+            error,
+            kept_in_memory = returned.len(),
+            "store write failed: keeping messages in memory (bounded by mqtt.queue.capacity); retrying the store in 30 s"
+        );
+        self.store_failed_at = Some(Instant::now());
+        for m in returned {
+            let seq = self.next_seq();
+            self.queue.push_back(Entry {
+                seq,
+                msg: OutMessage {
+                    topic: m.topic,
+                    payload: m.payload,
+                    qos: m.qos,
+                    retain: m.retain,
+                    created: Instant::now(),
+                },
+                store_id: None,
+                volatile: false,
+            });
+        }
     }
 
     fn on_event(
@@ -515,7 +809,7 @@ impl Manager {
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
                 let down = down_since.take().map(|t| t.elapsed()).unwrap_or_default();
                 tracing::info!(
-                    backlog = self.pending(),
+                    backlog = self.pending() as u64 + self.backlog_in_store(),
                     down_ms = down.as_millis() as u64,
                     "MQTT connected"
                 );
@@ -531,6 +825,8 @@ impl Manager {
                         retain: true,
                         created: Instant::now(),
                     },
+                    store_id: None,
+                    volatile: true,
                 });
                 for filter in self.settings.subscriptions.clone() {
                     let _ = self.try_hand_raw(|c| c.try_subscribe(filter, QoS::AtLeastOnce));
@@ -557,6 +853,8 @@ impl Manager {
                 for entry in back.into_iter().rev() {
                     self.queue.push_front(entry);
                 }
+                // Stale `online` statuses are not re-sent; the next CONNACK queues a fresh one.
+                self.queue.retain(|e| !e.volatile);
             }
             LinkEvent::Written { pkid } => {
                 if let Some(entry) = self.handed.pop_front() {
@@ -586,6 +884,9 @@ impl Manager {
     fn delivered(&mut self, entry: Entry) {
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
         self.latency.record(entry.msg.created.elapsed());
+        if let Some(id) = entry.store_id {
+            self.to_delete.push(id);
+        }
     }
 
     /// Hands a request that is not a tracked message to rumqttc, if the gate is open.
@@ -632,6 +933,33 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+fn new_message(m: &OutMessage) -> NewMessage {
+    let age = m.created.elapsed().as_millis() as i64;
+    NewMessage {
+        topic: m.topic.clone(),
+        payload: m.payload.clone(),
+        qos: m.qos,
+        retain: m.retain,
+        created: crate::store::now_ms() - age,
+    }
+}
+
+/// Marks a JSON object payload as held back (`"buffered":true` as its first key) so that
+/// consumers can tell late readings; bare values are left as they are.
+pub fn mark_buffered(payload: &mut Vec<u8>) {
+    const MARK: &[u8] = b"\"buffered\":true";
+    if payload.len() >= 2 && payload[0] == b'{' && payload.last() == Some(&b'}') {
+        if payload.starts_with(b"{\"buffered\"") {
+            return;
+        }
+        let mut insert = MARK.to_vec();
+        if payload.len() > 2 {
+            insert.push(b',');
+        }
+        payload.splice(1..1, insert);
     }
 }
 

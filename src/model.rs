@@ -15,6 +15,63 @@ pub struct Config {
     pub mqtt: Mqtt,
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
+    pub store: Store,
+}
+
+/// When readings are written to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Only while the broker is unreachable or the link is backed up (no SD-card writes while
+    /// healthy). kill -9 while online loses what was not yet acknowledged (at most
+    /// `spill_threshold` messages).
+    Auto,
+    /// Every reading is written to the store first. kill -9 loses at most the last group
+    /// commit window.
+    Always,
+}
+
+/// SQLite `synchronous` setting of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// fsync on every commit: survives power loss up to the last commit.
+    Full,
+    /// fsync at checkpoints only: survives a crash of the process, not always a power loss.
+    Normal,
+}
+
+/// The store-and-forward outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Store {
+    /// SQLite file. `None`: no store, the in-memory queue only.
+    pub path: Option<PathBuf>,
+    /// Cap of the stored messages (topic + payload + row overhead), bytes.
+    pub max_bytes: u64,
+    /// Messages older than this are dropped (counted), if set.
+    pub max_age: Option<Duration>,
+    pub durability: Durability,
+    /// Unacknowledged messages in memory above which new ones go to the store.
+    pub spill_threshold: usize,
+    /// Group commit: after this many writes ...
+    pub commit_every: usize,
+    /// ... or this long after the first uncommitted write, whichever comes first.
+    pub commit_interval: Duration,
+    pub synchronous: Synchronous,
+}
+
+impl Store {
+    /// Defaults used when the YAML has no `store` section; the path is
+    /// `$STATE_DIRECTORY/outbox.db` under systemd, else `/var/lib/fieldbridge/outbox.db`.
+    pub fn default_path() -> PathBuf {
+        match std::env::var_os("STATE_DIRECTORY") {
+            // systemd may list several directories separated by ':'; the first is ours.
+            Some(dirs) => {
+                let dirs = dirs.to_string_lossy().into_owned();
+                let first = dirs.split(':').next().unwrap_or("").to_string();
+                PathBuf::from(first).join("outbox.db")
+            }
+            None => PathBuf::from("/var/lib/fieldbridge/outbox.db"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +82,8 @@ pub struct Gateway {
     pub prefix: String,
     /// `tracing` filter directive (e.g. `info`, `fieldbridge=debug`); `RUST_LOG` overrides it.
     pub log_level: String,
+    /// Period of the statistics message on `{prefix}/status/stats`; `None`: not published.
+    pub stats_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,6 +355,44 @@ pub struct Device {
     /// `{prefix}/{device}/status`: `online` / `offline`, retained.
     pub status_topic: String,
     pub points: Vec<Point>,
+    /// Command settings of each point: `commands[i]` belongs to `points[i]` (same length).
+    pub commands: Vec<PointCommand>,
+}
+
+/// How a bit inside a register is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BitWrite {
+    /// Read the register (FC3), set the bit, write it back (FC6, or FC16 with
+    /// `write_multiple`). Works with every device; another writer changing the same register
+    /// between the read and the write loses its change.
+    #[default]
+    ReadModifyWrite,
+    /// FC22 mask write register: atomic on the device, which must support it.
+    Mask,
+}
+
+/// At most `count` commands per `per` for one point (a token bucket of `count` tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+/// What the command path needs to know about one point (see [`crate::command`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointCommand {
+    /// Rendered command topic (`{prefix}/{device}/{point}/set` by default).
+    pub topic: String,
+    /// Rendered result topic (`{prefix}/{device}/{point}/set/result` by default).
+    pub result_topic: String,
+    /// FC16 (registers) or FC15 (coils) even for a single register or coil.
+    pub write_multiple: bool,
+    pub bit_write: BitWrite,
+    /// Read the point again after the write and report/publish what the device holds.
+    pub read_back: bool,
+    /// Commands older than this (by their `ts`) are refused; needs `ts` or `expires`.
+    pub max_age: Option<Duration>,
+    pub rate: Option<Rate>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -20,13 +20,14 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
+use crate::model::{BitWrite, PointCommand, Rate};
 use crate::model::{
-    Bus, BusKind, Config, DataType, Device, Gateway, MessageMode, Mqtt, MqttTransport, Parity,
-    PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind, Secret, Serial, TlsFiles,
-    WhenFull, WordOrder,
+    Bus, BusKind, Config, DataType, Device, Durability, Gateway, MessageMode, Mqtt, MqttTransport,
+    Parity, PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind, Secret, Serial,
+    Store, Synchronous, TlsFiles, WhenFull, WordOrder,
 };
 use locate::{join_key, Locator};
-use raw::{RawBus, RawConfig, RawDevice, RawMqtt, RawPoint, RawPublish};
+use raw::{RawBus, RawCommand, RawConfig, RawDevice, RawMqtt, RawPoint, RawPublish, RawStore};
 
 /// One problem found in the configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -396,6 +397,9 @@ struct Validator {
     errors: Vec<ConfigError>,
 }
 
+/// How the collision table names command topics (the wildcard check skips them).
+const COMMAND_TOPIC_OF: &str = "the command topic of";
+
 /// What a topic in the collision table belongs to.
 struct TopicOwner {
     what: String,
@@ -584,10 +588,20 @@ impl Validator {
                 Some("use error, warn, info, debug, trace, or e.g. info,fieldbridge=debug".into()),
             );
         }
+        let stats_interval = match &g.stats_interval {
+            Some(Value::String(s)) if s == "none" => None,
+            v => Some(self.duration_min(
+                "gateway.stats_interval",
+                v.as_ref(),
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+            )),
+        };
         let gateway = Gateway {
             id: g.id,
             prefix,
             log_level,
+            stats_interval,
         };
 
         let mqtt = self.mqtt(raw.mqtt, &gateway);
@@ -692,11 +706,118 @@ impl Validator {
             );
         }
 
+        // The command router also subscribes to the default-template wildcard (so that a
+        // command for an unknown or read-only point gets a result): nothing the gateway
+        // publishes may match it, or it would read its own messages as commands.
+        let filter = crate::command::wildcard_filter(&gateway.prefix);
+        let mut shadowed: Vec<(&String, &TopicOwner)> = topics
+            .iter()
+            .filter(|(t, o)| {
+                !o.what.starts_with(COMMAND_TOPIC_OF) && crate::command::topic_matches(&filter, t)
+            })
+            .collect();
+        shadowed.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+        let shadowed: Vec<(String, String, String)> = shadowed
+            .into_iter()
+            .map(|(t, o)| (t.clone(), o.what.clone(), o.path.clone()))
+            .collect();
+        for (topic, what, path) in shadowed {
+            self.err(
+                &path,
+                format!("topic `{topic}` of {what} matches the command filter `{filter}`"),
+                Some("the gateway would receive its own messages as commands: choose a topic that does not end in `/set` three levels below the prefix".into()),
+            );
+        }
+
+        let store = self.store(raw.store);
         Config {
             gateway,
             mqtt,
             buses,
             devices,
+            store,
+        }
+    }
+
+    fn store(&mut self, raw: Option<RawStore>) -> Store {
+        let raw = raw.unwrap_or(RawStore {
+            path: None,
+            max_bytes: None,
+            max_age: None,
+            durability: None,
+            spill_threshold: None,
+            commit_every: None,
+            commit_interval: None,
+            synchronous: None,
+        });
+        let path = match raw.path.as_deref() {
+            None => Some(Store::default_path()),
+            Some("none") => None,
+            Some("") => {
+                self.err(
+                    "store.path",
+                    "the path is empty",
+                    Some("give a file path, or `none` for no store (memory queue only)".into()),
+                );
+                None
+            }
+            Some(p) => Some(PathBuf::from(p)),
+        };
+        const MIB: i64 = 1024 * 1024;
+        let max_bytes = self.int(
+            "store.max_bytes",
+            raw.max_bytes,
+            256 * MIB,
+            16 * 1024,
+            1 << 40,
+        ) as u64;
+        let max_age = match &raw.max_age {
+            Some(Value::String(s)) if s == "none" => None,
+            v => self.opt_duration("store.max_age", v.as_ref()),
+        };
+        let durability = self.choice(
+            "store.durability",
+            raw.durability.as_deref(),
+            Durability::Auto,
+            &[("auto", Durability::Auto), ("always", Durability::Always)],
+        );
+        let spill_threshold = self.int(
+            "store.spill_threshold",
+            raw.spill_threshold,
+            256,
+            1,
+            1_000_000,
+        ) as usize;
+        let commit_every =
+            self.int("store.commit_every", raw.commit_every, 1000, 1, 1_000_000) as usize;
+        let commit_interval = self.duration_min(
+            "store.commit_interval",
+            raw.commit_interval.as_ref(),
+            Duration::from_millis(100),
+            Duration::from_millis(1),
+        );
+        if commit_interval > Duration::from_secs(10) {
+            self.err(
+                "store.commit_interval",
+                format!("{} is longer than 10s", fmt_duration(commit_interval)),
+                Some("kill -9 or a power cut loses up to one commit interval of readings".into()),
+            );
+        }
+        let synchronous = self.choice(
+            "store.synchronous",
+            raw.synchronous.as_deref(),
+            Synchronous::Full,
+            &[("full", Synchronous::Full), ("normal", Synchronous::Normal)],
+        );
+        Store {
+            path,
+            max_bytes,
+            max_age,
+            durability,
+            spill_threshold,
+            commit_every,
+            commit_interval,
+            synchronous,
         }
     }
 
@@ -720,6 +841,26 @@ impl Validator {
                 format!("point `{}` of device `{}`", p.name, d.name),
                 self.present_or(&format!("{pp}.topic"), &format!("{pp}.name")),
             ));
+            if let Some(c) = d.commands.get(j) {
+                if p.writable {
+                    claims.push((
+                        c.topic.clone(),
+                        format!(
+                            "{COMMAND_TOPIC_OF} point `{}` of device `{}`",
+                            p.name, d.name
+                        ),
+                        self.present_or(&format!("{pp}.command.topic"), &format!("{pp}.name")),
+                    ));
+                }
+                claims.push((
+                    c.result_topic.clone(),
+                    format!(
+                        "the result topic of point `{}` of device `{}`",
+                        p.name, d.name
+                    ),
+                    self.present_or(&format!("{pp}.command.result_topic"), &format!("{pp}.name")),
+                ));
+            }
         }
         for (topic, what, at) in claims {
             if topic.is_empty() {
@@ -1518,9 +1659,12 @@ impl Validator {
             max_bits,
         };
         let mut points: Vec<Point> = Vec::new();
+        let mut commands: Vec<PointCommand> = Vec::new();
+        let command_defaults = self.command_defaults(&p("command"), d.command.as_ref());
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut address_valid: Vec<bool> = Vec::new();
-        for (j, rp) in d.points.into_iter().enumerate() {
+        for (j, mut rp) in d.points.into_iter().enumerate() {
+            let raw_command = rp.command.take();
             let pp = format!("{path}.points[{j}]");
             if let Some(first) = names.get(&rp.name) {
                 self.err(
@@ -1537,12 +1681,25 @@ impl Validator {
             let duplicate = names.get(&rp.name) != Some(&j);
             let address_ok = (0..=65_535).contains(&rp.address);
             let mut point = self.point(&pp, rp, &groups, &defaults, gw, &d.name);
+            commands.push(self.point_command(
+                &pp,
+                raw_command.as_ref(),
+                &command_defaults,
+                &point,
+                gw,
+                &d.name,
+            ));
             if address_ok {
                 self.check_overlap(&pp, &point, &points, &address_valid);
             }
             if duplicate {
                 // Its default topic collides with the first one: already said.
                 point.topic.clear();
+                // So do its command and result topics.
+                if let Some(c) = commands.last_mut() {
+                    c.topic.clear();
+                    c.result_topic.clear();
+                }
             }
             address_valid.push(address_ok);
             points.push(point);
@@ -1569,6 +1726,7 @@ impl Validator {
             topic,
             status_topic,
             points,
+            commands,
         };
         (device, unit_ok)
     }
@@ -2111,9 +2269,209 @@ fn parse_url(url: &str) -> Result<BrokerUrl, (String, String)> {
     Ok((transport, host.to_string(), port, path))
 }
 
+/// Command settings given at device level, inherited by its points.
+struct CommandDefaults {
+    topic: String,
+    result_topic: String,
+    write_multiple: bool,
+    bit_write: Option<BitWrite>,
+    read_back: bool,
+    max_age: Option<Duration>,
+    rate: Option<Rate>,
+}
+
+const DEFAULT_COMMAND_TOPIC: &str = "{prefix}/{device}/{point}/set";
+const DEFAULT_RESULT_TOPIC: &str = "{prefix}/{device}/{point}/set/result";
+const DEFAULT_RATE: Rate = Rate {
+    count: 10,
+    per: Duration::from_secs(1),
+};
+const RATE_HINT: &str = "a count per unit: 10/s, 30/m, 100/h; or `none` for no limit";
+
+/// `devices[2]` of `devices[2].points[5]`.
+fn device_path(point_path: &str) -> &str {
+    point_path.split(".points[").next().unwrap_or(point_path)
+}
+
+/// `10/s`, `30/m`, `100/h` (`none` for no limit: `Ok(None)`).
+fn parse_rate(s: &str) -> Result<Option<Rate>, String> {
+    if s == "none" {
+        return Ok(None);
+    }
+    let (n, unit) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}` is not a rate"))?;
+    let count: u32 = n
+        .parse()
+        .ok()
+        .filter(|c| *c > 0)
+        .ok_or_else(|| format!("`{n}` is not a whole number above 0"))?;
+    let per = match unit {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(format!("`{unit}` is not one of s, m, h")),
+    };
+    Ok(Some(Rate { count, per }))
+}
+
+impl Validator {
+    fn bit_write(&mut self, path: &str, v: Option<&str>) -> Option<BitWrite> {
+        v.map(|v| {
+            self.choice(
+                path,
+                Some(v),
+                BitWrite::ReadModifyWrite,
+                &[
+                    ("read_modify_write", BitWrite::ReadModifyWrite),
+                    ("mask", BitWrite::Mask),
+                ],
+            )
+        })
+    }
+
+    fn rate(&mut self, path: &str, v: Option<&str>) -> Option<Option<Rate>> {
+        match parse_rate(v?) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.err(path, e, Some(RATE_HINT.into()));
+                None
+            }
+        }
+    }
+
+    fn max_age(&mut self, path: &str, v: Option<&Value>) -> Option<Option<Duration>> {
+        match v? {
+            Value::String(s) if s == "none" => Some(None),
+            v => self.opt_duration(path, Some(v)).map(Some),
+        }
+    }
+
+    fn command_defaults(&mut self, path: &str, c: Option<&RawCommand>) -> CommandDefaults {
+        let mut d = CommandDefaults {
+            topic: DEFAULT_COMMAND_TOPIC.into(),
+            result_topic: DEFAULT_RESULT_TOPIC.into(),
+            write_multiple: false,
+            bit_write: None,
+            read_back: false,
+            max_age: None,
+            rate: Some(DEFAULT_RATE),
+        };
+        let Some(c) = c else { return d };
+        if let Some(t) = &c.topic {
+            d.topic = t.clone();
+        }
+        if let Some(t) = &c.result_topic {
+            d.result_topic = t.clone();
+        }
+        d.write_multiple = c.write_multiple.unwrap_or(false);
+        d.bit_write = self.bit_write(&format!("{path}.bit_write"), c.bit_write.as_deref());
+        d.read_back = c.read_back.unwrap_or(false);
+        if let Some(m) = self.max_age(&format!("{path}.max_age"), c.max_age.as_ref()) {
+            d.max_age = m;
+        }
+        if let Some(r) = self.rate(&format!("{path}.rate"), c.rate.as_deref()) {
+            d.rate = r;
+        }
+        d
+    }
+
+    fn point_command(
+        &mut self,
+        path: &str,
+        c: Option<&RawCommand>,
+        dflt: &CommandDefaults,
+        point: &Point,
+        gw: &Gateway,
+        device: &str,
+    ) -> PointCommand {
+        let cp = format!("{path}.command");
+        if c.is_some() && !point.writable {
+            self.err(
+                &cp,
+                "`command` applies only to writable points",
+                Some("add `writable: true` (holding registers and coils only)".into()),
+            );
+        }
+        let is_bit = matches!(point.data_type, DataType::Bit(_));
+        if let Some(bw) = c.and_then(|c| c.bit_write.as_ref()) {
+            if !is_bit {
+                self.err(
+                    &format!("{cp}.bit_write"),
+                    format!("`bit_write` applies only to type bit, not `{bw}` on this point"),
+                    None,
+                );
+            }
+        }
+        let vars = [
+            ("prefix", gw.prefix.as_str()),
+            ("device", device),
+            ("point", point.name.as_str()),
+        ];
+        let topic_template = c.and_then(|c| c.topic.as_deref()).unwrap_or(&dflt.topic);
+        let at = if c.and_then(|c| c.topic.as_ref()).is_some() {
+            format!("{cp}.topic")
+        } else {
+            // Inherited from the device (or the default): reported at the device's key.
+            format!("{}.command.topic", device_path(path))
+        };
+        let topic = self.topic(&at, topic_template, &vars).unwrap_or_default();
+        let result_template = c
+            .and_then(|c| c.result_topic.as_deref())
+            .unwrap_or(&dflt.result_topic);
+        let at = if c.and_then(|c| c.result_topic.as_ref()).is_some() {
+            format!("{cp}.result_topic")
+        } else {
+            format!("{}.command.result_topic", device_path(path))
+        };
+        let result_topic = self.topic(&at, result_template, &vars).unwrap_or_default();
+        let mut out = PointCommand {
+            topic,
+            result_topic,
+            write_multiple: dflt.write_multiple,
+            bit_write: dflt.bit_write.unwrap_or_default(),
+            read_back: dflt.read_back,
+            max_age: dflt.max_age,
+            rate: dflt.rate,
+        };
+        let Some(c) = c else { return out };
+        if let Some(w) = c.write_multiple {
+            out.write_multiple = w;
+        }
+        if let Some(b) = self.bit_write(&format!("{cp}.bit_write"), c.bit_write.as_deref()) {
+            out.bit_write = b;
+        }
+        if let Some(r) = c.read_back {
+            out.read_back = r;
+        }
+        if let Some(m) = self.max_age(&format!("{cp}.max_age"), c.max_age.as_ref()) {
+            out.max_age = m;
+        }
+        if let Some(r) = self.rate(&format!("{cp}.rate"), c.rate.as_deref()) {
+            out.rate = r;
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_are_a_count_per_unit() {
+        assert_eq!(
+            parse_rate("10/s"),
+            Ok(Some(Rate {
+                count: 10,
+                per: Duration::from_secs(1)
+            }))
+        );
+        assert_eq!(parse_rate("none"), Ok(None));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("10").is_err());
+        assert!(parse_rate("10/d").is_err());
+    }
 
     #[test]
     fn frame_gap_follows_the_serial_line_spec() {

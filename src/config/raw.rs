@@ -14,6 +14,21 @@ pub struct RawConfig {
     pub mqtt: RawMqtt,
     pub buses: Vec<RawBus>,
     pub devices: Vec<RawDevice>,
+    pub store: Option<RawStore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// A path, or `none` for no store.
+    pub path: Option<String>,
+    pub max_bytes: Option<i64>,
+    pub max_age: Option<Value>,
+    pub durability: Option<String>,
+    pub spill_threshold: Option<i64>,
+    pub commit_every: Option<i64>,
+    pub commit_interval: Option<Value>,
+    pub synchronous: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -22,6 +37,7 @@ pub struct RawGateway {
     pub id: String,
     pub prefix: Option<String>,
     pub log_level: Option<String>,
+    pub stats_interval: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +132,8 @@ pub struct RawDevice {
     pub publish: Option<RawPublish>,
     pub qos: Option<i64>,
     pub retain: Option<bool>,
+    /// Defaults for the command settings of this device's writable points.
+    pub command: Option<RawCommand>,
     pub points: Vec<RawPoint>,
 }
 
@@ -144,4 +162,18 @@ pub struct RawPoint {
     pub writable: Option<bool>,
     pub min: Option<f64>,
     pub max: Option<f64>,
+    pub command: Option<RawCommand>,
+}
+
+/// Command settings (device defaults or per point).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCommand {
+    pub topic: Option<String>,
+    pub result_topic: Option<String>,
+    pub write_multiple: Option<bool>,
+    pub bit_write: Option<String>,
+    pub read_back: Option<bool>,
+    pub max_age: Option<Value>,
+    pub rate: Option<String>,
 }

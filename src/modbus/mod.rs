@@ -89,6 +89,8 @@ pub struct BusStats {
     pub skipped_ticks: AtomicU64,
     pub resets: AtomicU64,
     pub devices_online: AtomicU64,
+    /// Beaten on every turn of the task's loop and after every transaction (see `health`).
+    pub heartbeat: crate::health::Heartbeat,
 }
 
 impl BusStats {
@@ -220,7 +222,14 @@ impl BusTask {
 
     async fn run(mut self, cancel: CancellationToken) {
         tracing::info!(bus = %self.name, endpoint = %self.conn.endpoint(), devices = self.devices.len(), "bus started");
+        let stall = test_stall_hook(&self.name);
         loop {
+            self.stats.heartbeat.beat();
+            if stall && BusStats::get(&self.stats.polls) > 0 {
+                // Test hook (debug builds only): a poll loop stuck in an await.
+                cancel.cancelled().await;
+                break;
+            }
             let next = self
                 .jobs
                 .iter()
@@ -250,6 +259,8 @@ impl BusTask {
                         break;
                     }
                 }
+                // Idle loops still beat their heartbeat (see `health`).
+                _ = tokio::time::sleep(crate::health::TICK) => {}
             }
         }
         tracing::info!(bus = %self.name, "bus stopped");
@@ -258,6 +269,7 @@ impl BusTask {
     /// Serves an outside request at once (it has priority over polls).
     async fn serve(&mut self, request: BusRequest) {
         BusStats::add(&self.stats.requests, 1);
+        self.stats.heartbeat.beat();
         let result = match &request.op {
             Op::Read { kind, start, count } => self
                 .conn
@@ -408,6 +420,7 @@ impl BusTask {
                 .conn
                 .read(unit, block.kind, block.start, block.count, timeout)
                 .await;
+            self.stats.heartbeat.beat();
             let state = &mut self.devices[slot];
             let points = &state.device.points;
             match result {
@@ -454,6 +467,14 @@ impl BusTask {
         }
         Ok(values)
     }
+}
+
+/// `FIELDBRIDGE_TEST_STALL_BUS=<bus name>` makes that bus task stop beating its heartbeat after
+/// its first poll, as if stuck in an await without a timeout (every real await in the task is
+/// bounded, so the watchdog test needs this). Compiled into debug builds only.
+fn test_stall_hook(bus: &str) -> bool {
+    cfg!(debug_assertions)
+        && std::env::var("FIELDBRIDGE_TEST_STALL_BUS").is_ok_and(|name| name == bus)
 }
 
 /// Decodes every point of a block from its data.

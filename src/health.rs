@@ -1,0 +1,346 @@
+//! Liveness of the gateway's tasks, and the supervisor that reports it to systemd.
+//!
+//! # Heartbeats
+//! Each bus task and the MQTT link's manager task own a [`Heartbeat`] (in `BusStats` and
+//! `LinkStats`) and beat it on every turn of their loop and after every bus transaction. Their
+//! loops wake at least every [`TICK`] even when idle, so a heartbeat older than a few ticks
+//! means the task is stuck inside an await, not merely waiting for its next poll.
+//!
+//! # Watchdog
+//! A task is *stalled* when its heartbeat is older than its limit: for a bus, the longest a
+//! transaction may legitimately take (connect timeout, connect delay, request timeout of its
+//! slowest device) plus slack; for the link, a few ticks. While any task is stalled the
+//! supervisor withholds `WATCHDOG=1`, so systemd restarts the service after `WatchdogSec=`.
+//! If the runtime thread itself is blocked, the supervisor does not run and no ping is sent
+//! either. `WatchdogSec=` should exceed the longest bus limit; see systemd/fieldbridge.service.
+//!
+//! # Status
+//! `READY=1` once the tasks are spawned; `STATUS=` a one-line summary whenever it changes
+//! (checked every tick); `STOPPING=1` when shutdown begins. A summary of poll failures is
+//! logged every [`FAILURE_SUMMARY_EVERY`], since the bus task logs only the first failure of
+//! an episode at `warn`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::link::LinkStats;
+use crate::modbus::{BusHandle, BusStats};
+use crate::model::{Bus, Config, Device};
+use crate::notify::{self, Notifier};
+
+/// Longest an idle task loop sleeps before it beats its heartbeat again.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Added to every computed limit (scheduling delays on a busy Pi).
+const SLACK: Duration = Duration::from_secs(5);
+
+/// The link's manager does no I/O of its own; it only waits for events and ticks.
+pub const LINK_STALL_LIMIT: Duration = Duration::from_secs(7);
+
+/// How often a summary of poll failures is logged.
+pub const FAILURE_SUMMARY_EVERY: Duration = Duration::from_secs(600);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When a task last made progress (milliseconds since the process's first use of it).
+#[derive(Debug, Default)]
+pub struct Heartbeat(AtomicU64);
+
+impl Heartbeat {
+    /// Records progress now.
+    pub fn beat(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Time since the last beat (since start-up if it never beat).
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// Longest a bus task may go without a heartbeat: one transaction of its slowest device
+/// (connect attempt bounded by max(timeout, 1 s), connect delay, the request timeout; see
+/// `modbus::conn::Connection::call`), a tick, and slack.
+pub fn bus_stall_limit<'a>(bus: &Bus, devices: impl IntoIterator<Item = &'a Device>) -> Duration {
+    let slowest = devices
+        .into_iter()
+        .map(|d| d.timeout)
+        .max()
+        .unwrap_or_default();
+    slowest.max(Duration::from_secs(1)) + slowest + bus.connect_delay + TICK * 2 + SLACK
+}
+
+/// A task the supervisor watches, at one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskAge {
+    pub name: String,
+    pub age: Duration,
+    pub limit: Duration,
+}
+
+/// Names of the tasks whose heartbeat is older than their limit.
+pub fn stalled(tasks: &[TaskAge]) -> Vec<String> {
+    tasks
+        .iter()
+        .filter(|t| t.age > t.limit)
+        .map(|t| t.name.clone())
+        .collect()
+}
+
+/// What the status line says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub devices_online: u64,
+    pub devices: usize,
+    pub mqtt_connected: bool,
+    pub backlog: u64,
+    pub stalled: Vec<String>,
+}
+
+/// `4/5 devices online, MQTT connected, backlog 0`, and the stalled tasks if any.
+pub fn status_line(s: &Summary) -> String {
+    let mut line = format!(
+        "{}/{} devices online, MQTT {}, backlog {}",
+        s.devices_online,
+        s.devices,
+        if s.mqtt_connected {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        s.backlog
+    );
+    if !s.stalled.is_empty() {
+        line.push_str(", stalled: ");
+        line.push_str(&s.stalled.join(", "));
+    }
+    line
+}
+
+struct WatchedBus {
+    name: String,
+    stats: Arc<BusStats>,
+    limit: Duration,
+    devices: usize,
+    failed_at_last_summary: u64,
+}
+
+/// Starts the supervisor: sends `READY=1` at once, then status, watchdog pings and failure
+/// summaries until `cancel` fires, then `STOPPING=1`. Reads `NOTIFY_SOCKET` and
+/// `WATCHDOG_USEC` from the environment; without them it only logs.
+pub fn spawn(
+    config: &Config,
+    buses: &[BusHandle],
+    link: Arc<LinkStats>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let watched: Vec<WatchedBus> = buses
+        .iter()
+        .map(|handle| {
+            let index = config.buses.iter().position(|b| b.name == handle.name);
+            let devices: Vec<&Device> = config
+                .devices
+                .iter()
+                .filter(|d| Some(d.bus) == index)
+                .collect();
+            let limit = match index {
+                Some(b) => bus_stall_limit(&config.buses[b], devices.iter().copied()),
+                None => LINK_STALL_LIMIT,
+            };
+            WatchedBus {
+                name: handle.name.clone(),
+                stats: handle.stats.clone(),
+                limit,
+                devices: devices.len(),
+                failed_at_last_summary: 0,
+            }
+        })
+        .collect();
+    let devices = config.devices.len();
+    let notifier = Notifier::from_env();
+    let watchdog = notify::watchdog_from_env();
+    if let Some(period) = watchdog {
+        let longest = watched.iter().map(|b| b.limit).max().unwrap_or_default();
+        if longest > period {
+            tracing::warn!(
+                watchdog_ms = period.as_millis() as u64,
+                longest_bus_limit_ms = longest.as_millis() as u64,
+                "WatchdogSec is shorter than the slowest bus may legitimately be busy; a stuck \
+                 bus is then detected only after its own limit"
+            );
+        }
+    }
+    tokio::spawn(supervise(
+        notifier, watchdog, watched, link, devices, cancel,
+    ))
+}
+
+async fn supervise(
+    notifier: Option<Notifier>,
+    watchdog: Option<Duration>,
+    mut buses: Vec<WatchedBus>,
+    link: Arc<LinkStats>,
+    devices: usize,
+    cancel: CancellationToken,
+) {
+    let send = |state: &str| {
+        if let Some(n) = &notifier {
+            if let Err(e) = n.send(state) {
+                tracing::debug!(error = %e, "sd_notify failed");
+            }
+        }
+    };
+    // Pings at half the watchdog period (sd_watchdog_enabled(3)); status checked every tick.
+    let ping_every = watchdog.map(|w| w / 2);
+    let tick = ping_every.map_or(TICK, |p| p.min(TICK));
+    let mut last_ping: Option<Instant> = None;
+    let mut last_status = String::new();
+    let mut was_stalled: Vec<String> = Vec::new();
+    let mut next_summary = Instant::now() + FAILURE_SUMMARY_EVERY;
+    let mut ready = false;
+    loop {
+        let mut ages: Vec<TaskAge> = buses
+            .iter()
+            .map(|b| TaskAge {
+                name: format!("bus {}", b.name),
+                age: b.stats.heartbeat.age(),
+                limit: b.limit,
+            })
+            .collect();
+        ages.push(TaskAge {
+            name: "mqtt link".to_string(),
+            age: link.heartbeat.age(),
+            limit: LINK_STALL_LIMIT,
+        });
+        let stalled_now = stalled(&ages);
+        for name in stalled_now.iter().filter(|n| !was_stalled.contains(n)) {
+            let age = ages.iter().find(|t| &t.name == name).map(|t| t.age);
+            tracing::error!(
+                task = %name,
+                silent_ms = age.map_or(0, |a| a.as_millis() as u64),
+                "task made no progress: withholding the watchdog ping"
+            );
+        }
+        was_stalled = stalled_now.clone();
+        let line = status_line(&Summary {
+            devices_online: buses
+                .iter()
+                .map(|b| BusStats::get(&b.stats.devices_online))
+                .sum(),
+            devices,
+            mqtt_connected: link.connected.load(Ordering::Relaxed) == 1,
+            backlog: link.backlog.load(Ordering::Relaxed),
+            stalled: stalled_now.clone(),
+        });
+        let mut message = String::new();
+        if !ready {
+            message.push_str("READY=1\n");
+            ready = true;
+        }
+        if line != last_status {
+            message.push_str(&notify::status(&line));
+            message.push('\n');
+            last_status = line;
+        }
+        let ping_due = match (ping_every, last_ping) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(every), Some(last)) => last.elapsed() + tick / 2 >= every,
+        };
+        if ping_due && stalled_now.is_empty() {
+            message.push_str("WATCHDOG=1\n");
+            last_ping = Some(Instant::now());
+        }
+        if !message.is_empty() {
+            send(message.trim_end());
+        }
+
+        if Instant::now() >= next_summary {
+            next_summary += FAILURE_SUMMARY_EVERY;
+            for b in &mut buses {
+                let failed = BusStats::get(&b.stats.failed_polls);
+                let new = failed - b.failed_at_last_summary.min(failed);
+                b.failed_at_last_summary = failed;
+                if new > 0 {
+                    tracing::warn!(
+                        bus = %b.name,
+                        failed_polls = new,
+                        devices_online = BusStats::get(&b.stats.devices_online),
+                        devices = b.devices,
+                        "poll failures in the last {} min",
+                        FAILURE_SUMMARY_EVERY.as_secs() / 60
+                    );
+                }
+            }
+        }
+
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+    send("STOPPING=1\nSTATUS=stopping: flushing and disconnecting");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(name: &str, age_ms: u64, limit_ms: u64) -> TaskAge {
+        TaskAge {
+            name: name.to_string(),
+            age: Duration::from_millis(age_ms),
+            limit: Duration::from_millis(limit_ms),
+        }
+    }
+
+    #[test]
+    fn a_task_older_than_its_limit_is_stalled() {
+        let tasks = [
+            task("bus a", 900, 1000),
+            task("bus b", 1001, 1000),
+            task("mqtt link", 10, 7000),
+        ];
+        assert_eq!(stalled(&tasks), ["bus b"]);
+        assert!(stalled(&tasks[..1]).is_empty());
+    }
+
+    #[test]
+    fn a_fresh_heartbeat_is_young() {
+        let h = Heartbeat::default();
+        h.beat();
+        assert!(h.age() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn status_line_summarises_devices_link_and_stalls() {
+        let mut s = Summary {
+            devices_online: 4,
+            devices: 5,
+            mqtt_connected: true,
+            backlog: 0,
+            stalled: vec![],
+        };
+        assert_eq!(
+            status_line(&s),
+            "4/5 devices online, MQTT connected, backlog 0"
+        );
+        s.mqtt_connected = false;
+        s.backlog = 12;
+        s.stalled = vec!["bus rs485".into()];
+        assert_eq!(
+            status_line(&s),
+            "4/5 devices online, MQTT disconnected, backlog 12, stalled: bus rs485"
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! systemd integration: the notify protocol of the real binary against a NOTIFY_SOCKET this test
+//! binds (READY, STATUS, WATCHDOG, STOPPING), the watchdog withheld while a poll loop is stuck,
+//! and `systemd-analyze verify` of the unit where systemd-analyze exists.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{DeviceState, Gateway, Mosquitto, TcpDevice};
+
+/// The notification socket, as systemd would provide it.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    fn bind() -> NotifySocket {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        NotifySocket {
+            socket,
+            path: path.display().to_string(),
+            _dir: dir,
+        }
+    }
+
+    /// Every line received within `window`, each with its arrival time.
+    fn collect(&self, window: Duration) -> Vec<(Instant, String)> {
+        let mut lines = Vec::new();
+        let end = Instant::now() + window;
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < end {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let now = Instant::now();
+                for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                    lines.push((now, line.to_string()));
+                }
+            }
+        }
+        lines
+    }
+
+    /// Collects until `done` holds for what was received (or `timeout`).
+    fn collect_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[(Instant, String)]) -> bool,
+    ) -> Vec<(Instant, String)> {
+        let mut lines = Vec::new();
+        let end = Instant::now() + timeout;
+        while Instant::now() < end && !done(&lines) {
+            lines.extend(self.collect(Duration::from_millis(100)));
+        }
+        lines
+    }
+}
+
+fn count(lines: &[(Instant, String)], exact: &str) -> usize {
+    lines.iter().filter(|(_, l)| l == exact).count()
+}
+
+fn yaml(broker: u16, device: u16) -> String {
+    format!(
+        "gateway:\n  id: gw\n  prefix: t\nmqtt:\n  url: mqtt://127.0.0.1:{broker}\n  reconnect: {{ min: 100ms, max: 500ms }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {device} }}\ndevices:\n  - name: d\n    bus: b\n    interval: 100ms\n    timeout: 200ms\n    points:\n      - {{ name: v, address: 0 }}\n"
+    )
+}
+
+fn device() -> TcpDevice {
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 0, &[42]);
+    TcpDevice::start(state)
+}
+
+#[test]
+fn ready_status_and_watchdog_pings_reach_the_notify_socket() {
+    let broker = Mosquitto::start();
+    let device = device();
+    let notify = NotifySocket::bind();
+    let mut gateway = Gateway::start_with_env(
+        &yaml(broker.port(), device.port()),
+        &[("NOTIFY_SOCKET", &notify.path), ("WATCHDOG_USEC", "500000")],
+    );
+    let lines = notify.collect_until(Duration::from_secs(15), |l| {
+        count(l, "READY=1") == 1
+            && l.iter()
+                .any(|(_, s)| s == "STATUS=1/1 devices online, MQTT connected, backlog 0")
+            && count(l, "WATCHDOG=1") >= 4
+    });
+    let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(count(&lines, "READY=1"), 1, "{text:?}\n{}", gateway.logs());
+    assert_eq!(text[0], "READY=1", "READY=1 comes first: {text:?}");
+    assert!(
+        text.contains(&"STATUS=1/1 devices online, MQTT connected, backlog 0"),
+        "{text:?}\n{}",
+        gateway.logs()
+    );
+    // Half of WATCHDOG_USEC at most between pings, with room for a loaded machine.
+    let pings: Vec<Instant> = lines
+        .iter()
+        .filter(|(_, l)| l == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(pings.len() >= 4, "{text:?}");
+    for pair in pings.windows(2) {
+        assert!(
+            pair[1] - pair[0] < Duration::from_millis(450),
+            "pings too far apart: {:?}",
+            pair[1] - pair[0]
+        );
+    }
+
+    gateway.terminate();
+    let lines = notify.collect_until(Duration::from_secs(10), |l| {
+        l.iter().any(|(_, s)| s == "STOPPING=1")
+    });
+    assert!(
+        lines.iter().any(|(_, s)| s == "STOPPING=1"),
+        "{lines:?}\n{}",
+        gateway.logs()
+    );
+    let status = gateway.wait_exit(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+/// Every await in a bus task is bounded by a timeout, so no real device can make a poll loop
+/// hang; the debug-build hook `FIELDBRIDGE_TEST_STALL_BUS` stops the loop (and its heartbeat)
+/// after its first poll, as a missing timeout would.
+#[test]
+fn no_watchdog_ping_while_a_poll_loop_is_stuck() {
+    let broker = Mosquitto::start();
+    let device = device();
+    let notify = NotifySocket::bind();
+    let gateway = Gateway::start_with_env(
+        &yaml(broker.port(), device.port()),
+        &[
+            ("NOTIFY_SOCKET", &notify.path),
+            ("WATCHDOG_USEC", "500000"),
+            ("FIELDBRIDGE_TEST_STALL_BUS", "b"),
+        ],
+    );
+    // The bus limit is 1 s + 200 ms + 2 ticks + 5 s slack: well within 20 s.
+    let lines = notify.collect_until(Duration::from_secs(20), |l| {
+        l.iter().any(|(_, s)| s.contains("stalled: bus b"))
+    });
+    let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(text.first(), Some(&"READY=1"), "{text:?}");
+    assert!(
+        text.iter().any(|s| s.contains("stalled: bus b")),
+        "{text:?}\n{}",
+        gateway.logs()
+    );
+    // Pings went out while the bus was still within its limit...
+    assert!(count(&lines, "WATCHDOG=1") >= 2, "{text:?}");
+    // ...and none after the stall was seen, although the MQTT link is healthy.
+    let after = notify.collect(Duration::from_secs(2));
+    assert_eq!(count(&after, "WATCHDOG=1"), 0, "{after:?}");
+    assert!(
+        gateway.logs().contains("withholding the watchdog ping"),
+        "{}",
+        gateway.logs()
+    );
+}
+
+#[test]
+fn unit_file_passes_systemd_analyze_verify() {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/fieldbridge.service");
+    let Ok(out) = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg("--man=no")
+        .arg(&unit)
+        .output()
+    else {
+        eprintln!("systemd-analyze not installed: skipped");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The binary it names is not installed here; everything else must be clean.
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains("/usr/bin/fieldbridge") && !l.trim().is_empty())
+        .collect();
+    assert!(problems.is_empty(), "systemd-analyze verify: {stderr}");
+}
