@@ -1,0 +1,1200 @@
+//! Gateway benchmark: prints the figures W1, W2 and W3 of issue 2 (see `benches/README.md`).
+//!
+//! One binary, three roles (the first argument):
+//! - `run`: the harness. Starts a private mosquitto on a free loopback port and the simulated
+//!   devices (this binary again, `devices`, in its own process so that the gateway's CPU is
+//!   measured alone), then for W1 and W2 writes a config, starts `fieldbridge run`, measures it
+//!   from `/proc/PID/stat` and `/proc/PID/status`, stops it with SIGTERM and reads its `bus
+//!   summary` / `link summary` lines, and counts what a subscriber received. W3 then compares
+//!   request rates on one TCP connection in this process. Everything it starts is stopped by
+//!   PID; every wait is bounded.
+//! - `devices`: N Modbus TCP servers (tokio-modbus) on free loopback ports, one thread each,
+//!   whose holding registers change on every read. Prints `PORTS p1 p2 …`, then serves until
+//!   its stdin closes (the harness ended) or `--max-secs` passed.
+//! - no argument (what `cargo test --all-targets` does with a `harness = false` bench): prints
+//!   the usage and exits 0, so the test suite never runs a benchmark.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use fieldbridge::modbus::Connection;
+use fieldbridge::model::{BusKind, RegisterKind};
+use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
+
+const LOCALHOST: &str = "127.0.0.1";
+const REGISTERS: u16 = 50;
+/// Simulated devices polled by the gateway; one more serves W3 alone.
+const DEVICES: usize = 10;
+const USAGE: &str = "\
+usage: gateway run [--gateway PATH] [--warmup SECS] [--measure SECS] [--w3-secs SECS]
+                   [--w3-rounds N] [--load-max LOAD] [--load-wait SECS] [--workdir DIR]
+                   [--only w1,w2,w3] [--broker-nodelay true|false]
+       gateway devices [--count N] [--max-secs SECS]
+Run through scripts/bench, which builds the release binaries first (see benches/README.md).";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => Opts::parse(&args[1..]).and_then(|o| run(&o)),
+        Some("devices") => devices_main(&args[1..]),
+        _ => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+struct Opts {
+    gateway: PathBuf,
+    warmup: Duration,
+    measure: Duration,
+    w3_secs: Duration,
+    w3_rounds: usize,
+    load_max: f64,
+    load_wait: Duration,
+    workdir: PathBuf,
+    only: Vec<String>,
+    /// mosquitto's `set_tcp_nodelay` (its default, false, unless asked).
+    broker_nodelay: bool,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Res<Opts> {
+        let mut o = Opts {
+            gateway: PathBuf::from("target/release/fieldbridge"),
+            warmup: Duration::from_secs(5),
+            measure: Duration::from_secs(60),
+            w3_secs: Duration::from_secs(5),
+            w3_rounds: 2,
+            load_max: 1.0,
+            load_wait: Duration::from_secs(300),
+            workdir: PathBuf::from("target/bench-run"),
+            only: vec!["w1".into(), "w2".into(), "w3".into()],
+            broker_nodelay: false,
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let value = it
+                .next()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+            let secs = || -> Res<Duration> {
+                value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| (0.0..=3600.0).contains(s))
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| format!("{flag}: `{value}` is not a number of seconds 0..=3600"))
+            };
+            match flag.as_str() {
+                "--gateway" => o.gateway = PathBuf::from(value),
+                "--warmup" => o.warmup = secs()?,
+                "--measure" => o.measure = secs()?,
+                "--w3-secs" => o.w3_secs = secs()?,
+                "--load-wait" => o.load_wait = secs()?,
+                "--w3-rounds" => {
+                    o.w3_rounds = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=20).contains(n))
+                        .ok_or("--w3-rounds: 1..=20")?;
+                }
+                "--load-max" => {
+                    o.load_max = value.parse().map_err(|_| "--load-max: a number")?;
+                }
+                "--workdir" => o.workdir = PathBuf::from(value),
+                "--only" => o.only = value.split(',').map(str::to_owned).collect(),
+                "--broker-nodelay" => {
+                    o.broker_nodelay = value.parse().map_err(|_| "--broker-nodelay: true|false")?;
+                }
+                _ => return Err(format!("unknown option {flag}\n{USAGE}")),
+            }
+        }
+        Ok(o)
+    }
+
+    fn wants(&self, w: &str) -> bool {
+        self.only.iter().any(|x| x == w)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness
+
+fn run(o: &Opts) -> Res<()> {
+    let gateway = std::fs::canonicalize(&o.gateway)
+        .map_err(|e| format!("gateway binary {}: {e}", o.gateway.display()))?;
+    std::fs::create_dir_all(&o.workdir).map_err(|e| format!("{}: {e}", o.workdir.display()))?;
+    let workdir = std::fs::canonicalize(&o.workdir).map_err(|e| e.to_string())?;
+
+    println!("== machine");
+    let version = Command::new(&gateway)
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default();
+    println!("gateway      {} ({version})", gateway.display());
+    println!("cpu          {} x {}", nproc(), cpu_model());
+    println!("kernel       {}", read_trim("/proc/sys/kernel/osrelease"));
+    println!("load before  {}", loadavg_text());
+    let load_before = loadavg_text();
+
+    let mut devices = Devices::start(DEVICES + 1)?;
+    let broker = Mosquitto::start(&workdir, o.broker_nodelay)?;
+    println!(
+        "peers        mosquitto pid {} port {} (set_tcp_nodelay {}); devices pid {} ports {:?}",
+        broker.child.id(),
+        broker.port,
+        o.broker_nodelay,
+        devices.child.id(),
+        devices.ports
+    );
+
+    let mut results = Vec::new();
+    for (w, interval) in [
+        ("w1", Duration::from_secs(1)),
+        ("w2", Duration::from_millis(100)),
+    ] {
+        if !o.wants(w) {
+            continue;
+        }
+        wait_for_quiet(o.load_max, o.load_wait);
+        let r = gateway_workload(
+            o,
+            w,
+            interval,
+            &gateway,
+            &workdir,
+            broker.port,
+            &devices.ports[..DEVICES],
+            devices.child.id(),
+            broker.child.id(),
+        )?;
+        results.push(r);
+    }
+    let w3 = if o.wants("w3") {
+        Some(w3(o, devices.ports[DEVICES])?)
+    } else {
+        None
+    };
+    devices.check_alive()?;
+    drop(broker);
+    drop(devices);
+
+    println!("\n== summary");
+    println!("load before {load_before}; after {}", loadavg_text());
+    for r in &results {
+        r.print_summary();
+    }
+    if let Some(w3) = w3 {
+        w3.print_summary();
+    }
+    Ok(())
+}
+
+/// Waits (at most `max_wait`) for the 1-minute load average to drop below `max`.
+fn wait_for_quiet(max: f64, max_wait: Duration) {
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        let load = loadavg()[0];
+        if load < max {
+            if said {
+                println!(
+                    "load {load:.2} < {max}: going on after {:.0?}",
+                    start.elapsed()
+                );
+            }
+            return;
+        }
+        if start.elapsed() >= max_wait {
+            println!(
+                "load still {load:.2} >= {max} after {max_wait:?}: measuring anyway (see the load figures)"
+            );
+            return;
+        }
+        if !said {
+            println!("load {load:.2} >= {max}: waiting up to {max_wait:?} for it to drop");
+            said = true;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// W1 / W2: the gateway process against 10 devices and mosquitto
+
+struct Workload {
+    name: String,
+    interval: Duration,
+    measured: Duration,
+    cpu_pct: f64,
+    devices_cpu_pct: f64,
+    broker_cpu_pct: f64,
+    hwm_kib: u64,
+    rss_kib: u64,
+    load: Vec<[f64; 3]>,
+    buses: Vec<BTreeMap<String, String>>,
+    link: BTreeMap<String, String>,
+    /// Per device topic: (messages received, distinct `ts`).
+    received: BTreeMap<String, (u64, u64)>,
+    exit: String,
+    log: PathBuf,
+}
+
+fn gateway_config(broker: u16, ports: &[u16], interval: Duration) -> String {
+    let mut y = String::new();
+    let _ = write!(
+        y,
+        "gateway:\n  id: bench-gw\n  prefix: bench\n  log_level: info\n\
+         mqtt:\n  host: {LOCALHOST}\n  port: {broker}\n\
+         buses:\n"
+    );
+    for (i, port) in ports.iter().enumerate() {
+        let _ = writeln!(
+            y,
+            "  - {{ name: bus{i}, type: tcp, host: {LOCALHOST}, port: {port} }}"
+        );
+    }
+    y.push_str("devices:\n");
+    for i in 0..ports.len() {
+        let _ = write!(
+            y,
+            "  - name: dev{i}\n    bus: bus{i}\n    unit: 1\n    interval: {}ms\n    \
+             timeout: 500ms\n    message: per_device\n    points:\n",
+            interval.as_millis()
+        );
+        for r in 0..REGISTERS {
+            let _ = writeln!(y, "      - {{ name: r{r}, address: {r} }}");
+        }
+    }
+    y
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gateway_workload(
+    o: &Opts,
+    name: &str,
+    interval: Duration,
+    gateway: &Path,
+    workdir: &Path,
+    broker: u16,
+    ports: &[u16],
+    devices_pid: u32,
+    broker_pid: u32,
+) -> Res<Workload> {
+    println!(
+        "\n== {name}: {} devices x {REGISTERS} holding registers every {interval:?}, \
+         per_device JSON, QoS 1; warm-up {:?}, measure {:?}",
+        ports.len(),
+        o.warmup,
+        o.measure
+    );
+    let config = workdir.join(format!("{name}.yaml"));
+    std::fs::write(&config, gateway_config(broker, ports, interval))
+        .map_err(|e| format!("{}: {e}", config.display()))?;
+    let log = workdir.join(format!("{name}.gateway.log"));
+
+    let sub = Subscriber::start(broker, "bench/#")?;
+    let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let child = Command::new(gateway)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", gateway.display()))?;
+    let mut gw = Proc::new(child, "gateway");
+    let pid = gw.child.id();
+    println!(
+        "gateway pid {pid}, config {}, log {}",
+        config.display(),
+        log.display()
+    );
+
+    sleep_checking(&mut gw, o.warmup)?;
+    let t0 = Instant::now();
+    let cpu0 = cpu_ticks(pid)?;
+    let dev0 = cpu_ticks(devices_pid)?;
+    let brk0 = cpu_ticks(broker_pid)?;
+    let mut load = vec![loadavg()];
+    // Bounded: one sample per 5 s until the window ends.
+    while t0.elapsed() < o.measure {
+        let left = o.measure.saturating_sub(t0.elapsed());
+        sleep_checking(&mut gw, left.min(Duration::from_secs(5)))?;
+        load.push(loadavg());
+    }
+    let cpu1 = cpu_ticks(pid)?;
+    let dev1 = cpu_ticks(devices_pid)?;
+    let brk1 = cpu_ticks(broker_pid)?;
+    let measured = t0.elapsed();
+    let (hwm_kib, rss_kib) = memory_kib(pid)?;
+    let pct =
+        |a: u64, b: u64| (b - a) as f64 / clock_ticks_per_sec() / measured.as_secs_f64() * 100.0;
+
+    let exit = gw.terminate(Duration::from_secs(15));
+    // Messages the gateway flushed on its way out are on their way to the subscriber.
+    std::thread::sleep(Duration::from_millis(1000));
+    let received = sub.stop()?;
+    let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+    let buses: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("bus summary"))
+        .map(fields)
+        .collect();
+    let link = text
+        .lines()
+        .find(|l| l.contains("link summary"))
+        .map(fields)
+        .unwrap_or_default();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    if !warnings.is_empty() {
+        println!("gateway warnings/errors ({}), first ones:", warnings.len());
+        for w in warnings.iter().take(5) {
+            println!("  {w}");
+        }
+    }
+    let w = Workload {
+        name: name.to_owned(),
+        interval,
+        measured,
+        cpu_pct: pct(cpu0, cpu1),
+        devices_cpu_pct: pct(dev0, dev1),
+        broker_cpu_pct: pct(brk0, brk1),
+        hwm_kib,
+        rss_kib,
+        load,
+        buses,
+        link,
+        received,
+        exit,
+        log,
+    };
+    w.print_detail();
+    Ok(w)
+}
+
+impl Workload {
+    fn link_f(&self, key: &str) -> f64 {
+        self.link
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    fn bus_u(&self, bus: usize, key: &str) -> u64 {
+        self.buses
+            .iter()
+            .find(|b| b.get("bus").map(String::as_str) == Some(&format!("bus{bus}")))
+            .and_then(|b| b.get(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn totals(&self) -> (u64, u64, u64, u64) {
+        let n = self.buses.len();
+        let polls = (0..n).map(|b| self.bus_u(b, "polls")).sum();
+        let skipped = (0..n).map(|b| self.bus_u(b, "skipped_ticks")).sum();
+        let received = (0..n)
+            .map(|b| {
+                self.received
+                    .get(&format!("bench/dev{b}"))
+                    .map_or(0, |r| r.0)
+            })
+            .sum();
+        let distinct = (0..n)
+            .map(|b| {
+                self.received
+                    .get(&format!("bench/dev{b}"))
+                    .map_or(0, |r| r.1)
+            })
+            .sum();
+        (polls, skipped, received, distinct)
+    }
+
+    fn load_max(&self) -> f64 {
+        self.load.iter().map(|l| l[0]).fold(0.0, f64::max)
+    }
+
+    fn print_detail(&self) {
+        println!(
+            "gateway exit: {}; measured {:.1} s",
+            self.exit,
+            self.measured.as_secs_f64()
+        );
+        println!(
+            "{:<6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>10}",
+            "device", "polls", "skipped", "failed", "received", "distinct", "rcvd/polls"
+        );
+        for b in 0..self.buses.len() {
+            let polls = self.bus_u(b, "polls");
+            let (rcv, dist) = self
+                .received
+                .get(&format!("bench/dev{b}"))
+                .copied()
+                .unwrap_or((0, 0));
+            println!(
+                "{:<6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>10.4}",
+                format!("dev{b}"),
+                polls,
+                self.bus_u(b, "skipped_ticks"),
+                self.bus_u(b, "failed"),
+                rcv,
+                dist,
+                rcv as f64 / polls.max(1) as f64
+            );
+        }
+        println!("link summary: {:?}", self.link);
+        let loads: Vec<String> = self.load.iter().map(|l| format!("{:.2}", l[0])).collect();
+        println!("load (1 min) during the window: {}", loads.join(" "));
+        println!(
+            "gateway CPU {:.3} % of one core; VmHWM {} KiB ({:.2} MiB), VmRSS at end {} KiB; \
+             (devices process {:.2} %, mosquitto {:.2} %)",
+            self.cpu_pct,
+            self.hwm_kib,
+            self.hwm_kib as f64 / 1024.0,
+            self.rss_kib,
+            self.devices_cpu_pct,
+            self.broker_cpu_pct
+        );
+    }
+
+    fn print_summary(&self) {
+        let (polls, skipped, received, distinct) = self.totals();
+        let mib = self.hwm_kib as f64 / 1024.0;
+        let p50 = self.link_f("latency_p50_ms");
+        let p99 = self.link_f("latency_p99_ms");
+        let (cpu_target, extra) = if self.interval >= Duration::from_secs(1) {
+            (
+                0.5,
+                format!(
+                    "; RSS {mib:.2} MiB (target <= 8: {}); p99 {p99:.2} ms (target <= 10: {})",
+                    verdict(mib <= 8.0),
+                    verdict(p99 <= 10.0)
+                ),
+            )
+        } else {
+            (
+                3.0,
+                format!(
+                    "; every poll delivered: {}",
+                    verdict(received == polls && distinct == polls && skipped == 0)
+                ),
+            )
+        };
+        println!(
+            "{} ({:?}): CPU {:.3} % of one core | peak RSS {mib:.2} MiB | latency read->PUBACK \
+             p50 {p50:.2} ms, p99 {p99:.2} ms | polls {polls}, skipped ticks {skipped}, link \
+             delivered {} dropped {} undelivered {}, subscriber received {received} ({distinct} \
+             distinct) = {:.4} of polls | load max {:.2} during the window",
+            self.name.to_uppercase(),
+            self.interval,
+            self.cpu_pct,
+            self.link.get("delivered").map_or("?", String::as_str),
+            self.link.get("dropped").map_or("?", String::as_str),
+            self.link.get("undelivered").map_or("?", String::as_str),
+            received as f64 / polls.max(1) as f64,
+            self.load_max()
+        );
+        println!(
+            "    targets: CPU <= {cpu_target} %: {}{extra}   (log: {})",
+            verdict(self.cpu_pct <= cpu_target),
+            self.log.display()
+        );
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// `key=value` pairs of a tracing log line (values without spaces; quotes removed).
+fn fields(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// W3: requests per second on one TCP connection
+
+struct W3 {
+    secs: Duration,
+    fieldbridge: Vec<f64>,
+    bare: Vec<f64>,
+    bus_task: Vec<f64>,
+}
+
+impl W3 {
+    fn print_summary(&self) {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let (fb, bare) = (mean(&self.fieldbridge), mean(&self.bare));
+        println!(
+            "W3 (one TCP connection, FC3 x {REGISTERS} registers, {:?} per round, rounds \
+             alternated): fieldbridge Connection {fb:.0} req/s, bare tokio-modbus {bare:.0} \
+             req/s, ratio {:.3} (target >= 0.9: {})",
+            self.secs,
+            fb / bare,
+            verdict(fb / bare >= 0.9)
+        );
+        if !self.bus_task.is_empty() {
+            let bt = mean(&self.bus_task);
+            println!(
+                "    full bus task path (BusRequest over mpsc, answer on oneshot): {bt:.0} req/s, \
+                 ratio to bare {:.3}",
+                bt / bare
+            );
+        }
+    }
+}
+
+fn w3(o: &Opts, port: u16) -> Res<W3> {
+    println!(
+        "\n== w3: requests/s on one TCP connection to a local tokio-modbus server (port {port}), \
+         {:?} per round, {} rounds each, alternating",
+        o.w3_secs, o.w3_rounds
+    );
+    println!("load before {}", loadavg_text());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let secs = o.w3_secs;
+    let mut r = W3 {
+        secs,
+        fieldbridge: vec![],
+        bare: vec![],
+        bus_task: vec![],
+    };
+    rt.block_on(async {
+        for round in 1..=o.w3_rounds {
+            let fb = rate_connection(port, secs).await?;
+            println!("round {round}: fieldbridge Connection  {fb:>9.0} req/s");
+            r.fieldbridge.push(fb);
+            let bare = rate_bare(port, secs).await?;
+            println!("round {round}: bare tokio-modbus       {bare:>9.0} req/s");
+            r.bare.push(bare);
+        }
+        match rate_bus_task(port, secs).await {
+            Ok(bt) => {
+                println!("bus task path (mpsc + oneshot) {bt:>9.0} req/s");
+                r.bus_task.push(bt);
+            }
+            Err(e) => println!("bus task path skipped: {e}"),
+        }
+        Ok::<(), String>(())
+    })?;
+    println!("load after {}", loadavg_text());
+    Ok(r)
+}
+
+const W3_TIMEOUT: Duration = Duration::from_secs(1);
+const W3_MAX_ERRORS: u64 = 100;
+
+fn rate(n: u64, elapsed: Duration) -> f64 {
+    n as f64 / elapsed.as_secs_f64()
+}
+
+async fn rate_connection(port: u16, secs: Duration) -> Res<f64> {
+    let kind = BusKind::Tcp {
+        host: LOCALHOST.into(),
+        port,
+    };
+    let mut conn = Connection::new(kind, Duration::ZERO, Duration::ZERO, Duration::from_secs(1));
+    // Connect outside the timed loop, as the bare client does.
+    conn.read(1, RegisterKind::Holding, 0, REGISTERS, W3_TIMEOUT)
+        .await
+        .map_err(|e| format!("fieldbridge Connection: {e}"))?;
+    let (mut n, mut errors) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        match conn
+            .read(1, RegisterKind::Holding, 0, REGISTERS, W3_TIMEOUT)
+            .await
+        {
+            Ok(_) => n += 1,
+            Err(e) => {
+                errors += 1;
+                if errors > W3_MAX_ERRORS {
+                    return Err(format!("fieldbridge Connection: {errors} errors, last {e}"));
+                }
+            }
+        }
+    }
+    Ok(rate(n, start.elapsed()))
+}
+
+async fn rate_bare(port: u16, secs: Duration) -> Res<f64> {
+    use tokio_modbus::client::Reader;
+    let addr: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, port).into();
+    let mut ctx = tokio_modbus::client::tcp::connect_slave(addr, tokio_modbus::Slave(1))
+        .await
+        .map_err(|e| format!("bare connect: {e}"))?;
+    let (mut n, mut errors) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        match ctx.read_holding_registers(0, REGISTERS).await {
+            Ok(Ok(words)) if words.len() == usize::from(REGISTERS) => n += 1,
+            other => {
+                errors += 1;
+                if errors > W3_MAX_ERRORS {
+                    return Err(format!(
+                        "bare tokio-modbus: {errors} errors, last {other:?}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(rate(n, start.elapsed()))
+}
+
+/// The path a `fieldbridge read` or a command takes: a request on the bus task's queue,
+/// answered on a oneshot. The device's own poll runs once at start (interval 1h).
+async fn rate_bus_task(port: u16, secs: Duration) -> Res<f64> {
+    use fieldbridge::modbus::{self, BusRequest, Op};
+    let yaml = format!(
+        "gateway:\n  id: w3\nmqtt:\n  host: {LOCALHOST}\n  port: 1\nbuses:\n  - {{ name: b, type: tcp, \
+         host: {LOCALHOST}, port: {port} }}\ndevices:\n  - name: d\n    bus: b\n    interval: 1h\n    \
+         points:\n      - {{ name: r0, address: 0 }}\n"
+    );
+    let config = fieldbridge::config::parse(&yaml, "w3.yaml").map_err(|e| format!("{e:?}"))?;
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(16);
+    let drain = tokio::spawn(async move { while events_rx.recv().await.is_some() {} });
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let devices = vec![(0, config.devices[0].clone())];
+    let handle = modbus::spawn(
+        &config.buses[0],
+        devices,
+        events_tx,
+        cancel.clone(),
+        &tracker,
+    );
+    tracker.close();
+    let call = || async {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let req = BusRequest {
+            unit: 1,
+            op: Op::Read {
+                kind: RegisterKind::Holding,
+                start: 0,
+                count: REGISTERS,
+            },
+            timeout: W3_TIMEOUT,
+            reply,
+        };
+        handle
+            .requests
+            .send(req)
+            .await
+            .map_err(|_| "bus task gone")?;
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer".to_owned()),
+        }
+    };
+    call().await?;
+    let (mut n, mut errors) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        match call().await {
+            Ok(()) => n += 1,
+            Err(e) => {
+                errors += 1;
+                if errors > W3_MAX_ERRORS {
+                    return Err(format!("bus task: {errors} errors, last {e}"));
+                }
+            }
+        }
+    }
+    let r = rate(n, start.elapsed());
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    drop(handle);
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// A child process, stopped by PID (SIGKILL) and reaped when dropped.
+struct Proc {
+    child: Child,
+    what: &'static str,
+}
+
+impl Proc {
+    fn new(child: Child, what: &'static str) -> Proc {
+        Proc { child, what }
+    }
+
+    /// SIGTERM, then wait at most `within`, then SIGKILL. Returns how it ended.
+    fn terminate(&mut self, within: Duration) -> String {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return format!("{status} after SIGTERM, in {:.2?}", start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        format!("did not stop within {within:?} of SIGTERM; killed")
+    }
+
+    fn check_alive(&mut self) -> Res<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(s)) => Err(format!(
+                "{} (pid {}) exited: {s}",
+                self.what,
+                self.child.id()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn sleep_checking(p: &mut Proc, d: Duration) -> Res<()> {
+    let end = Instant::now() + d;
+    loop {
+        p.check_alive()?;
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(500)));
+    }
+}
+
+struct Devices {
+    child: Child,
+    ports: Vec<u16>,
+}
+
+impl Devices {
+    fn start(count: usize) -> Res<Devices> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .args(["devices", "--count", &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("start devices: {e}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut devices = Devices {
+            child,
+            ports: vec![],
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "devices did not report their ports within 10 s")?;
+        devices.ports = line
+            .strip_prefix("PORTS ")
+            .ok_or_else(|| format!("devices said {line:?}"))?
+            .split_whitespace()
+            .map(|p| p.parse().map_err(|_| format!("bad port {p}")))
+            .collect::<Res<_>>()?;
+        if devices.ports.len() != count {
+            return Err(format!("devices reported {line:?}"));
+        }
+        Ok(devices)
+    }
+
+    fn check_alive(&mut self) -> Res<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            other => Err(format!("devices process ended early: {other:?}")),
+        }
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        // Closing its stdin asks it to stop; the kill is for a process that does not.
+        drop(self.child.stdin.take());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Mosquitto {
+    child: Child,
+    port: u16,
+}
+
+impl Mosquitto {
+    fn start(workdir: &Path, nodelay: bool) -> Res<Mosquitto> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or(
+                "mosquitto not found (apt-get install mosquitto, or scripts/install-test-deps)",
+            )?;
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = free_port()?;
+            let conf = workdir.join("mosquitto.conf");
+            let log = workdir.join("mosquitto.log");
+            let _ = std::fs::remove_file(&log);
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} {LOCALHOST}\nallow_anonymous true\npersistence false\n\
+                     log_dest file {}\nlog_type error\nlog_type warning\n\
+                     max_queued_messages 100000\nset_tcp_nodelay {nodelay}\n",
+                    log.display()
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let child = Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("start mosquitto: {e}"))?;
+            let mut m = Mosquitto { child, port };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(s)) = m.child.try_wait() {
+                    last = format!("exited {s}: {}", read_trim(&log.to_string_lossy()));
+                    break;
+                }
+                if TcpStream::connect((LOCALHOST, port)).is_ok() {
+                    return Ok(m);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if last.is_empty() {
+                last = "did not accept within 10 s".into();
+            }
+        }
+        Err(format!("mosquitto did not start: {last}"))
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Res<u16> {
+    let l = TcpListener::bind((LOCALHOST, 0)).map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The subscriber: counts messages per topic (and distinct `ts` per topic, to see duplicates)
+
+struct Subscriber {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Res<BTreeMap<String, (u64, u64)>>>,
+}
+
+impl Subscriber {
+    fn start(port: u16, filter: &str) -> Res<Subscriber> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std_mpsc::channel::<()>();
+        let filter = filter.to_owned();
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(subscribe(port, filter, stop2, ready_tx))
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(()) => Ok(Subscriber { stop, thread }),
+            Err(_) => {
+                stop.store(true, Ordering::Relaxed);
+                let r = thread.join();
+                Err(format!("subscriber not subscribed within 10 s: {r:?}"))
+            }
+        }
+    }
+
+    fn stop(self) -> Res<BTreeMap<String, (u64, u64)>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().map_err(|_| "subscriber panicked")?
+    }
+}
+
+async fn subscribe(
+    port: u16,
+    filter: String,
+    stop: Arc<AtomicBool>,
+    ready: std_mpsc::Sender<()>,
+) -> Res<BTreeMap<String, (u64, u64)>> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(format!("bench-sub-{}", std::process::id()), LOCALHOST, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen: HashMap<String, (u64, HashSet<String>)> = HashMap::new();
+    let mut errors = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let event = match tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await {
+            Err(_) => continue,
+            Ok(e) => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                let _ = ready.send(());
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let ts = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                    .ok()
+                    .and_then(|v| v.get("ts").and_then(|t| t.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                let e = seen.entry(p.topic).or_default();
+                e.0 += 1;
+                e.1.insert(ts);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                errors += 1;
+                if errors > 20 {
+                    return Err(format!("subscriber: {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+    Ok(seen
+        .into_iter()
+        .map(|(t, (n, ts))| (t, (n, ts.len() as u64)))
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The simulated devices
+
+fn devices_main(args: &[String]) -> Res<()> {
+    let mut count = DEVICES + 1;
+    let mut max_secs = 3600u64;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or("devices: option without value")?;
+        match flag.as_str() {
+            "--count" => count = v.parse().map_err(|_| "--count: a number")?,
+            "--max-secs" => max_secs = v.parse().map_err(|_| "--max-secs: a number")?,
+            _ => return Err(format!("devices: unknown option {flag}")),
+        }
+    }
+    let mut ports = Vec::new();
+    for i in 0..count {
+        let listener = TcpListener::bind((LOCALHOST, 0)).map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        ports.push(listener.local_addr().map_err(|e| e.to_string())?.port());
+        std::thread::Builder::new()
+            .name(format!("device-{i}"))
+            .spawn(move || serve_device(listener, i))
+            .map_err(|e| e.to_string())?;
+    }
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    println!("PORTS {}", list.join(" "));
+    // Serve until the harness closes our stdin (or ends), at most `max_secs`.
+    let (tx, rx) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(max_secs));
+    Ok(())
+}
+
+/// One device: its own thread and current-thread runtime, like a device with its own CPU.
+fn serve_device(listener: TcpListener, index: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("device runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let server = tokio_modbus::server::tcp::Server::new(listener);
+        let service = Arc::new(Registers {
+            seed: AtomicU32::new(index as u32 * 1000),
+        });
+        let on_connected = move |stream, addr| {
+            let service = service.clone();
+            let accepted =
+                tokio_modbus::server::tcp::accept_tcp_connection(stream, addr, move |_| {
+                    Ok(Some(service.clone()))
+                });
+            async move { accepted }
+        };
+        let _ = server.serve(&on_connected, |_e| {}).await;
+    });
+}
+
+/// Holding registers whose values change on every read: register `a` reads `seed + a`, and the
+/// seed moves on after each read. Any address answers; other function codes are refused.
+struct Registers {
+    seed: AtomicU32,
+}
+
+impl tokio_modbus::server::Service for Registers {
+    type Request = SlaveRequest<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = std::future::Ready<Result<Response, ExceptionCode>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        std::future::ready(match req.request {
+            Request::ReadHoldingRegisters(address, count) if (1..=125).contains(&count) => {
+                let seed = self.seed.fetch_add(1, Ordering::Relaxed);
+                let words = (0..count)
+                    .map(|i| (seed.wrapping_add(u32::from(address) + u32::from(i))) as u16)
+                    .collect();
+                Ok(Response::ReadHoldingRegisters(words))
+            }
+            Request::ReadHoldingRegisters(..) => Err(ExceptionCode::IllegalDataValue),
+            _ => Err(ExceptionCode::IllegalFunction),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(0, usize::from)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "?".into(), |(_, m)| m.trim().to_owned())
+}
+
+fn loadavg() -> [f64; 3] {
+    let text = read_trim("/proc/loadavg");
+    let mut it = text
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(f64::NAN));
+    [
+        it.next().unwrap_or(f64::NAN),
+        it.next().unwrap_or(f64::NAN),
+        it.next().unwrap_or(f64::NAN),
+    ]
+}
+
+fn loadavg_text() -> String {
+    let [a, b, c] = loadavg();
+    format!("{a:.2} {b:.2} {c:.2} (1/5/15 min)")
+}
+
+/// utime + stime of a process, all threads, in clock ticks (`proc(5)`: fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Res<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // The command name (field 2) may hold spaces; count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')').ok_or("bad stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    // `rest` starts at field 3, so field 14 is index 11.
+    Ok(n(11) + n(12))
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// (VmHWM, VmRSS) in KiB.
+fn memory_kib(pid: u32) -> Res<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let get = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((get("VmHWM:"), get("VmRSS:")))
+}
