@@ -497,6 +497,28 @@ async fn tls_with_mutual_auth_delivers_and_a_wrong_ca_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_arrive_over_mqtt_on_websocket() {
+    let broker = Mosquitto::start_websockets();
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 0, &[77]);
+    let device = TcpDevice::start(state);
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let yaml = format!(
+        "gateway:\n  id: gw\n  prefix: t\nmqtt:\n  url: ws://127.0.0.1:{}/mqtt\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 100ms, points: [ {{ name: v, address: 0 }} ] }}\n",
+        broker.ws_port(),
+        device.port()
+    );
+    let gateway = Gateway::start(&yaml);
+    let msg = probe.expect(|t| t == "t/d/v", WAIT).await;
+    assert_eq!(msg.json()["value"], json!(77));
+    assert!(
+        gateway.logs().contains("MQTT connected"),
+        "{}",
+        gateway.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_publishes_offline_and_exits_zero() {
     let broker = Mosquitto::start();
     let state = DeviceState::new(&[1]);

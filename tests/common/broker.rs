@@ -17,6 +17,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Mosquitto {
     child: Option<Child>,
     port: u16,
+    ws_port: Option<u16>,
     dir: TempDir,
     conf: PathBuf,
     log: PathBuf,
@@ -35,7 +36,28 @@ impl Mosquitto {
         Self::start_with(Some((certs, require_client_cert)))
     }
 
+    /// Plain MQTT as `start`, plus MQTT over WebSocket on a second loopback port
+    /// (`ws_port()`).
+    pub fn start_websockets() -> Mosquitto {
+        let ws = free_port();
+        let mut m = Self::start_with_extra(
+            None,
+            &format!("listener {ws} 127.0.0.1\nprotocol websockets\n"),
+        );
+        m.ws_port = Some(ws);
+        m
+    }
+
+    /// The WebSocket listener's port (`start_websockets` only).
+    pub fn ws_port(&self) -> u16 {
+        self.ws_port.expect("started with start_websockets")
+    }
+
     fn start_with(tls: Option<(&TestCerts, bool)>) -> Mosquitto {
+        Self::start_with_extra(tls, "")
+    }
+
+    fn start_with_extra(tls: Option<(&TestCerts, bool)>, extra: &str) -> Mosquitto {
         let dir = tempfile::Builder::new()
             .prefix("fieldbridge-mosquitto-")
             .tempdir()
@@ -46,6 +68,7 @@ impl Mosquitto {
         let mut m = Mosquitto {
             child: None,
             port: 0,
+            ws_port: None,
             dir,
             conf,
             log,
@@ -56,6 +79,11 @@ impl Mosquitto {
         for _ in 0..3 {
             m.port = free_port();
             write_config(&m.conf, &m.log, m.port, tls);
+            if !extra.is_empty() {
+                let mut conf = std::fs::read_to_string(&m.conf).expect("read mosquitto.conf");
+                conf.push_str(extra);
+                std::fs::write(&m.conf, conf).expect("write mosquitto.conf");
+            }
             match m.spawn_and_wait() {
                 Ok(()) => return m,
                 Err(e) => last_err = e,
