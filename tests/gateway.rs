@@ -350,6 +350,15 @@ fn counter_values(msgs: &[Msg], topic: &str) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_outage_loses_nothing_from_the_memory_queue_and_keeps_order() {
+    network_outage_loses_nothing("store:\n  path: none\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_outage_loses_nothing_through_the_store_and_keeps_order() {
+    network_outage_loses_nothing("").await;
+}
+
+async fn network_outage_loses_nothing(store: &str) {
     let broker = Mosquitto::start();
     let relay = Relay::start(broker.port()).await;
     let state = DeviceState::new(&[1]);
@@ -357,7 +366,7 @@ async fn a_network_outage_loses_nothing_from_the_memory_queue_and_keeps_order() 
     let device = TcpDevice::start(state);
     let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
     let yaml = format!(
-        "{}buses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 50ms, points: [ {{ name: n, address: 0 }} ] }}\n",
+        "{}{store}buses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 50ms, points: [ {{ name: n, address: 0 }} ] }}\n",
         header(relay.port()),
         device.port()
     );
