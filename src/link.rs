@@ -747,22 +747,8 @@ impl Manager {
         let now_ms = crate::store::now_ms();
         for row in rows {
             self.cursor = self.cursor.max(row.id);
-            let age =
-                Duration::from_millis(now_ms.saturating_sub(row.message.created).max(0) as u64);
-            let seq = self.next_seq();
-            let m = row.message;
-            self.queue.push_back(Entry {
-                seq,
-                msg: OutMessage {
-                    topic: m.topic,
-                    payload: m.payload,
-                    qos: m.qos,
-                    retain: m.retain,
-                    created: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
-                },
-                store_id: Some(row.id),
-                volatile: false,
-            });
+            let entry = self.entry(row.message, Some(row.id), now_ms);
+            self.queue.push_back(entry);
         }
         if self.last_read_short && self.appends_since_read == 0 && !self.always {
             // Everything stored is in memory now: new messages can go straight to the queue,
@@ -779,20 +765,28 @@ impl Manager {
             "store write failed: keeping messages in memory (bounded by mqtt.queue.capacity); retrying the store in 30 s"
         );
         self.store_failed_at = Some(Instant::now());
+        let now_ms = crate::store::now_ms();
         for m in returned {
-            let seq = self.next_seq();
-            self.queue.push_back(Entry {
-                seq,
-                msg: OutMessage {
-                    topic: m.topic,
-                    payload: m.payload,
-                    qos: m.qos,
-                    retain: m.retain,
-                    created: Instant::now(),
-                },
-                store_id: None,
-                volatile: false,
-            });
+            let entry = self.entry(m, None, now_ms);
+            self.queue.push_back(entry);
+        }
+    }
+
+    /// A queue entry for a message that was (or was meant to be) stored; its age is kept, so
+    /// latency counts from the reading.
+    fn entry(&mut self, m: NewMessage, store_id: Option<i64>, now_ms: i64) -> Entry {
+        let age = Duration::from_millis(now_ms.saturating_sub(m.created).max(0) as u64);
+        Entry {
+            seq: self.next_seq(),
+            msg: OutMessage {
+                topic: m.topic,
+                payload: m.payload,
+                qos: m.qos,
+                retain: m.retain,
+                created: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            },
+            store_id,
+            volatile: false,
         }
     }
 

@@ -70,21 +70,23 @@ async fn collect_until(probe: &mut MqttProbe, msgs: &mut Vec<Msg>, target: u64) 
 fn assert_complete_in_order(seen: &[u64], last: u64) -> Vec<u64> {
     let mut distinct = seen.to_vec();
     distinct.dedup();
-    let first = distinct[0];
-    let expected: Vec<u64> = (first..=last).collect();
-    let mut sorted = distinct.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let missing: Vec<u64> = expected
-        .iter()
-        .filter(|v| sorted.binary_search(v).is_err())
-        .copied()
-        .collect();
+    let missing = missing(seen, last);
     assert!(
         missing.is_empty(),
-        "missing {missing:?} of {first}..={last}"
+        "missing {missing:?} of {}..={last}",
+        distinct[0]
     );
     distinct
+}
+
+/// Values from the first seen up to `last` that never arrived.
+fn missing(seen: &[u64], last: u64) -> Vec<u64> {
+    let mut seen = seen.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    (seen[0]..=last)
+        .filter(|v| seen.binary_search(v).is_err())
+        .collect()
 }
 
 async fn wait_for_reads(device: &TcpDevice, n: usize) {
@@ -197,12 +199,7 @@ async fn kill_9_during_an_outage_loses_at_most_the_last_commit_window() {
     relay.restore();
     let last = served(&device) - 1;
     collect_until(&mut probe, &mut msgs, last).await;
-    let mut seen = values(&msgs);
-    seen.sort_unstable();
-    seen.dedup();
-    let missing: Vec<u64> = (seen[0]..=last)
-        .filter(|v| seen.binary_search(v).is_err())
-        .collect();
+    let missing = missing(&values(&msgs), last);
     // The commit window is 100 ms = 2 polls; allow the read in flight and one more.
     assert!(missing.len() <= 4, "lost {missing:?}");
     assert!(
@@ -239,12 +236,7 @@ async fn kill_9_during_the_drain_loses_nothing() {
     collect_until(&mut probe, &mut msgs, last).await;
     // Nothing acknowledged was lost and nothing unacknowledged was deleted: every value but
     // those read in the kill's commit window arrived.
-    let mut seen = values(&msgs);
-    seen.sort_unstable();
-    seen.dedup();
-    let missing: Vec<u64> = (seen[0]..=last)
-        .filter(|v| seen.binary_search(v).is_err())
-        .collect();
+    let missing = missing(&values(&msgs), last);
     assert!(
         missing.len() <= 8,
         "lost {} values: {missing:?}",
@@ -344,12 +336,7 @@ async fn durability_always_survives_kill_9_while_online() {
     wait_for_reads(&device, 5).await;
     let last = served(&device) - 1;
     collect_until(&mut probe, &mut msgs, last).await;
-    let mut seen = values(&msgs);
-    seen.sort_unstable();
-    seen.dedup();
-    let missing: Vec<u64> = (seen[0]..=last)
-        .filter(|v| seen.binary_search(v).is_err())
-        .collect();
+    let missing = missing(&values(&msgs), last);
     assert!(
         missing.iter().all(|&v| v + 4 >= killed_at),
         "lost {missing:?} (killed after read {killed_at})"
