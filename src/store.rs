@@ -227,6 +227,8 @@ pub fn open(
     worker.load_levels();
     let thread = std::thread::Builder::new()
         .name("fieldbridge-store".into())
+        // SQLite needs far less than the default 2 MiB (its deepest recursion is in the parser).
+        .stack_size(256 * 1024)
         .spawn(move || worker.run(rx))
         .map_err(|e| StoreError::Io(e.to_string()))?;
     Ok((
@@ -261,6 +263,9 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, OpenFailur
     .map_err(classify)?;
     db.pragma_update(None, "journal_mode", "WAL")
         .map_err(classify)?;
+    // Rows are written once and read once, in order: a large page cache buys nothing and
+    // costs resident memory on a Pi (SQLite's default is 2 MiB).
+    db.pragma_update(None, "cache_size", -256).map_err(classify)?;
     db.pragma_update(
         None,
         "synchronous",

@@ -150,6 +150,9 @@ struct Job {
     group: usize,
     due: Instant,
     interval: Duration,
+    /// Offset of this job's grid within its interval (see [`phase_of`]); applied after the
+    /// first poll, which runs at once.
+    phase: Option<Duration>,
 }
 
 struct BusTask {
@@ -187,6 +190,10 @@ impl BusTask {
                             group: g,
                             due: now,
                             interval: group.interval,
+                            phase: Some(phase_of(
+                                &format!("{}/{}", device.name, group.name),
+                                group.interval,
+                            )),
                         });
                     }
                 }
@@ -363,7 +370,12 @@ impl BusTask {
         // Schedule the next run of every job of this device.
         let backoff_until = self.devices[slot].backoff_until;
         let j = &mut self.jobs[job];
-        let (next, skipped) = next_due(due, interval, now);
+        let (next, skipped) = match j.phase.take() {
+            // First poll done: move onto this job's own grid, without counting a skip.
+            Some(phase) if due + phase > now => (due + phase, 0),
+            Some(phase) => (next_due(due + phase, interval, now).0, 0),
+            None => next_due(due, interval, now),
+        };
         j.due = next;
         BusStats::add(&self.stats.skipped_ticks, skipped);
         if let Some(until) = backoff_until {
@@ -516,6 +528,20 @@ pub fn next_due(due: Instant, interval: Duration, now: Instant) -> (Instant, u64
     (next + interval * skip, missed)
 }
 
+/// Where in its interval a poll job runs: a stable offset from the job's name (FNV-1a), so
+/// that devices with the same interval do not all poll, and publish, at the same instant.
+/// A burst of simultaneous publishes costs latency (the broker's Nagle holds back all but the
+/// first PUBACK until our delayed ACK, ~40 ms) and loads the bus and the CPU in spikes.
+pub fn phase_of(name: &str, interval: Duration) -> Duration {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let nanos = interval.as_nanos().max(1);
+    Duration::from_nanos((u128::from(h) % nanos) as u64)
+}
+
 /// Spacing of a failing device's polls: the interval doubled per consecutive failure, capped.
 pub fn backoff(interval: Duration, failures: u32, cap: Duration) -> Duration {
     let factor = 1u32 << failures.saturating_sub(1).min(16);
@@ -547,6 +573,19 @@ mod tests {
         let (next, skipped) = next_due(t0, i, t0 + Duration::from_millis(100));
         assert_eq!(next, t0 + Duration::from_millis(200));
         assert_eq!(skipped, 1);
+    }
+
+    #[test]
+    fn phases_are_stable_within_the_interval_and_spread() {
+        let i = Duration::from_secs(1);
+        let phases: Vec<Duration> = (0..10).map(|n| phase_of(&format!("meter-{n}/default"), i)).collect();
+        assert!(phases.iter().all(|p| *p < i));
+        assert_eq!(phase_of("meter-0/default", i), phases[0], "stable across runs");
+        let mut sorted = phases.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 10, "distinct: {phases:?}");
+        assert_eq!(phase_of("x", Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
