@@ -35,7 +35,7 @@ const DEVICES: usize = 10;
 const USAGE: &str = "\
 usage: gateway run [--gateway PATH] [--warmup SECS] [--measure SECS] [--w3-secs SECS]
                    [--w3-rounds N] [--load-max LOAD] [--load-wait SECS] [--workdir DIR]
-                   [--only w1,w2,w3] [--broker-nodelay true|false]
+                   [--only w1,w2,w1n,w3]
        gateway devices [--count N] [--max-secs SECS]
 Run through scripts/bench, which builds the release binaries first (see benches/README.md).";
 
@@ -76,8 +76,6 @@ struct Opts {
     load_wait: Duration,
     workdir: PathBuf,
     only: Vec<String>,
-    /// mosquitto's `set_tcp_nodelay` (its default, false, unless asked).
-    broker_nodelay: bool,
 }
 
 impl Opts {
@@ -91,8 +89,7 @@ impl Opts {
             load_max: 1.0,
             load_wait: Duration::from_secs(300),
             workdir: PathBuf::from("target/bench-run"),
-            only: vec!["w1".into(), "w2".into(), "w3".into()],
-            broker_nodelay: false,
+            only: ["w1", "w2", "w1n", "w3"].map(String::from).to_vec(),
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -125,9 +122,6 @@ impl Opts {
                 }
                 "--workdir" => o.workdir = PathBuf::from(value),
                 "--only" => o.only = value.split(',').map(str::to_owned).collect(),
-                "--broker-nodelay" => {
-                    o.broker_nodelay = value.parse().map_err(|_| "--broker-nodelay: true|false")?;
-                }
                 _ => return Err(format!("unknown option {flag}\n{USAGE}")),
             }
         }
@@ -161,26 +155,26 @@ fn run(o: &Opts) -> Res<()> {
     let load_before = loadavg_text();
 
     let mut devices = Devices::start(DEVICES + 1)?;
-    let broker = Mosquitto::start(&workdir, o.broker_nodelay)?;
     println!(
-        "peers        mosquitto pid {} port {} (set_tcp_nodelay {}); devices pid {} ports {:?}",
-        broker.child.id(),
-        broker.port,
-        o.broker_nodelay,
+        "devices      pid {} ports {:?}",
         devices.child.id(),
         devices.ports
     );
 
     let mut results = Vec::new();
-    for (w, interval) in [
-        ("w1", Duration::from_secs(1)),
-        ("w2", Duration::from_millis(100)),
+    // w1n: W1 against a mosquitto with `set_tcp_nodelay true` (its default is false, and then
+    // its PUBACKs wait on Nagle's algorithm; see benches/README.md).
+    for (w, interval, nodelay) in [
+        ("w1", Duration::from_secs(1), false),
+        ("w2", Duration::from_millis(100), false),
+        ("w1n", Duration::from_secs(1), true),
     ] {
         if !o.wants(w) {
             continue;
         }
         wait_for_quiet(o.load_max, o.load_wait);
-        let r = gateway_workload(
+        let broker = Mosquitto::start(&workdir, nodelay)?;
+        let mut r = gateway_workload(
             o,
             w,
             interval,
@@ -191,6 +185,7 @@ fn run(o: &Opts) -> Res<()> {
             devices.child.id(),
             broker.child.id(),
         )?;
+        r.broker_nodelay = nodelay;
         results.push(r);
     }
     let w3 = if o.wants("w3") {
@@ -199,7 +194,6 @@ fn run(o: &Opts) -> Res<()> {
         None
     };
     devices.check_alive()?;
-    drop(broker);
     drop(devices);
 
     println!("\n== summary");
@@ -252,6 +246,8 @@ struct Workload {
     cpu_pct: f64,
     devices_cpu_pct: f64,
     broker_cpu_pct: f64,
+    /// mosquitto's `set_tcp_nodelay`.
+    broker_nodelay: bool,
     hwm_kib: u64,
     rss_kib: u64,
     load: Vec<[f64; 3]>,
@@ -263,14 +259,19 @@ struct Workload {
     log: PathBuf,
 }
 
-fn gateway_config(broker: u16, ports: &[u16], interval: Duration) -> String {
+/// The gateway's config. `store`: the outbox file (the default settings otherwise), or `None`
+/// for a gateway that has no `store` section (before store-and-forward).
+fn gateway_config(broker: u16, ports: &[u16], interval: Duration, store: Option<&Path>) -> String {
     let mut y = String::new();
     let _ = write!(
         y,
         "gateway:\n  id: bench-gw\n  prefix: bench\n  log_level: info\n\
-         mqtt:\n  host: {LOCALHOST}\n  port: {broker}\n\
-         buses:\n"
+         mqtt:\n  host: {LOCALHOST}\n  port: {broker}\n"
     );
+    if let Some(store) = store {
+        let _ = write!(y, "store:\n  path: {}\n", store.display());
+    }
+    y.push_str("buses:\n");
     for (i, port) in ports.iter().enumerate() {
         let _ = writeln!(
             y,
@@ -312,8 +313,35 @@ fn gateway_workload(
         o.measure
     );
     let config = workdir.join(format!("{name}.yaml"));
-    std::fs::write(&config, gateway_config(broker, ports, interval))
-        .map_err(|e| format!("{}: {e}", config.display()))?;
+    // Never the default store path (/var/lib/...): the outbox lives in the work directory.
+    let store = workdir.join(format!("{name}.outbox.db"));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", store.display()));
+    }
+    std::fs::write(
+        &config,
+        gateway_config(broker, ports, interval, Some(&store)),
+    )
+    .map_err(|e| format!("{}: {e}", config.display()))?;
+    let check = Command::new(gateway)
+        .args(["check", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{} check: {e}", gateway.display()))?;
+    if !check.status.success() {
+        let text = String::from_utf8_lossy(&check.stderr).into_owned()
+            + &String::from_utf8_lossy(&check.stdout);
+        if !text.contains("store") {
+            return Err(format!(
+                "fieldbridge check refused {}:\n{text}",
+                config.display()
+            ));
+        }
+        println!("this gateway has no `store` section: config without it");
+        std::fs::write(&config, gateway_config(broker, ports, interval, None))
+            .map_err(|e| format!("{}: {e}", config.display()))?;
+    }
     let log = workdir.join(format!("{name}.gateway.log"));
 
     let sub = Subscriber::start(broker, "bench/#")?;
@@ -330,7 +358,7 @@ fn gateway_workload(
     let mut gw = Proc::new(child, "gateway");
     let pid = gw.child.id();
     println!(
-        "gateway pid {pid}, config {}, log {}",
+        "gateway pid {pid}, mosquitto pid {broker_pid} port {broker}, config {}, log {}",
         config.display(),
         log.display()
     );
@@ -387,6 +415,7 @@ fn gateway_workload(
         cpu_pct: pct(cpu0, cpu1),
         devices_cpu_pct: pct(dev0, dev1),
         broker_cpu_pct: pct(brk0, brk1),
+        broker_nodelay: false,
         hwm_kib,
         rss_kib,
         load,
@@ -509,12 +538,13 @@ impl Workload {
             )
         };
         println!(
-            "{} ({:?}): CPU {:.3} % of one core | peak RSS {mib:.2} MiB | latency read->PUBACK \
+            "{} ({:?}, mosquitto set_tcp_nodelay {}): CPU {:.3} % of one core | peak RSS {mib:.2} MiB | latency read->PUBACK \
              p50 {p50:.2} ms, p99 {p99:.2} ms | polls {polls}, skipped ticks {skipped}, link \
              delivered {} dropped {} undelivered {}, subscriber received {received} ({distinct} \
              distinct) = {:.4} of polls | load max {:.2} during the window",
             self.name.to_uppercase(),
             self.interval,
+            self.broker_nodelay,
             self.cpu_pct,
             self.link.get("delivered").map_or("?", String::as_str),
             self.link.get("dropped").map_or("?", String::as_str),
