@@ -67,7 +67,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<Ru
             tracing::warn!(bus = %bus.name, "bus has no devices; not opened");
             continue;
         }
-        buses.push(modbus::spawn(
+        let spawn = match bus.kind {
+            crate::model::BusKind::Lines(_) => crate::lines::spawn,
+            _ => modbus::spawn,
+        };
+        buses.push(spawn(
             bus,
             devices,
             events_tx.clone(),

@@ -44,6 +44,9 @@ enum Command {
     Check {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Show how LINE parses for line device DEVICE (escapes like \r\n are understood).
+        #[arg(long, num_args = 2, value_names = ["DEVICE", "LINE"])]
+        sample: Option<Vec<String>>,
     },
     /// Print the store-and-forward backlog (works while the gateway runs).
     Status {
@@ -71,7 +74,7 @@ pub fn main() -> i32 {
     };
     let path = match &cli.command {
         Command::Run { config, .. }
-        | Command::Check { config }
+        | Command::Check { config, .. }
         | Command::Status { config }
         | Command::Read { config, .. } => config.clone(),
     };
@@ -83,9 +86,21 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
-        Command::Check { .. } => {
+        Command::Check { sample, .. } => {
             print!("{}", check_report(&path, &config));
-            EXIT_OK
+            match sample.as_deref() {
+                Some([device, line]) => match crate::lines::sample_report(&config, device, line) {
+                    Ok(report) => {
+                        print!("\n{report}");
+                        EXIT_OK
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        EXIT_CONFIG
+                    }
+                },
+                _ => EXIT_OK,
+            }
         }
         Command::Run { journald, .. } => {
             crate::logging::init(&config.gateway.log_level, crate::logging::choose(journald));
@@ -110,6 +125,8 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     // One thread is plenty for a gateway and keeps memory small on a Pi.
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(2)
+        .thread_stack_size(256 * 1024)
         .build()
 }
 
@@ -221,9 +238,30 @@ pub fn check_report(path: &Path, config: &Config) -> String {
                 let _ = writeln!(out, "\nbus {} (rtu over tcp {host}:{port})", bus.name);
                 None
             }
+            BusKind::Lines(l) => {
+                let s = &l.serial;
+                let _ = writeln!(
+                    out,
+                    "\nbus {} (lines {} {} {}{}{}, line end {:?}, max line {} bytes, {:?})",
+                    bus.name,
+                    s.port,
+                    s.baud,
+                    s.data_bits,
+                    parity_letter(s.parity),
+                    s.stop_bits,
+                    String::from_utf8_lossy(&l.line_end),
+                    l.max_line,
+                    l.encoding
+                );
+                None
+            }
         };
         let mut load = 0.0f64;
         for device in config.devices.iter().filter(|d| d.bus == b) {
+            if device.line.is_some() {
+                out.push_str(&crate::lines::check_device(device));
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "  device {} unit {} timeout {}, {} point(s)",
@@ -336,6 +374,12 @@ fn read(config: &Config, device_name: &str, point: Option<&str>) -> i32 {
         );
         return EXIT_CONFIG;
     };
+    if device.line.is_some() {
+        eprintln!(
+            "{device_name} is a line device: `read` speaks Modbus; use `check --sample {device_name} 'LINE'` to test its parser"
+        );
+        return EXIT_CONFIG;
+    }
     let selected: Vec<usize> = match point {
         Some(name) => match device.points.iter().position(|p| p.name == name) {
             Some(i) => vec![i],

@@ -315,6 +315,12 @@ pub enum Step {
         on: bool,
         multiple: bool,
     },
+    /// Send a line to a line device (see [`crate::lines::command_plan`]); with `reply`, the
+    /// regex its answer must match.
+    Line {
+        bytes: Vec<u8>,
+        reply: Option<String>,
+    },
 }
 
 /// A validated command, ready for the bus.
@@ -325,7 +331,7 @@ pub struct Plan {
     pub raw: Raw,
 }
 
-fn refusal_of(e: &CodecError) -> Refusal {
+pub(crate) fn refusal_of(e: &CodecError) -> Refusal {
     let reason = match e {
         CodecError::OutOfRange { .. } | CodecError::OutOfBounds { .. } => "out_of_range",
         CodecError::UnknownLabel(_) => "unknown_label",

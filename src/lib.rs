@@ -9,6 +9,8 @@
 //! - [`publish`]: topics, payloads and the change filter (pure).
 //! - [`modbus`]: one task per bus owning its connection; timeouts, reset after a timeout,
 //!   frame gap, reconnect back-off, device scheduling and write priority.
+//! - [`lines`]: serial devices that print lines of text (streamed or polled): pure parsing
+//!   and templates in `lines::parse`, one task per port in `lines::task`, same bus interface.
 //! - [`link`]: the MQTT link task: owns the rumqttc event loop, tracks every message until
 //!   its PUBACK, re-sends after reconnect, bounded queue with a declared policy.
 //! - [`store`]: the SQLite outbox (one owner thread): spill, drain, cap, crash safety.
@@ -27,6 +29,7 @@ pub mod codec;
 pub mod command;
 pub mod config;
 pub mod health;
+pub mod lines;
 pub mod link;
 pub mod logging;
 pub mod modbus;

@@ -180,6 +180,8 @@ pub enum BusKind {
     Tcp { host: String, port: u16 },
     /// Modbus RTU frames carried over a TCP connection (serial device servers).
     RtuOverTcp { host: String, port: u16 },
+    /// A serial port of devices that print lines of text (see [`crate::lines`]).
+    Lines(LineBus),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -357,6 +359,9 @@ pub struct Device {
     pub points: Vec<Point>,
     /// Command settings of each point: `commands[i]` belongs to `points[i]` (same length).
     pub commands: Vec<PointCommand>,
+    /// Set for the devices of a `lines` bus (their points have no register: `kind` and
+    /// `address` are unused, the field each point reads is in `LineDevice::points`).
+    pub line: Option<LineDevice>,
 }
 
 /// How a bit inside a register is written.
@@ -454,4 +459,81 @@ impl Value {
             Value::Text(_) => None,
         }
     }
+}
+
+/// Text encoding of a line bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// Lines that are not valid UTF-8 are counted and dropped.
+    Utf8,
+    /// Every byte is one character (ISO 8859-1): never invalid.
+    Latin1,
+}
+
+/// A serial port of text devices (`type: lines`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineBus {
+    pub serial: Serial,
+    /// Terminator of received lines and the default of sent ones: `\n`, `\r\n` or `\r`.
+    pub line_end: Vec<u8>,
+    /// Longest line accepted, bytes (terminator excluded); longer ones are dropped, counted.
+    pub max_line: usize,
+    pub encoding: Encoding,
+}
+
+/// How a line device talks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LineMode {
+    /// The device prints lines by itself; `Device::timeout` is the longest expected silence.
+    Stream,
+    /// The gateway sends `query` every `interval` and waits `timeout` for the answer line.
+    Poll { query: Vec<u8> },
+}
+
+/// How one line becomes named fields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LineParser {
+    /// A regular expression with named captures (validated at load).
+    Regex(String),
+    /// `key=value` pairs separated by `separator`; `assign` between key and value.
+    Kv { separator: String, assign: String },
+    /// One JSON object per line; fields are top-level keys or JSON pointers (`/a/0/b`).
+    Json,
+}
+
+/// An optional integrity check of each line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checksum {
+    /// NMEA 0183: `$...*hh`, XOR of the bytes between `$` (or `!`) and `*`, two hex digits.
+    Nmea,
+}
+
+/// What a line device needs beyond a Modbus device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineDevice {
+    pub mode: LineMode,
+    pub parser: LineParser,
+    pub checksum: Option<Checksum>,
+    /// A sample line shown parsed by `fieldbridge check`.
+    pub sample: Option<String>,
+    /// `points[i]` belongs to `Device::points[i]`.
+    pub points: Vec<LinePoint>,
+}
+
+/// The line side of one point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinePoint {
+    /// Capture name (regex), key (kv), key or JSON pointer (json).
+    pub field: String,
+    /// For writable points: the line sent.
+    pub command: Option<LineCommand>,
+}
+
+/// A templated command line (`SET {value:.1}\r\n`) and the reply it expects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineCommand {
+    /// With escapes already resolved; `{value}` / `{value:.N}` placeholders (validated).
+    pub template: String,
+    /// Regular expression a reply line must match (validated); `None`: no reply awaited.
+    pub reply: Option<String>,
 }

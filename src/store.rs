@@ -265,7 +265,8 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, OpenFailur
         .map_err(classify)?;
     // Rows are written once and read once, in order: a large page cache buys nothing and
     // costs resident memory on a Pi (SQLite's default is 2 MiB).
-    db.pragma_update(None, "cache_size", -256).map_err(classify)?;
+    db.pragma_update(None, "cache_size", -256)
+        .map_err(classify)?;
     db.pragma_update(
         None,
         "synchronous",

@@ -214,7 +214,10 @@ impl Router {
             }
         }
         let checked = check_expiry(&cmd, settings.max_age, SystemTime::now())
-            .and_then(|()| plan(point, settings, &cmd.value))
+            .and_then(|()| match device.line {
+                Some(_) => crate::lines::command_plan(&config, d, p, &cmd.value),
+                None => plan(point, settings, &cmd.value),
+            })
             .and_then(|plan| {
                 let limiter = match settings.rate {
                     Some(rate) => Some(
@@ -488,6 +491,14 @@ async fn execute(config: &Config, bus: &BusHandle, job: &Job) -> Result<Executed
             ask(Op::Write(set_bit_write(
                 *address, reg, *bit, *on, *multiple,
             )))
+            .await?;
+        }
+        Step::Line { bytes, reply } => {
+            ask(Op::Line {
+                device: job.device,
+                bytes: bytes.clone(),
+                reply: reply.clone(),
+            })
             .await?;
         }
     }

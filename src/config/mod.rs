@@ -10,6 +10,7 @@
 //! Derived fields (rendered topics, the `default` poll group, the RTU frame gap) are computed
 //! here so that runtime code never re-validates.
 
+mod lines;
 mod locate;
 mod raw;
 
@@ -626,7 +627,7 @@ impl Validator {
             self.err(
                 "buses",
                 "no bus is defined",
-                Some("add a bus (type rtu, tcp or rtu_over_tcp)".into()),
+                Some("add a bus (type rtu, tcp, rtu_over_tcp or lines)".into()),
             );
         }
 
@@ -1264,6 +1265,10 @@ impl Validator {
             Tcp,
             RtuOverTcp,
         }
+        if b.kind == "lines" {
+            return self.line_bus(path, b);
+        }
+        self.no_line_bus_keys(path, &b);
         let p = |k: &str| format!("{path}.{k}");
         self.level(&p("name"), &b.name);
         let kind = self.choice(
@@ -1274,6 +1279,8 @@ impl Validator {
                 ("rtu", K::Rtu),
                 ("tcp", K::Tcp),
                 ("rtu_over_tcp", K::RtuOverTcp),
+                // Handled above by `line_bus`; listed for the error message.
+                ("lines", K::Rtu),
             ],
         );
         let connect_delay = self.duration(
@@ -1541,8 +1548,15 @@ impl Validator {
         let p = |k: &str| format!("{path}.{k}");
         self.level(&p("name"), &d.name);
         let tcp = matches!(bus.map(|b| &b.kind), Some(BusKind::Tcp { .. }));
+        let line_bus = lines::is_lines(bus);
+        let mut d = d;
+        let line_keys = lines::LineKeys::take(&mut d);
         let errors_before = self.errors.len();
         let unit = match d.unit {
+            Some(_) if line_bus => {
+                self.no_unit(path);
+                1
+            }
             Some(0) => {
                 self.err(
                     &p("unit"),
@@ -1558,7 +1572,7 @@ impl Validator {
                 self.err(&p("unit"), format!("{n} is outside {range}"), None);
                 1
             }
-            None if tcp || bus.is_none() => 1,
+            None if tcp || bus.is_none() || line_bus => 1,
             None => {
                 self.err(
                     path,
@@ -1568,7 +1582,8 @@ impl Validator {
                 1
             }
         };
-        let unit_ok = self.errors.len() == errors_before;
+        // Line devices have no unit: never checked for uniqueness.
+        let unit_ok = self.errors.len() == errors_before && !line_bus;
         let min_interval = Duration::from_millis(10);
         let interval = self.duration_min(
             &p("interval"),
@@ -1576,7 +1591,7 @@ impl Validator {
             Duration::from_secs(1),
             min_interval,
         );
-        let timeout = self.duration_min(
+        let mut timeout = self.duration_min(
             &p("timeout"),
             d.timeout.as_ref(),
             Duration::from_secs(1),
@@ -1663,9 +1678,15 @@ impl Validator {
         let command_defaults = self.command_defaults(&p("command"), d.command.as_ref());
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut address_valid: Vec<bool> = Vec::new();
+        let mut line_points = Vec::new();
         for (j, mut rp) in d.points.into_iter().enumerate() {
             let raw_command = rp.command.take();
             let pp = format!("{path}.points[{j}]");
+            if line_bus {
+                line_points.push(self.line_point(&pp, &mut rp, raw_command.as_ref(), bus));
+            } else {
+                self.no_line_point_keys(&pp, &rp, raw_command.as_ref());
+            }
             if let Some(first) = names.get(&rp.name) {
                 self.err(
                     &format!("{pp}.name"),
@@ -1679,7 +1700,7 @@ impl Validator {
                 names.insert(rp.name.clone(), j);
             }
             let duplicate = names.get(&rp.name) != Some(&j);
-            let address_ok = (0..=65_535).contains(&rp.address);
+            let address_ok = !line_bus && rp.address.is_some_and(|a| (0..=65_535).contains(&a));
             let mut point = self.point(&pp, rp, &groups, &defaults, gw, &d.name);
             commands.push(self.point_command(
                 &pp,
@@ -1711,6 +1732,12 @@ impl Validator {
                 Some("add at least one point to read".into()),
             );
         }
+        let line = if line_bus {
+            Some(self.line_device(path, line_keys, bus, line_points, &mut timeout))
+        } else {
+            self.no_line_device_keys(path, &line_keys);
+            None
+        };
         let device = Device {
             name: d.name,
             bus: 0,
@@ -1727,6 +1754,7 @@ impl Validator {
             status_topic,
             points,
             commands,
+            line,
         };
         (device, unit_ok)
     }
@@ -1883,7 +1911,11 @@ impl Validator {
         }
 
         // address
-        let address = match r.address {
+        let raw_address = r.address.unwrap_or_else(|| {
+            self.err(&p("address"), "required key `address` is missing", None);
+            0
+        });
+        let address = match raw_address {
             a if (0..=65_535).contains(&a) => a as u16,
             a => {
                 let hint = if (400_001..=465_536).contains(&a) || (40_001..=49_999).contains(&a) {
@@ -1901,7 +1933,7 @@ impl Validator {
         } else {
             ("registers", dflt.max_registers)
         };
-        if (0..=65_535).contains(&r.address) && u32::from(address) + u32::from(width) > 65_536 {
+        if (0..=65_535).contains(&raw_address) && u32::from(address) + u32::from(width) > 65_536 {
             self.err(
                 &p("address"),
                 format!(

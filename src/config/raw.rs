@@ -101,6 +101,10 @@ pub struct RawBus {
     pub host: Option<String>,
     pub connect_delay: Option<Value>,
     pub reconnect_max: Option<Value>,
+    /// `lines` buses: `\n` (default), `\r\n` or `\r`.
+    pub line_end: Option<String>,
+    pub max_line: Option<i64>,
+    pub encoding: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,14 +139,42 @@ pub struct RawDevice {
     /// Defaults for the command settings of this device's writable points.
     pub command: Option<RawCommand>,
     pub points: Vec<RawPoint>,
+    /// Devices of `lines` buses: `stream` or `poll`.
+    pub mode: Option<String>,
+    pub query: Option<String>,
+    pub parse: Option<RawParse>,
+    pub checksum: Option<String>,
+    pub sample: Option<String>,
 }
+
+/// How a line device's lines are parsed: exactly one of the three.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParse {
+    pub regex: Option<String>,
+    pub kv: Option<RawKv>,
+    pub json: Option<RawJson>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKv {
+    pub separator: Option<String>,
+    pub assign: Option<String>,
+}
+
+/// `json: {}` (no options yet).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJson {}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPoint {
     pub name: String,
     pub register: Option<String>,
-    pub address: i64,
+    /// Required for Modbus points; line points name a `field` instead.
+    pub address: Option<i64>,
     #[serde(rename = "type")]
     pub data_type: Option<String>,
     pub bit: Option<i64>,
@@ -163,6 +195,8 @@ pub struct RawPoint {
     pub min: Option<f64>,
     pub max: Option<f64>,
     pub command: Option<RawCommand>,
+    /// Line points: capture name, key or JSON pointer.
+    pub field: Option<String>,
 }
 
 /// Command settings (device defaults or per point).
@@ -176,4 +210,7 @@ pub struct RawCommand {
     pub read_back: Option<bool>,
     pub max_age: Option<Value>,
     pub rate: Option<String>,
+    /// Line points: the command line (`SET {value:.1}\r\n`) and the reply regex.
+    pub template: Option<String>,
+    pub reply: Option<String>,
 }

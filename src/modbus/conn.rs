@@ -317,6 +317,7 @@ pub fn endpoint(kind: &BusKind) -> String {
         BusKind::Rtu(s) => format!("{}@{}", s.port, s.baud),
         BusKind::Tcp { host, port } => format!("tcp://{host}:{port}"),
         BusKind::RtuOverTcp { host, port } => format!("rtu+tcp://{host}:{port}"),
+        BusKind::Lines(l) => format!("{}@{} (lines)", l.serial.port, l.serial.baud),
     }
 }
 
@@ -338,6 +339,10 @@ async fn open(kind: &BusKind) -> io::Result<Context> {
             let port = open_serial(serial)?;
             Ok(tokio_modbus::client::rtu::attach_slave(port, placeholder))
         }
+        BusKind::Lines(_) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a lines bus carries no Modbus",
+        )),
     }
 }
 

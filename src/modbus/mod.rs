@@ -68,6 +68,13 @@ pub enum Op {
         count: u16,
     },
     Write(Write),
+    /// A command line for line device `device` (index into `Config::devices`) of a `lines`
+    /// bus; with `reply`, the regex the answer line must match. Modbus buses refuse it.
+    Line {
+        device: usize,
+        bytes: Vec<u8>,
+        reply: Option<String>,
+    },
 }
 
 /// A request to the bus task; answered on `reply`.
@@ -288,6 +295,9 @@ impl BusTask {
                 .write(request.unit, write, request.timeout)
                 .await
                 .map(|()| None),
+            Op::Line { .. } => Err(RequestError::Protocol(
+                "a Modbus bus takes no line commands".into(),
+            )),
         };
         // The asker may have given up; nothing to do then.
         let _ = request.reply.send(result);
@@ -578,9 +588,15 @@ mod tests {
     #[test]
     fn phases_are_stable_within_the_interval_and_spread() {
         let i = Duration::from_secs(1);
-        let phases: Vec<Duration> = (0..10).map(|n| phase_of(&format!("meter-{n}/default"), i)).collect();
+        let phases: Vec<Duration> = (0..10)
+            .map(|n| phase_of(&format!("meter-{n}/default"), i))
+            .collect();
         assert!(phases.iter().all(|p| *p < i));
-        assert_eq!(phase_of("meter-0/default", i), phases[0], "stable across runs");
+        assert_eq!(
+            phase_of("meter-0/default", i),
+            phases[0],
+            "stable across runs"
+        );
         let mut sorted = phases.clone();
         sorted.sort();
         sorted.dedup();
