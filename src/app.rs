@@ -49,8 +49,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<Ru
     let (events_tx, events_rx) = mpsc::channel::<BusEvent>(256);
     let config = Arc::new(config);
     let publisher = tokio::spawn(publisher(config.clone(), events_rx, link.sender.clone()));
-    // Stops on `cancel`, releasing its sender like the publisher does.
-    let stats_sender = link.sender.clone();
+    // The stats task stops on `cancel`, releasing its sender like the publisher does. Every
+    // sender must be gone for the link to finish: none may outlive its task.
+    let stats_sender = config
+        .gateway
+        .stats_interval
+        .map(|every| (every, link.sender.clone()));
     drop(link.sender);
 
     let tracker = TaskTracker::new();
@@ -89,7 +93,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<Ru
         cancel.clone(),
     );
     // ---- end commands (2/2) ----
-    if let Some(every) = config.gateway.stats_interval {
+    if let Some((every, stats_sender)) = stats_sender {
         tokio::spawn(publish_stats(
             config.clone(),
             every,
@@ -108,7 +112,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<Ru
     tracing::info!("shutting down: stopping polls");
     tracker.wait().await;
     let _ = publisher.await;
-    let report = link.done.await?;
+    // The link bounds its own flush (5 s) and goodbye (2 s); this bound only guards against a
+    // sender kept alive by mistake, which would otherwise hang the stop until SIGKILL.
+    let report = match tokio::time::timeout(Duration::from_secs(15), link.done).await {
+        Ok(report) => report?,
+        Err(_) => anyhow::bail!("the MQTT link did not stop within 15 s"),
+    };
     for bus in &buses {
         let s = &bus.stats;
         tracing::info!(

@@ -120,6 +120,8 @@ pub struct LinkSettings {
     pub durability: Durability,
     /// Messages held in memory above which new ones go to the store.
     pub spill_threshold: usize,
+    /// Largest packet the broker takes from us; larger messages are refused at the door.
+    pub max_packet_size: usize,
 }
 
 impl LinkSettings {
@@ -134,6 +136,7 @@ impl LinkSettings {
             subscriptions: Vec::new(),
             durability: Durability::Auto,
             spill_threshold: usize::MAX,
+            max_packet_size: mqtt.max_packet_size,
         }
     }
 
@@ -316,11 +319,13 @@ pub fn spawn(
         store_failed_at: None,
         cursor: i64::MIN,
         read_pending: None,
+        read_retry_at: None,
         read_limit: 0,
         appends_since_read: 0,
         last_read_short: false,
         to_store: Vec::new(),
         to_delete: Vec::new(),
+        suspect: None,
     };
     let done = tokio::spawn(manager.run(inbound, events_rx, store_events, stop));
     Ok(Link {
@@ -351,6 +356,9 @@ async fn drive_eventloop(
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                 backoff = reconnect_min;
                 generation += 1;
+                // Events rumqttc queued in the dead session (an `Outgoing::Publish` whose flush
+                // failed) would be matched against this session's messages.
+                forward_stale_events(&mut eventloop, &events);
                 let mut g = gate.lock().expect("gate poisoned");
                 g.open = true;
                 g.generation = generation;
@@ -375,7 +383,12 @@ async fn drive_eventloop(
                     // Anything handed over since rumqttc's own clean-up is drained now, under
                     // the gate, so that rumqttc holds nothing the manager will re-send.
                     eventloop.clean();
+                    // rumqttc keeps a packet-id collision across sessions, which would disable
+                    // its request branch for good; the manager re-sends that message anyway.
+                    eventloop.state.collision = None;
+                    eventloop.state.collision_ping_count = 0;
                 }
+                forward_stale_events(&mut eventloop, &events);
                 if events
                     .send(LinkEvent::Disconnected {
                         error: e.to_string(),
@@ -394,6 +407,19 @@ async fn drive_eventloop(
         };
         if events.send(event).is_err() {
             break;
+        }
+    }
+}
+
+/// Drops the events rumqttc still buffers from a session that ended (they refer to packet
+/// ids of that session), forwarding received publishes, which are still valid commands.
+fn forward_stale_events(eventloop: &mut EventLoop, events: &mpsc::UnboundedSender<LinkEvent>) {
+    for event in eventloop.state.events.drain(..) {
+        if let Event::Incoming(Incoming::Publish(p)) = event {
+            let _ = events.send(LinkEvent::Incoming(InMessage {
+                topic: p.topic.to_string(),
+                payload: p.payload.to_vec(),
+            }));
         }
     }
 }
@@ -432,7 +458,9 @@ struct Manager {
     store_failed_at: Option<Instant>,
     /// Largest row id read back so far.
     cursor: i64,
-    read_pending: Option<oneshot::Receiver<Vec<StoredMessage>>>,
+    read_pending: Option<oneshot::Receiver<Result<Vec<StoredMessage>, String>>>,
+    /// After a failed read, no new one before this.
+    read_retry_at: Option<Instant>,
     read_limit: usize,
     /// Messages sent to the store since the pending read was asked for.
     appends_since_read: u64,
@@ -440,7 +468,15 @@ struct Manager {
     last_read_short: bool,
     to_store: Vec<NewMessage>,
     to_delete: Vec<i64>,
+    /// The oldest written-but-unacknowledged message when the last connections died, and how
+    /// many in a row: a message that kills every session (a broker rejecting its topic or size)
+    /// must not block the link for ever.
+    suspect: Option<(u64, u32)>,
 }
+
+/// Sessions in a row that may die with the same message as the oldest unacknowledged one
+/// before it is dropped.
+const POISON_SESSIONS: u32 = 5;
 
 /// How long a failed store is left alone before new messages are tried on it again.
 const STORE_RETRY: Duration = Duration::from_secs(30);
@@ -492,7 +528,15 @@ impl Manager {
                 },
                 rows = async { self.read_pending.as_mut().expect("guarded").await }, if reading => {
                     self.read_pending = None;
-                    self.on_rows(rows.unwrap_or_default());
+                    match rows {
+                        Ok(Ok(rows)) => self.on_rows(rows),
+                        Ok(Err(e)) => {
+                            // Not "drained": the rows are still there; try again shortly.
+                            tracing::error!(error = %e, "store read failed; retrying in 1 s");
+                            self.read_retry_at = Some(Instant::now() + Duration::from_secs(1));
+                        }
+                        Err(_) => tracing::error!("store thread gone"),
+                    }
                 }
                 event = async { store_events.as_mut().expect("guarded").recv().await },
                     if store_events.is_some() =>
@@ -644,6 +688,19 @@ impl Manager {
 
     fn enqueue(&mut self, mut msg: OutMessage) {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        // Fixed header (up to 5), topic length (2), packet id (2) and the buffered mark.
+        let size = msg.topic.len() + msg.payload.len() + 9 + 16;
+        if size > self.settings.max_packet_size {
+            let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                topic = %msg.topic,
+                size,
+                max = self.settings.max_packet_size,
+                dropped_total = n + 1,
+                "message larger than mqtt.max_packet_size: dropped (it could never be delivered)"
+            );
+            return;
+        }
         let held_back =
             self.generation.is_none() || self.pending() >= self.settings.spill_threshold;
         if held_back {
@@ -724,6 +781,7 @@ impl Manager {
         let room = (self.settings.window * 4).saturating_sub(self.queue.len());
         if self.spill
             && self.read_pending.is_none()
+            && self.read_retry_at.is_none_or(|t| Instant::now() >= t)
             && self.generation.is_some()
             && !drained
             && room >= self.settings.window
@@ -758,17 +816,34 @@ impl Manager {
         }
     }
 
-    fn on_store_failed(&mut self, returned: Vec<NewMessage>, error: &str) {
+    fn on_store_failed(&mut self, returned: Vec<StoredMessage>, error: &str) {
         tracing::error!(
             error,
             kept_in_memory = returned.len(),
             "store write failed: keeping messages in memory (bounded by mqtt.queue.capacity); retrying the store in 30 s"
         );
         self.store_failed_at = Some(Instant::now());
+        // Rows already read back are in memory: they become memory-only (their ids are gone
+        // with the rollback); the others are queued again.
+        let lost_ids: std::collections::HashSet<i64> = returned.iter().map(|r| r.id).collect();
+        let mut in_memory = std::collections::HashSet::new();
+        for e in self
+            .queue
+            .iter_mut()
+            .chain(self.handed.iter_mut())
+            .chain(self.inflight.values_mut())
+        {
+            if let Some(id) = e.store_id.filter(|id| lost_ids.contains(id)) {
+                e.store_id = None;
+                in_memory.insert(id);
+            }
+        }
         let now_ms = crate::store::now_ms();
-        for m in returned {
-            let entry = self.entry(m, None, now_ms);
-            self.queue.push_back(entry);
+        for r in returned {
+            if !in_memory.contains(&r.id) {
+                let entry = self.entry(r.message, None, now_ms);
+                self.queue.push_back(entry);
+            }
         }
     }
 
@@ -822,8 +897,17 @@ impl Manager {
                     store_id: None,
                     volatile: true,
                 });
-                for filter in self.settings.subscriptions.clone() {
-                    let _ = self.try_hand_raw(|c| c.try_subscribe(filter, QoS::AtLeastOnce));
+                // A few SUBSCRIBE packets, not one per filter: the request channel is small.
+                for chunk in self.settings.subscriptions.clone().chunks(32) {
+                    let filters = chunk
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    if !self.try_hand_raw(|c| c.try_subscribe_many(filters)) {
+                        tracing::error!(
+                            filters = chunk.len(),
+                            "could not subscribe to command topics in this session"
+                        );
+                    }
                 }
             }
             LinkEvent::Disconnected { error } => {
@@ -837,6 +921,7 @@ impl Manager {
                 }
                 *last_error = error;
                 self.stats.connected.store(0, Ordering::Relaxed);
+                self.check_poison();
                 // Whatever rumqttc held is gone with the session: re-send it, in order.
                 let mut back: Vec<Entry> = self.handed.drain(..).collect();
                 back.extend(std::mem::take(&mut self.inflight).into_values());
@@ -850,15 +935,19 @@ impl Manager {
                 // Stale `online` statuses are not re-sent; the next CONNACK queues a fresh one.
                 self.queue.retain(|e| !e.volatile);
             }
-            LinkEvent::Written { pkid } => {
-                if let Some(entry) = self.handed.pop_front() {
-                    if entry.msg.qos == Qos::AtMostOnce || pkid == 0 {
-                        self.delivered(entry);
-                    } else {
-                        self.inflight.insert(pkid, entry);
+            LinkEvent::Written { pkid } => match self.handed.pop_front() {
+                Some(entry) if entry.msg.qos == Qos::AtMostOnce || pkid == 0 => {
+                    self.delivered(entry)
+                }
+                Some(entry) => {
+                    if let Some(old) = self.inflight.insert(pkid, entry) {
+                        // Cannot happen while ids are matched correctly; never lose the message.
+                        tracing::error!(pkid, "packet id reused while in flight; re-queueing");
+                        self.queue.push_front(old);
                     }
                 }
-            }
+                None => tracing::error!(pkid, "publish written that was not handed over"),
+            },
             LinkEvent::Acked { pkid } => {
                 if let Some(entry) = self.inflight.remove(&pkid) {
                     self.delivered(entry);
@@ -875,7 +964,44 @@ impl Manager {
         }
     }
 
+    /// Called when a session died: drops the oldest unacknowledged message if it was the
+    /// oldest one in `POISON_SESSIONS` dead sessions in a row.
+    fn check_poison(&mut self) {
+        let Some(oldest) = self.inflight.values().map(|e| e.seq).min() else {
+            return;
+        };
+        let count = match self.suspect {
+            Some((seq, n)) if seq == oldest => n + 1,
+            _ => 1,
+        };
+        self.suspect = Some((oldest, count));
+        if count < POISON_SESSIONS {
+            return;
+        }
+        let pkid = self
+            .inflight
+            .iter()
+            .find(|(_, e)| e.seq == oldest)
+            .map(|(k, _)| *k);
+        if let Some(entry) = pkid.and_then(|k| self.inflight.remove(&k)) {
+            tracing::error!(
+                topic = %entry.msg.topic,
+                bytes = entry.msg.payload.len(),
+                sessions = count,
+                "dropping a message that every connection died on (broker refusing it?)"
+            );
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Some(id) = entry.store_id {
+                self.to_delete.push(id);
+            }
+            self.suspect = None;
+        }
+    }
+
     fn delivered(&mut self, entry: Entry) {
+        if self.suspect.is_some_and(|(seq, _)| seq == entry.seq) {
+            self.suspect = None;
+        }
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
         self.latency.record(entry.msg.created.elapsed());
         if let Some(id) = entry.store_id {

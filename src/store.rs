@@ -97,11 +97,11 @@ pub enum StoreRequest {
     Prepend(Vec<NewMessage>),
     /// Delete acknowledged rows.
     Delete(Vec<i64>),
-    /// Up to `limit` rows with `id > after`, in id order.
+    /// Up to `limit` rows with `id > after`, in id order (an error is not an empty store).
     Read {
         after: i64,
         limit: usize,
-        reply: oneshot::Sender<Vec<StoredMessage>>,
+        reply: oneshot::Sender<Result<Vec<StoredMessage>, String>>,
     },
     /// Commit and checkpoint now; answered when done.
     Flush { reply: oneshot::Sender<()> },
@@ -110,9 +110,11 @@ pub enum StoreRequest {
 /// What the store tells the link on its own.
 #[derive(Debug)]
 pub enum StoreEvent {
-    /// A transaction failed (disk full, I/O error): its messages were not stored.
+    /// A transaction failed (disk full, I/O error): its messages were not stored. Each comes
+    /// with the row id it had in the rolled-back transaction (the link may have read it
+    /// already), or `i64::MIN` when it never got one. Those ids are never used again.
     WriteFailed {
-        returned: Vec<NewMessage>,
+        returned: Vec<StoredMessage>,
         error: String,
     },
 }
@@ -221,6 +223,7 @@ pub fn open(
         tx_started: None,
         tx_writes: 0,
         tx_messages: Vec::new(),
+        next_id: 1,
         bytes: 0,
         full_episode: 0,
     };
@@ -379,7 +382,9 @@ struct Worker {
     tx_started: Option<Instant>,
     tx_writes: usize,
     /// Messages written in the open transaction, handed back if it fails.
-    tx_messages: Vec<NewMessage>,
+    tx_messages: Vec<StoredMessage>,
+    /// Id of the next appended row; only ever grows (see `insert`).
+    next_id: i64,
     bytes: u64,
     /// Rows dropped in the current over-cap episode.
     full_episode: u64,
@@ -424,10 +429,7 @@ impl Worker {
                 limit,
                 reply,
             } => {
-                let rows = self.read(after, limit).unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "store read failed");
-                    Vec::new()
-                });
+                let rows = self.read(after, limit).map_err(|e| e.to_string());
                 let _ = reply.send(rows);
             }
             StoreRequest::Flush { reply } => {
@@ -451,58 +453,60 @@ impl Worker {
         if messages.is_empty() {
             return;
         }
+        let n = messages.len() as i64;
         let result = self.begin().and_then(|()| {
-            let first_id: Option<i64> = if front {
-                let min: Option<i64> =
-                    self.db
-                        .query_row("SELECT MIN(id) FROM outbox", [], |r| r.get(0))?;
-                min.map(|m| m - messages.len() as i64)
+            // Ids come from our own counter, never from SQLite: a rolled-back transaction
+            // would let SQLite hand out the same ids again, and the link may already hold
+            // (and later delete) rows under them.
+            let min: Option<i64> = if front {
+                self.db
+                    .query_row("SELECT MIN(id) FROM outbox", [], |r| r.get(0))?
             } else {
                 None
             };
-            let mut with_id = self.db.prepare_cached(
+            let first = match min {
+                Some(min) => min - n,
+                None => self.next_id,
+            };
+            let mut stmt = self.db.prepare_cached(
                 "INSERT INTO outbox (id, topic, payload, qos, retain, created, bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            let mut plain = self.db.prepare_cached(
-                "INSERT INTO outbox (topic, payload, qos, retain, created, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut added = 0u64;
             for (i, m) in messages.iter().enumerate() {
                 let bytes = m.bytes();
-                let qos = m.qos as u8;
-                match first_id {
-                    Some(first) => with_id.execute(params![
-                        first + i as i64,
-                        m.topic,
-                        m.payload,
-                        qos,
-                        m.retain,
-                        m.created,
-                        bytes as i64
-                    ])?,
-                    None => plain.execute(params![
-                        m.topic,
-                        m.payload,
-                        qos,
-                        m.retain,
-                        m.created,
-                        bytes as i64
-                    ])?,
-                };
+                stmt.execute(params![
+                    first + i as i64,
+                    m.topic,
+                    m.payload,
+                    m.qos as u8,
+                    m.retain,
+                    m.created,
+                    bytes as i64
+                ])?;
                 added += bytes;
             }
-            Ok(added)
+            Ok((first, added))
         });
         match result {
-            Ok(added) => {
-                let n = messages.len() as u64;
+            Ok((first, added)) => {
+                if first == self.next_id {
+                    self.next_id += n;
+                }
                 self.tx_writes += messages.len();
-                self.tx_messages.extend(messages);
+                self.tx_messages
+                    .extend(
+                        messages
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, message)| StoredMessage {
+                                id: first + i as i64,
+                                message,
+                            }),
+                    );
                 self.bytes += added;
-                self.stats.appended.fetch_add(n, Ordering::Relaxed);
-                self.stats.backlog.fetch_add(n, Ordering::Relaxed);
+                self.stats.appended.fetch_add(n as u64, Ordering::Relaxed);
+                self.stats.backlog.fetch_add(n as u64, Ordering::Relaxed);
                 self.stats
                     .backlog_bytes
                     .store(self.bytes, Ordering::Relaxed);
@@ -512,14 +516,20 @@ impl Worker {
             }
             Err(e) => {
                 let mut returned = std::mem::take(&mut self.tx_messages);
-                returned.extend(messages);
+                // Never written: no row id.
+                returned.extend(messages.into_iter().map(|message| StoredMessage {
+                    id: i64::MIN,
+                    message,
+                }));
+                // Ids used in the failed transaction are not used again.
+                self.next_id += n;
                 self.fail(e, returned);
             }
         }
     }
 
     /// A write failed: roll back and hand the transaction's messages back.
-    fn fail(&mut self, e: rusqlite::Error, returned: Vec<NewMessage>) {
+    fn fail(&mut self, e: rusqlite::Error, returned: Vec<StoredMessage>) {
         if self.in_tx {
             let _ = self.db.execute_batch("ROLLBACK");
         }
@@ -628,6 +638,19 @@ impl Worker {
 
     /// Reads the levels from the file (at start and after a rollback).
     fn load_levels(&mut self) {
+        let max_id: i64 = self
+            .db
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM outbox", [], |r| r.get(0))
+            .unwrap_or(0);
+        let seq: i64 = self
+            .db
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(0);
+        self.next_id = self.next_id.max(max_id.max(seq) + 1);
         let levels = self.db.query_row(
             "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox",
             [],
@@ -789,7 +812,7 @@ mod tests {
             limit,
             reply: tx
         }));
-        rx.blocking_recv().expect("reply")
+        rx.blocking_recv().expect("reply").expect("read")
     }
 
     fn flush(h: &StoreHandle) {
@@ -925,7 +948,7 @@ mod tests {
         let event = events.blocking_recv().expect("event");
         let StoreEvent::WriteFailed { returned, .. } = event;
         assert_eq!(returned.len(), 1);
-        assert_eq!(returned[0].topic, "t/7");
+        assert_eq!(returned[0].message.topic, "t/7");
         h.close();
     }
 }

@@ -10,6 +10,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::counter::{assert_in_order, missing};
 use common::relay::Relay;
 use common::{DeviceState, Gateway, Kind, Mosquitto, MqttProbe, Msg, TcpDevice};
 
@@ -79,16 +80,6 @@ fn assert_complete_in_order(seen: &[u64], last: u64) -> Vec<u64> {
     distinct
 }
 
-/// Values from the first seen up to `last` that never arrived.
-fn missing(seen: &[u64], last: u64) -> Vec<u64> {
-    let mut seen = seen.to_vec();
-    seen.sort_unstable();
-    seen.dedup();
-    (seen[0]..=last)
-        .filter(|v| seen.binary_search(v).is_err())
-        .collect()
-}
-
 async fn wait_for_reads(device: &TcpDevice, n: usize) {
     let before = device.state().requests().len();
     device
@@ -125,11 +116,8 @@ async fn a_killed_broker_loses_no_reading_and_order_holds() {
     wait_connected(&gateway, 2);
     let last = served(&device) - 1;
     collect_until(&mut probe, &mut msgs, last).await;
-    let distinct = assert_complete_in_order(&values(&msgs), last);
-    assert!(
-        distinct.windows(2).all(|w| w[0] < w[1]),
-        "order: {distinct:?}"
-    );
+    assert_complete_in_order(&values(&msgs), last);
+    assert_in_order(&values(&msgs));
     // The readings held back are marked, and keep the time they were read.
     let buffered: Vec<&Msg> = msgs
         .iter()
@@ -169,11 +157,8 @@ async fn a_graceful_restart_during_an_outage_loses_nothing() {
     relay.restore();
     let last = served(&device) - 1;
     collect_until(&mut probe, &mut msgs, last).await;
-    let distinct = assert_complete_in_order(&values(&msgs), last);
-    assert!(
-        distinct.windows(2).all(|w| w[0] < w[1]),
-        "order: {distinct:?}"
-    );
+    assert_complete_in_order(&values(&msgs), last);
+    assert_in_order(&values(&msgs));
     assert!(stopped_at > 20);
 }
 

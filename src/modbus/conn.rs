@@ -102,6 +102,8 @@ pub struct Connection {
     /// Earliest time of the next connect attempt.
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// Before reconnecting after a timeout on an RTU line: the device may still be answering.
+    quiet_until: Option<Instant>,
     /// End of the last frame on the wire (for the RTU silent interval).
     last_io: Option<Instant>,
     /// How many times the connection was reset after a timeout or framing error.
@@ -127,6 +129,7 @@ impl Connection {
             reconnect_max,
             ctx: None,
             retry_at: None,
+            quiet_until: None,
             backoff: reconnect_min,
             last_io: None,
             resets: 0,
@@ -157,6 +160,15 @@ impl Connection {
                 return Err(RequestError::NotConnected(self.last_connect_error.clone()));
             }
         }
+        if let Some(wait) = self
+            .quiet_until
+            .take()
+            .and_then(|t| t.checked_duration_since(Instant::now()))
+        {
+            // A late reply then lands on the closed port and is thrown away, instead of being
+            // read as the answer to the next request (possibly another device's).
+            tokio::time::sleep(wait).await;
+        }
         let attempt = tokio::time::timeout(connect_timeout, open(&self.kind)).await;
         let result = match attempt {
             Ok(Ok(ctx)) => Ok(ctx),
@@ -171,7 +183,6 @@ impl Connection {
                 self.ctx = Some(ctx);
                 self.retry_at = None;
                 self.backoff = self.reconnect_min;
-                self.last_io = None;
                 tracing::debug!(endpoint = %self.endpoint(), "bus connected");
                 Ok(())
             }
@@ -227,6 +238,11 @@ impl Connection {
             Ok(Err(tokio_modbus::Error::Transport(e))) => transport_error(e),
             Err(_) => RequestError::Timeout(timeout),
         };
+        if matches!(error, RequestError::Timeout(_))
+            && matches!(self.kind, BusKind::Rtu(_) | BusKind::RtuOverTcp { .. })
+        {
+            self.quiet_until = Some(Instant::now() + late_reply_guard(self.frame_gap, timeout));
+        }
         self.reset();
         Err(error)
     }
@@ -294,6 +310,16 @@ impl Connection {
         self.reset();
         RequestError::Protocol(message)
     }
+}
+
+/// How long an RTU line is left alone after a timeout before the port is reopened: long
+/// enough for a slow device's late reply to finish (half the timeout, at most 100 ms), never
+/// less than two frame gaps. Bounded so that a silent device costs the others little more
+/// than its own timeout.
+pub fn late_reply_guard(frame_gap: Duration, timeout: Duration) -> Duration {
+    (timeout / 2)
+        .min(Duration::from_millis(100))
+        .max(frame_gap * 2)
 }
 
 fn transport_error(e: io::Error) -> RequestError {

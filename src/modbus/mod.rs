@@ -169,6 +169,8 @@ struct BusTask {
     jobs: Vec<Job>,
     events: mpsc::Sender<BusEvent>,
     requests: mpsc::Receiver<BusRequest>,
+    /// False once every request sender is gone.
+    requests_open: bool,
     stats: Arc<BusStats>,
 }
 
@@ -230,6 +232,7 @@ impl BusTask {
             jobs,
             events,
             requests,
+            requests_open: true,
             stats,
         }
     }
@@ -258,14 +261,11 @@ impl BusTask {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                request = self.requests.recv() => match request {
+                request = self.requests.recv(), if self.requests_open => match request {
                     Some(request) => self.serve(request).await,
-                    None => {
-                        // Every handle dropped: keep polling until cancelled.
-                        if job.is_none() { cancel.cancelled().await; break; }
-                        let (_tx, rx) = mpsc::channel(1);
-                        self.requests = rx;
-                    }
+                    // Every handle dropped: keep polling until cancelled, without this branch
+                    // (a closed channel is always ready and would starve the polls).
+                    None => self.requests_open = false,
                 },
                 _ = tokio::time::sleep_until(due.into()), if job.is_some() => {
                     let job = job.expect("guarded");
@@ -583,6 +583,24 @@ mod tests {
         let (next, skipped) = next_due(t0, i, t0 + Duration::from_millis(100));
         assert_eq!(next, t0 + Duration::from_millis(200));
         assert_eq!(skipped, 1);
+    }
+
+    #[test]
+    fn the_late_reply_guard_is_half_the_timeout_within_bounds() {
+        use conn::late_reply_guard;
+        let gap = Duration::from_micros(1750);
+        assert_eq!(
+            late_reply_guard(gap, Duration::from_millis(100)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            late_reply_guard(gap, Duration::from_secs(2)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            late_reply_guard(Duration::from_millis(40), Duration::from_millis(20)),
+            Duration::from_millis(80)
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 pub mod broker;
 pub mod certs;
+pub mod counter;
 pub mod device;
 pub mod gateway;
 pub mod mqtt;

@@ -43,6 +43,14 @@ impl Relay {
                         let Ok(server) = TcpStream::connect(upstream).await else {
                             return;
                         };
+                        // A cut is abortive (RST), as when a broker is killed mid-stream: a
+                        // write in progress fails instead of draining.
+                        // (Deprecated because a non-zero linger blocks on drop; zero does not.)
+                        #[allow(deprecated)]
+                        {
+                            let _ = client.set_linger(Some(std::time::Duration::ZERO));
+                            let _ = server.set_linger(Some(std::time::Duration::ZERO));
+                        }
                         let (mut cr, mut cw) = client.into_split();
                         let (mut sr, mut sw) = server.into_split();
                         tokio::select! {
