@@ -25,19 +25,226 @@ pub struct RunReport {
     pub link: LinkReport,
 }
 
+/// A request to reload the configuration from `path` (SIGHUP).
+pub struct Reload {
+    pub path: std::path::PathBuf,
+    pub requests: mpsc::Receiver<()>,
+}
+
+/// A bus event with the configuration (and its generation) its indices refer to: a bus kept
+/// across a reload goes on reporting against the configuration it was started with.
+struct Tagged {
+    config: Arc<Config>,
+    generation: u64,
+    event: BusEvent,
+}
+
+/// A running bus task and what it was started from.
+struct RunningBus {
+    def: BusDef,
+    handle: BusHandle,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    forwarder: tokio::task::JoinHandle<()>,
+}
+
+/// A bus and its devices as configured, independent of their positions in the file.
+#[derive(PartialEq)]
+struct BusDef {
+    bus: crate::model::Bus,
+    devices: Vec<crate::model::Device>,
+}
+
+fn bus_def(config: &Config, b: usize) -> BusDef {
+    BusDef {
+        bus: config.buses[b].clone(),
+        devices: config
+            .devices
+            .iter()
+            .filter(|d| d.bus == b)
+            .map(|d| crate::model::Device {
+                bus: 0,
+                ..d.clone()
+            })
+            .collect(),
+    }
+}
+
+fn spawn_bus(
+    config: &Arc<Config>,
+    generation: u64,
+    b: usize,
+    tagged: &mpsc::Sender<Tagged>,
+    stop: &CancellationToken,
+) -> Option<RunningBus> {
+    let bus = &config.buses[b];
+    let devices: Vec<_> = config
+        .devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.bus == b)
+        .map(|(i, d)| (i, d.clone()))
+        .collect();
+    if devices.is_empty() {
+        tracing::warn!(bus = %bus.name, "bus has no devices; not opened");
+        return None;
+    }
+    let spawn = match bus.kind {
+        crate::model::BusKind::Lines(_) => crate::lines::spawn,
+        _ => modbus::spawn,
+    };
+    let (events_tx, mut events_rx) = mpsc::channel::<BusEvent>(64);
+    let cancel = stop.child_token();
+    let tracker = TaskTracker::new();
+    let handle = spawn(bus, devices, events_tx, cancel.clone(), &tracker);
+    tracker.close();
+    let def = bus_def(config, b);
+    let (config, tagged) = (config.clone(), tagged.clone());
+    // Ends when the bus task ends and drops its sender.
+    let forwarder = tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            let t = Tagged {
+                config: config.clone(),
+                generation,
+                event,
+            };
+            if tagged.send(t).await.is_err() {
+                break;
+            }
+        }
+    });
+    Some(RunningBus {
+        def,
+        handle,
+        cancel,
+        tracker,
+        forwarder,
+    })
+}
+
+/// Stops one bus task and waits until it and its forwarder are gone.
+async fn stop_bus(r: RunningBus) {
+    r.cancel.cancel();
+    r.tracker.wait().await;
+    let _ = r.forwarder.await;
+}
+
+/// The new configuration if it can replace the running one, else `None` with the reason
+/// logged (the running configuration stays).
+fn load_for_reload(path: &std::path::Path, running: &Config) -> Option<Config> {
+    match crate::config::load(path) {
+        Err(errors) => {
+            tracing::error!("reload refused, keeping the running configuration:\n{errors}");
+            None
+        }
+        Ok(new)
+            if new.gateway != running.gateway
+                || new.mqtt != running.mqtt
+                || new.store != running.store =>
+        {
+            tracing::error!(
+                "reload refused: the gateway, mqtt or store section changed, which needs a restart (systemctl restart fieldbridge); keeping the running configuration"
+            );
+            None
+        }
+        Ok(new) => Some(new),
+    }
+}
+
+/// Tasks that are replaced as a whole on a reload: the command router, the stats publisher
+/// and the systemd supervisor.
+struct Sidecars {
+    router_cancel: CancellationToken,
+    router: tokio::task::JoinHandle<()>,
+    stats_cancel: CancellationToken,
+    health_retire: CancellationToken,
+}
+
+impl Sidecars {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        config: &Arc<Config>,
+        handles: &[BusHandle],
+        router_input: &tokio::sync::watch::Sender<mpsc::Sender<crate::link::InMessage>>,
+        link_sender: &mpsc::Sender<OutMessage>,
+        link_stats: &Arc<link::LinkStats>,
+        store_stats: &Option<Arc<crate::store::StoreStats>>,
+        stop: &CancellationToken,
+    ) -> Sidecars {
+        let router_cancel = stop.child_token();
+        let (tx, rx) = mpsc::channel(crate::command::QUEUE);
+        router_input.send_replace(tx);
+        let router = crate::command::router::spawn(
+            config.clone(),
+            handles,
+            rx,
+            link_sender.clone(),
+            router_cancel.clone(),
+        );
+        let stats_cancel = stop.child_token();
+        if let Some(every) = config.gateway.stats_interval {
+            tokio::spawn(publish_stats(
+                config.clone(),
+                every,
+                handles.iter().map(|b| b.stats.clone()).collect(),
+                link_stats.clone(),
+                store_stats.clone(),
+                link_sender.clone(),
+                stats_cancel.clone(),
+            ));
+        }
+        // READY=1 now, STATUS= and WATCHDOG=1 while tasks progress, STOPPING=1 on `stop`.
+        let health_retire = CancellationToken::new();
+        crate::health::spawn(
+            config,
+            handles,
+            link_stats.clone(),
+            stop.clone(),
+            health_retire.clone(),
+        );
+        Sidecars {
+            router_cancel,
+            router,
+            stats_cancel,
+            health_retire,
+        }
+    }
+
+    /// Stops the router and the stats task. On a reload the supervisor is retired silently
+    /// (its successor sends `READY=1`); on shutdown it sees the stop and sends `STOPPING=1`.
+    async fn stop(self, reloading: bool) {
+        self.router_cancel.cancel();
+        self.stats_cancel.cancel();
+        if reloading {
+            self.health_retire.cancel();
+        }
+        let _ = self.router.await;
+    }
+}
+
 /// Runs the gateway until `cancel` fires. Errors only for setup failures (TLS files).
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<RunReport> {
+    run_with_reload(config, cancel, None).await
+}
+
+/// As [`run`], reloading the configuration on each request of `reload`: buses whose
+/// definition (the bus and its devices) did not change keep running untouched; changed and
+/// removed ones are stopped, new ones started; the MQTT link and the store are kept. A file
+/// that does not validate, or that changes the gateway, mqtt or store sections, is refused
+/// with an error and the running configuration stays.
+pub async fn run_with_reload(
+    config: Config,
+    cancel: CancellationToken,
+    mut reload: Option<Reload>,
+) -> anyhow::Result<RunReport> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut settings = LinkSettings::from_config(&config.mqtt);
-    // ---- commands (1/2): subscriptions and the channel from the link to the router ----
     settings.subscriptions = crate::command::subscriptions(&config);
-    let (commands_tx, commands_rx) = mpsc::channel(crate::command::QUEUE);
+    let (commands_tx, mut commands_rx) = mpsc::channel(crate::command::QUEUE);
     let settings = settings.with_store(&config.store);
     let outbox = open_store(&config.store);
     let store_stats = outbox.as_ref().map(|o| o.store.stats.clone());
     let link = link::spawn(&config.mqtt, settings, outbox, Some(commands_tx), 1024)?;
-    let command_link = link.sender.clone();
-    // ---- end commands (1/2) ----
     tracing::info!(
         gateway = %config.gateway.id,
         broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
@@ -46,72 +253,107 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<Ru
         "fieldbridge started"
     );
 
-    let (events_tx, events_rx) = mpsc::channel::<BusEvent>(256);
-    let config = Arc::new(config);
-    let publisher = tokio::spawn(publisher(config.clone(), events_rx, link.sender.clone()));
-    // The stats task stops on `cancel`, releasing its sender like the publisher does. Every
-    // sender must be gone for the link to finish: none may outlive its task.
-    let stats_sender = config
-        .gateway
-        .stats_interval
-        .map(|every| (every, link.sender.clone()));
-    drop(link.sender);
-
-    let tracker = TaskTracker::new();
-    let mut buses: Vec<BusHandle> = Vec::new();
-    for (b, bus) in config.buses.iter().enumerate() {
-        let devices: Vec<_> = config
-            .devices
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.bus == b)
-            .map(|(i, d)| (i, d.clone()))
-            .collect();
-        if devices.is_empty() {
-            tracing::warn!(bus = %bus.name, "bus has no devices; not opened");
-            continue;
+    let (tagged_tx, tagged_rx) = mpsc::channel::<Tagged>(256);
+    let publisher = tokio::spawn(publisher(tagged_rx, link.sender.clone()));
+    // Commands go to whichever router is current (one per configuration).
+    let (router_input, router_current) = tokio::sync::watch::channel(mpsc::channel(1).0);
+    tokio::spawn(async move {
+        while let Some(msg) = commands_rx.recv().await {
+            let router = router_current.borrow().clone();
+            if router.send(msg).await.is_err() {
+                tracing::warn!("command arrived while the router was being replaced: dropped");
+            }
         }
-        let spawn = match bus.kind {
-            crate::model::BusKind::Lines(_) => crate::lines::spawn,
-            _ => modbus::spawn,
-        };
-        buses.push(spawn(
-            bus,
-            devices,
-            events_tx.clone(),
-            cancel.clone(),
-            &tracker,
-        ));
-    }
-    drop(events_tx);
-    // ---- commands (2/2): the router; it stops on `cancel`, dropping its link sender ----
-    crate::command::router::spawn(
-        config.clone(),
-        &buses,
-        commands_rx,
-        command_link,
-        cancel.clone(),
-    );
-    // ---- end commands (2/2) ----
-    if let Some((every, stats_sender)) = stats_sender {
-        tokio::spawn(publish_stats(
-            config.clone(),
-            every,
-            buses.iter().map(|b| b.stats.clone()).collect(),
-            link.stats.clone(),
-            store_stats,
-            stats_sender,
-            cancel.clone(),
-        ));
-    }
-    tracker.close();
-    // ---- systemd: READY=1 now, STATUS= and WATCHDOG=1 while tasks progress, STOPPING=1 ----
-    crate::health::spawn(&config, &buses, link.stats.clone(), cancel.clone());
+    });
 
-    cancel.cancelled().await;
+    let mut config = Arc::new(config);
+    let mut generation = 1u64;
+    let mut running: Vec<RunningBus> = (0..config.buses.len())
+        .filter_map(|b| spawn_bus(&config, generation, b, &tagged_tx, &cancel))
+        .collect();
+    let handles = |running: &[RunningBus]| -> Vec<BusHandle> {
+        running.iter().map(|r| r.handle.clone()).collect()
+    };
+    let mut sidecars = Sidecars::start(
+        &config,
+        &handles(&running),
+        &router_input,
+        &link.sender,
+        &link.stats,
+        &store_stats,
+        &cancel,
+    );
+
+    loop {
+        let requested = async {
+            match reload.as_mut() {
+                Some(r) => r.requests.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(()) = requested => {
+                let path = reload.as_ref().expect("reload requested").path.clone();
+                let Some(new) = load_for_reload(&path, &config) else { continue };
+                if let Some(n) = crate::notify::Notifier::from_env() {
+                    let _ = n.send("RELOADING=1");
+                }
+                generation += 1;
+                let new = Arc::new(new);
+                sidecars.stop(true).await;
+                let (mut kept, mut stopped) = (Vec::new(), 0usize);
+                for r in running.drain(..) {
+                    let same = new
+                        .buses
+                        .iter()
+                        .position(|b| b.name == r.def.bus.name)
+                        .is_some_and(|b| bus_def(&new, b) == r.def);
+                    if same {
+                        kept.push(r);
+                    } else {
+                        stop_bus(r).await;
+                        stopped += 1;
+                    }
+                }
+                let kept_names: Vec<String> = kept.iter().map(|r| r.def.bus.name.clone()).collect();
+                let started: Vec<RunningBus> = (0..new.buses.len())
+                    .filter(|&b| !kept_names.contains(&new.buses[b].name))
+                    .filter_map(|b| spawn_bus(&new, generation, b, &tagged_tx, &cancel))
+                    .collect();
+                tracing::info!(
+                    kept = kept.len(),
+                    stopped,
+                    started = started.len(),
+                    "configuration reloaded"
+                );
+                running = kept;
+                running.extend(started);
+                config = new;
+                sidecars = Sidecars::start(
+                    &config,
+                    &handles(&running),
+                    &router_input,
+                    &link.sender,
+                    &link.stats,
+                    &store_stats,
+                    &cancel,
+                );
+            }
+        }
+    }
+
     tracing::info!("shutting down: stopping polls");
-    tracker.wait().await;
+    let buses = handles(&running);
+    for r in running {
+        stop_bus(r).await;
+    }
+    drop(tagged_tx);
+    sidecars.stop(false).await;
+    drop(router_input);
     let _ = publisher.await;
+    // Every sender of the link's queue is gone now (publisher, router, stats).
+    drop(link.sender);
     // The link bounds its own flush (5 s) and goodbye (2 s); this bound only guards against a
     // sender kept alive by mistake, which would otherwise hang the stop until SIGKILL.
     let report = match tokio::time::timeout(Duration::from_secs(15), link.done).await {
@@ -236,31 +478,37 @@ fn open_store(config: &crate::model::Store) -> Option<link::Outbox> {
 }
 
 /// Turns bus events into MQTT messages: scaling, labels, change filters, payloads.
-async fn publisher(
-    config: Arc<Config>,
-    mut events: mpsc::Receiver<BusEvent>,
-    link: mpsc::Sender<OutMessage>,
-) {
-    let mut filters: HashMap<(usize, usize), ChangeFilter> = HashMap::new();
+async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMessage>) {
+    // Change filters per configuration generation: a bus kept across a reload keeps its
+    // filters; a restarted one starts afresh.
+    let mut filters: HashMap<u64, HashMap<(usize, usize), ChangeFilter>> = HashMap::new();
+    // Status topics of the devices currently online.
     let mut online = std::collections::BTreeSet::new();
-    while let Some(event) = events.recv().await {
+    while let Some(Tagged {
+        config,
+        generation,
+        event,
+    }) = events.recv().await
+    {
+        let filters = filters.entry(generation).or_default();
         let messages = match event {
             BusEvent::Status {
                 device,
                 online: is_online,
                 ..
             } => {
+                let status = device_status(&config, device, is_online);
                 if is_online {
-                    online.insert(device);
+                    online.insert(status.topic.clone());
                 } else {
-                    online.remove(&device);
+                    online.remove(&status.topic);
                     // A consumer that saw `offline` gets every value again when the device
                     // returns, not only those that changed meanwhile.
                     filters.retain(|(d, _), _| *d != device);
                 }
-                vec![device_status(&config, device, is_online)]
+                vec![status]
             }
-            BusEvent::Reading(reading) => render_reading(&config, &reading, &mut filters),
+            BusEvent::Reading(reading) => render_reading(&config, &reading, filters),
         };
         for m in messages {
             if link.send(m).await.is_err() {
@@ -269,12 +517,15 @@ async fn publisher(
         }
     }
     // Polling has stopped: the retained device statuses must not keep saying `online`.
-    for device in online {
-        if link
-            .send(device_status(&config, device, false))
-            .await
-            .is_err()
-        {
+    for topic in online {
+        let offline = OutMessage {
+            topic,
+            payload: b"offline".to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: true,
+            created: Instant::now(),
+        };
+        if link.send(offline).await.is_err() {
             return;
         }
     }

@@ -104,7 +104,7 @@ pub fn main() -> i32 {
         }
         Command::Run { journald, .. } => {
             crate::logging::init(&config.gateway.log_level, crate::logging::choose(journald));
-            run(config)
+            run(config, path)
         }
         Command::Status { .. } => status(&config),
         Command::Read { device, point, .. } => {
@@ -130,7 +130,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn run(config: Config) -> i32 {
+fn run(config: Config, path: PathBuf) -> i32 {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -145,7 +145,25 @@ fn run(config: Config) -> i32 {
             wait_for_signal().await;
             signals.cancel();
         });
-        match app::run(config, cancel).await {
+        // SIGHUP reloads the configuration file (systemd's ExecReload sends it).
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let shown = path.display().to_string();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!(config = %shown, "SIGHUP: reloading the configuration");
+                // One pending reload is enough: a second SIGHUP meanwhile reads the same file.
+                let _ = reload_tx.try_send(());
+            }
+        });
+        let reload = app::Reload {
+            path: path.clone(),
+            requests: reload_rx,
+        };
+        match app::run_with_reload(config, cancel, Some(reload)).await {
             Ok(_) => EXIT_OK,
             Err(e) => {
                 tracing::error!(error = %e, "gateway failed");

@@ -143,6 +143,7 @@ pub fn spawn(
     buses: &[BusHandle],
     link: Arc<LinkStats>,
     cancel: CancellationToken,
+    retire: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let watched: Vec<WatchedBus> = buses
         .iter()
@@ -181,7 +182,7 @@ pub fn spawn(
         }
     }
     tokio::spawn(supervise(
-        notifier, watchdog, watched, link, devices, cancel,
+        notifier, watchdog, watched, link, devices, cancel, retire,
     ))
 }
 
@@ -192,6 +193,7 @@ async fn supervise(
     link: Arc<LinkStats>,
     devices: usize,
     cancel: CancellationToken,
+    retire: CancellationToken,
 ) {
     let send = |state: &str| {
         if let Some(n) = &notifier {
@@ -286,6 +288,8 @@ async fn supervise(
 
         tokio::select! {
             _ = cancel.cancelled() => break,
+            // Replaced by a supervisor for a reloaded configuration: not a stop.
+            _ = retire.cancelled() => return,
             _ = tokio::time::sleep(tick) => {}
         }
     }

@@ -127,6 +127,11 @@ impl Gateway {
         self.signal("TERM");
     }
 
+    /// SIGHUP by PID: reload the configuration file.
+    pub fn hangup(&mut self) {
+        self.signal("HUP");
+    }
+
     /// SIGINT by PID, like Ctrl-C.
     pub fn interrupt(&mut self) {
         self.signal("INT");
