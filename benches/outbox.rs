@@ -621,7 +621,8 @@ fn store_alone(
         let rows = rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(60), rx).await })
             .map_err(|_| "store read: no reply within 60 s")?
-            .map_err(|_| "store read: reply dropped")?;
+            .map_err(|_| "store read: reply dropped")?
+            .map_err(|e| format!("store read: {e}"))?;
         let Some(last) = rows.last() else { break };
         cursor = last.id;
         done += rows.len();
