@@ -326,6 +326,8 @@ pub fn spawn(
         to_store: Vec::new(),
         to_delete: Vec::new(),
         suspect: None,
+        attempted: false,
+        deletes_sent: Instant::now(),
     };
     let done = tokio::spawn(manager.run(inbound, events_rx, store_events, stop));
     Ok(Link {
@@ -472,6 +474,10 @@ struct Manager {
     /// many in a row: a message that kills every session (a broker rejecting its topic or size)
     /// must not block the link for ever.
     suspect: Option<(u64, u32)>,
+    /// A first connection attempt has ended (in success or failure).
+    attempted: bool,
+    /// When acknowledged rows were last sent for deletion (they are batched).
+    deletes_sent: Instant,
 }
 
 /// Sessions in a row that may die with the same message as the oldest unacknowledged one
@@ -701,8 +707,10 @@ impl Manager {
             );
             return;
         }
-        let held_back =
-            self.generation.is_none() || self.pending() >= self.settings.spill_threshold;
+        // Held back: the broker is known to be unreachable (not merely not connected yet at start,
+        // which would write every start's first readings to the SD card), or backed up.
+        let held_back = (self.generation.is_none() && self.attempted)
+            || self.pending() >= self.settings.spill_threshold;
         if held_back {
             mark_buffered(&mut msg.payload);
         }
@@ -774,8 +782,16 @@ impl Manager {
         if !self.to_store.is_empty() && self.store_usable() {
             store.send(StoreRequest::Append(std::mem::take(&mut self.to_store)));
         }
-        if !self.to_delete.is_empty() {
+        // Deletes are batched (a few per second, or when many are waiting, or when idle):
+        // one request per acknowledgement would wake the store thread for every message.
+        let idle = self.handed.is_empty() && self.inflight.is_empty();
+        if !self.to_delete.is_empty()
+            && (self.to_delete.len() >= 256
+                || idle
+                || self.deletes_sent.elapsed() >= Duration::from_millis(100))
+        {
             store.send(StoreRequest::Delete(std::mem::take(&mut self.to_delete)));
+            self.deletes_sent = Instant::now();
         }
         let drained = self.last_read_short && self.appends_since_read == 0;
         let room = (self.settings.window * 4).saturating_sub(self.queue.len());
@@ -873,6 +889,7 @@ impl Manager {
     ) {
         match event {
             LinkEvent::Connected { generation } => {
+                self.attempted = true;
                 self.generation = Some(generation);
                 self.stats.connected.store(1, Ordering::Relaxed);
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -911,6 +928,7 @@ impl Manager {
                 }
             }
             LinkEvent::Disconnected { error } => {
+                self.attempted = true;
                 if self.generation.take().is_some() {
                     tracing::warn!(error = %error, "MQTT connection lost");
                     *down_since = Some(Instant::now());

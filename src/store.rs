@@ -550,17 +550,33 @@ impl Worker {
         if ids.is_empty() {
             return;
         }
+        // Acknowledgements come in order, so the ids form a few contiguous runs; each run is
+        // one range delete (every id inside a run was acknowledged).
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut runs: Vec<(i64, i64)> = Vec::new();
+        for id in sorted {
+            match runs.last_mut() {
+                Some((_, hi)) if *hi + 1 == id => *hi = id,
+                _ => runs.push((id, id)),
+            }
+        }
         let result = self.begin().and_then(|()| {
-            let mut stmt = self
+            let mut measure = self.db.prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox WHERE id BETWEEN ?1 AND ?2",
+            )?;
+            let mut delete = self
                 .db
-                .prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING bytes")?;
-            let mut freed = 0u64;
-            let mut rows = 0u64;
-            for id in ids {
-                let mut q = stmt.query(params![id])?;
-                if let Some(row) = q.next()? {
-                    freed += row.get::<_, i64>(0)? as u64;
-                    rows += 1;
+                .prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2")?;
+            let (mut rows, mut freed) = (0u64, 0u64);
+            for (lo, hi) in &runs {
+                let (n, bytes): (i64, i64) =
+                    measure.query_row(params![lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                if n > 0 {
+                    delete.execute(params![lo, hi])?;
+                    rows += n as u64;
+                    freed += bytes as u64;
                 }
             }
             Ok((rows, freed))
@@ -838,6 +854,29 @@ mod tests {
         let topics: Vec<_> = rows.iter().map(|r| r.message.topic.as_str()).collect();
         assert_eq!(topics, ["t/2", "t/3", "t/4"]);
         assert_eq!(h.stats.backlog.load(Ordering::Relaxed), 3);
+        h.close();
+    }
+
+    #[test]
+    fn deleting_runs_of_ids_removes_exactly_those_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, _e) = open(&config(1 << 30), &dir.path().join("o.db")).unwrap();
+        h.send(StoreRequest::Append((0..10).map(msg).collect()));
+        let ids: Vec<i64> = read(&h, i64::MIN, 10).iter().map(|r| r.id).collect();
+        // Two runs and a single id, out of order, with a duplicate.
+        h.send(StoreRequest::Delete(vec![
+            ids[3], ids[0], ids[1], ids[2], ids[7], ids[5], ids[5],
+        ]));
+        let left: Vec<String> = read(&h, i64::MIN, 10)
+            .into_iter()
+            .map(|r| r.message.topic)
+            .collect();
+        assert_eq!(left, ["t/4", "t/6", "t/8", "t/9"]);
+        assert_eq!(h.stats.backlog.load(Ordering::Relaxed), 4);
+        assert_eq!(
+            h.stats.backlog_bytes.load(Ordering::Relaxed),
+            4 * msg(4).bytes()
+        );
         h.close();
     }
 
