@@ -501,6 +501,80 @@ async fn tls_with_mutual_auth_delivers_and_a_wrong_ca_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn username_and_password_from_a_file_or_the_environment_are_accepted() {
+    let broker = Mosquitto::start_with_password("gw", "s3cret-pass");
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 0, &[8]);
+    let device = TcpDevice::start(state);
+    // The probe logs in with the same account (mosquitto allows several sessions per user).
+    let mut probe =
+        MqttProbe::connect_with_credentials(broker.port(), "#", "gw", "s3cret-pass").await;
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("mqtt.pass");
+    std::fs::write(&pass, "s3cret-pass\n").unwrap();
+    let body = |id: &str, auth: &str| {
+        format!(
+            "gateway:\n  id: {id}\nmqtt:\n  url: mqtt://127.0.0.1:{}\n  username: gw\n{auth}buses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 100ms, points: [ {{ name: v, address: 0 }} ] }}\n",
+            broker.port(),
+            device.port()
+        )
+    };
+    let from_file = Gateway::start(&body(
+        "file",
+        &format!("  password_file: {}\n", pass.display()),
+    ));
+    probe.expect(|t| t == "file/d/v", WAIT).await;
+    let from_env = Gateway::start_with_env(
+        &body("env", "  password_env: FB_TEST_PASSWORD\n"),
+        &[("FB_TEST_PASSWORD", "s3cret-pass")],
+    );
+    probe.expect(|t| t == "env/d/v", WAIT).await;
+    // A wrong password is refused by the broker and reported; the secret is never logged.
+    std::fs::write(&pass, "wrong\n").unwrap();
+    let wrong = Gateway::start(&body(
+        "wrong",
+        &format!("  password_file: {}\n", pass.display()),
+    ));
+    wrong.expect_log("MQTT connect failed", WAIT);
+    for g in [&from_file, &from_env, &wrong] {
+        let logs = g.logs();
+        assert!(
+            !logs.contains("s3cret-pass") && !logs.contains("wrong\n"),
+            "secret in logs"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_framed_over_tcp_reaches_a_serial_device_server() {
+    // A serial device server: socat bridges a TCP port to one end of a pty pair; the RTU
+    // device answers on the other end.
+    let broker = Mosquitto::start();
+    let pty = PtyPair::new();
+    let state = DeviceState::new(&[5]);
+    state.set_holding(5, 10, &[0x4366, 0x199A]);
+    let device = RtuDevice::start(pty.a(), state);
+    let port = common::free_port();
+    let mut server = std::process::Command::new("socat")
+        .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+        .arg(format!("FILE:{},raw,echo=0", pty.b().display()))
+        .spawn()
+        .expect("socat");
+    assert!(common::wait_until(WAIT, || common::port_accepts(port)));
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let yaml = format!(
+        "{}buses:\n  - {{ name: srv, type: rtu_over_tcp, host: 127.0.0.1, port: {port} }}\ndevices:\n  - {{ name: m, bus: srv, unit: 5, interval: 200ms, points: [ {{ name: v, address: 10, type: f32, unit: V }} ] }}\n",
+        header(broker.port())
+    );
+    let gateway = Gateway::start(&yaml);
+    let msg = probe.expect(|t| t == "t/m/v", WAIT).await;
+    assert_eq!(msg.json()["value"], json!(230.1), "{}", gateway.logs());
+    assert!(device.state().requests().iter().all(|r| r.unit == 5));
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_arrive_over_mqtt_on_websocket() {
     let broker = Mosquitto::start_websockets();
     let state = DeviceState::new(&[1]);

@@ -18,6 +18,8 @@ pub struct Mosquitto {
     child: Option<Child>,
     port: u16,
     ws_port: Option<u16>,
+    /// Extra directories the broker's config refers to (kept as long as the broker).
+    keep: Vec<TempDir>,
     dir: TempDir,
     conf: PathBuf,
     log: PathBuf,
@@ -48,6 +50,30 @@ impl Mosquitto {
         m
     }
 
+    /// A broker that only accepts `user` with `password` (a mosquitto password file made
+    /// with mosquitto_passwd); anonymous clients are refused.
+    pub fn start_with_password(user: &str, password: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("passwd");
+        let status = Command::new(find_program(
+            "mosquitto_passwd",
+            &["/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd"],
+        ))
+        .arg("-b")
+        .arg("-c")
+        .arg(&file)
+        .arg(user)
+        .arg(password)
+        .status()
+        .expect("run mosquitto_passwd");
+        assert!(status.success(), "mosquitto_passwd failed");
+        // mosquitto reads the last value of a repeated global option.
+        let extra = format!("allow_anonymous false\npassword_file {}\n", file.display());
+        let mut m = Self::start_with_extra(None, &extra);
+        m.keep.push(dir);
+        m
+    }
+
     /// The WebSocket listener's port (`start_websockets` only).
     pub fn ws_port(&self) -> u16 {
         self.ws_port.expect("started with start_websockets")
@@ -69,6 +95,7 @@ impl Mosquitto {
             child: None,
             port: 0,
             ws_port: None,
+            keep: Vec::new(),
             dir,
             conf,
             log,

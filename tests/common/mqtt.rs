@@ -110,9 +110,30 @@ impl MqttProbe {
             .unwrap_or_else(|e| panic!("MqttProbe could not connect over TLS to {port}: {e}"))
     }
 
+    /// As `connect`, logging in with `user` and `password`.
+    pub async fn connect_with_credentials(
+        port: u16,
+        filter: &str,
+        user: &str,
+        password: &str,
+    ) -> MqttProbe {
+        Self::try_connect_as(port, filter, ProbeTls::Plain, Some((user, password)))
+            .await
+            .unwrap_or_else(|e| panic!("MqttProbe could not log in on port {port}: {e}"))
+    }
+
     /// Connects and subscribes; `Err` with the first connection error (e.g. TLS refused) or a
     /// timeout. The failed probe's task is stopped before returning.
     pub async fn try_connect(port: u16, filter: &str, tls: ProbeTls) -> Result<MqttProbe, String> {
+        Self::try_connect_as(port, filter, tls, None).await
+    }
+
+    async fn try_connect_as(
+        port: u16,
+        filter: &str,
+        tls: ProbeTls,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<MqttProbe, String> {
         static N: AtomicU64 = AtomicU64::new(0);
         let client_id = format!(
             "probe-{}-{}",
@@ -123,6 +144,9 @@ impl MqttProbe {
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_clean_session(true);
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        if let Some((user, password)) = credentials {
+            opts.set_credentials(user, password);
+        }
         if let ProbeTls::Tls { ca_pem, client } = tls {
             let _ = rustls::crypto::ring::default_provider().install_default();
             opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
