@@ -46,7 +46,12 @@ case "$target" in
     *) echo "unknown target $target" >&2; exit 2 ;;
 esac
 
-rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
+rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target" || {
+    # Rust 1.94 and 1.95 ship no rust-std for arm-unknown-linux-gnueabihf (404 from rustup).
+    echo "no rust-std for $target on this toolchain; e.g. rustup toolchain install 1.93.0" \
+         "--profile minimal --target $target; RUSTUP_TOOLCHAIN=1.93.0 $0 $*" >&2
+    exit 2
+}
 
 triple_env=$(echo "$target" | tr 'a-z-' 'A-Z_')
 triple_cc=$(echo "$target" | tr '-' '_')
@@ -63,6 +68,7 @@ case "$route" in
         cargo build --release --locked --target "$target"
         ;;
     zig)
+        command -v cargo-zigbuild >/dev/null || { echo "cargo install cargo-zigbuild" >&2; exit 2; }
         zig_target=$target
         case "$target" in *-gnu | *-gnueabihf) zig_target="$target.$glibc" ;; esac
         cargo zigbuild --release --locked --target "$zig_target"
@@ -84,7 +90,10 @@ if [ "${NO_DEB:-0}" != 1 ]; then
     command -v cargo-deb >/dev/null || { echo "cargo install cargo-deb" >&2; exit 2; }
     # Already stripped by the release profile; cargo-deb would need the target's strip.
     variant=()
-    # cargo-deb's $auto would require the build machine's libc in Depends.
-    if [ "$route" = zig ] && [ "$glibc" = 2.31 ]; then variant=(--variant glibc231); fi
+    # cargo-deb's $auto would require the build machine's libc in Depends (a static musl
+    # binary gets none from $auto, which is right).
+    case "$route $glibc $target" in
+        "zig 2.31 "*-gnu | "zig 2.31 "*-gnueabihf) variant=(--variant glibc231) ;;
+    esac
     cargo deb --no-build --no-strip --target "$target" "${variant[@]}"
 fi
