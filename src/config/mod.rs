@@ -289,9 +289,9 @@ fn parse_duration(s: &str) -> Option<Duration> {
 fn fmt_duration(d: Duration) -> String {
     // Rounded up: a printed minimum must itself be accepted.
     let us = d.as_nanos().div_ceil(1000);
-    if us % 1000 != 0 {
+    if !us.is_multiple_of(1000) {
         format!("{us}us")
-    } else if us % 1_000_000 != 0 || us == 0 {
+    } else if !us.is_multiple_of(1_000_000) || us == 0 {
         format!("{}ms", us / 1000)
     } else {
         format!("{}s", us / 1_000_000)
