@@ -158,7 +158,7 @@ struct Job {
     due: Instant,
     interval: Duration,
     /// Offset of this job's grid within its interval (see [`phase_of`]); applied after the
-    /// first poll, which runs at once.
+    /// first poll, which runs within the first second.
     phase: Option<Duration>,
 }
 
@@ -194,15 +194,16 @@ impl BusTask {
                 }
                 for (g, group) in device.groups.iter().enumerate() {
                     if !group_points[g].is_empty() {
+                        let name = format!("{}/{}", device.name, group.name);
+                        // The first polls are spread too, over at most a second: a start
+                        // must not send every device's first request (and publish) at once.
+                        let first = phase_of(&name, group.interval.min(Duration::from_secs(1)));
                         jobs.push(Job {
                             device: slot,
                             group: g,
-                            due: now,
+                            due: now + first,
                             interval: group.interval,
-                            phase: Some(phase_of(
-                                &format!("{}/{}", device.name, group.name),
-                                group.interval,
-                            )),
+                            phase: Some(phase_of(&name, group.interval)),
                         });
                     }
                 }
