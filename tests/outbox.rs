@@ -80,6 +80,17 @@ fn assert_complete_in_order(seen: &[u64], last: u64) -> Vec<u64> {
     distinct
 }
 
+/// Messages in the gateway's store as `fieldbridge status` reads them from the file.
+fn stored_backlog(config_path: &str) -> u64 {
+    let out = common::run_cli(&["status", "--config", config_path]);
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backlog: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn wait_for_reads(device: &TcpDevice, n: usize) {
     let before = device.state().requests().len();
     device
@@ -206,9 +217,13 @@ async fn kill_9_during_the_drain_loses_nothing() {
     let mut msgs = vec![probe.expect(|t| t == TOPIC, WAIT).await];
     relay.cut();
     wait_for_reads(&device, 100).await;
-    // Let the outage's rows be committed (commit interval 100 ms), then start the drain and
-    // kill the gateway in the middle of it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the outage's rows are committed (a reader of the file sees only committed
+    // rows), then start the drain and kill the gateway in the middle of it.
+    let config_path = gateway.config_path().to_str().unwrap().to_string();
+    assert!(
+        common::wait_until(WAIT, || stored_backlog(&config_path) >= 90),
+        "the outage's readings were never committed to the store"
+    );
     relay.restore();
     let first = probe.expect(|t| t == TOPIC, WAIT).await;
     msgs.push(first);
@@ -344,12 +359,6 @@ async fn status_reports_the_backlog_of_the_store() {
     let config_path = gateway.config_path().to_str().unwrap().to_string();
     let out = common::run_cli(&["status", "--config", &config_path]);
     assert_eq!(out.code, Some(0), "{out:?}");
-    let backlog: u64 = out
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("backlog: "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no backlog line: {}", out.stdout));
+    let backlog = stored_backlog(&config_path);
     assert!(backlog >= 40, "{}", out.stdout);
 }
