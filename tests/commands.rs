@@ -512,8 +512,12 @@ async fn a_command_waits_at_most_for_the_transaction_on_the_wire() {
     }
     let _gateway = Gateway::start(&yaml);
     wait_ready(&mut probe).await;
-    // The bus is saturated: polls back to back.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The bus is saturated: every device has been polled a few times, back to back.
+    for u in 1..=4u8 {
+        state
+            .wait_for_count(|q| q.unit == u && q.fc == 3, 3, WAIT)
+            .await;
+    }
 
     let mut waits = Vec::new();
     for i in 0..10u16 {
