@@ -715,6 +715,7 @@ fn drain_memory(cfg: &Config, n: usize) -> Res<DrainRun> {
                     qos: Qos::AtLeastOnce,
                     retain: false,
                     created: Instant::now(),
+                    correlation: None,
                 };
                 if sender.send(out).await.is_err() {
                     break;

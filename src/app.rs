@@ -448,6 +448,7 @@ async fn publish_stats(
             qos: Qos::AtMostOnce,
             retain: true,
             created: Instant::now(),
+            correlation: None,
         };
         if sender.send(msg).await.is_err() {
             return;
@@ -524,6 +525,7 @@ async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMes
             qos: Qos::AtLeastOnce,
             retain: true,
             created: Instant::now(),
+            correlation: None,
         };
         if link.send(offline).await.is_err() {
             return;
@@ -542,6 +544,7 @@ fn device_status(config: &Config, device: usize, online: bool) -> OutMessage {
         qos: Qos::AtLeastOnce,
         retain: true,
         created: Instant::now(),
+        correlation: None,
     }
 }
 
@@ -583,6 +586,7 @@ pub fn render_reading(
                         qos: point.qos,
                         retain: point.retain,
                         created: reading.read_at,
+                        correlation: None,
                     });
                 }
             }
@@ -620,6 +624,7 @@ pub fn render_reading(
                     qos: first.map_or(Qos::AtLeastOnce, |p| p.qos),
                     retain: first.is_some_and(|p| p.retain),
                     created: reading.read_at,
+                    correlation: None,
                 });
             }
         }

@@ -91,6 +91,17 @@ pub fn subscriptions(config: &Config) -> Vec<String> {
     out
 }
 
+/// Whether an MQTT 5 response topic is one the gateway may publish a result to: a topic name
+/// (no wildcards, MQTT 5 §4.7.3), not empty, no NUL, not a `$` system topic, within the
+/// 65535-byte string limit. A publish to a wildcard topic would be a protocol error that
+/// closes the connection (§3.3.2.1), so a bad one is never used.
+pub fn valid_response_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 65_535
+        && !topic.starts_with('$')
+        && !topic.contains(['+', '#', '\0'])
+}
+
 /// `(device, point)` of a topic of the default form `{prefix}/{device}/{point}/set`.
 pub fn parse_default_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
     let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
@@ -853,5 +864,15 @@ mod tests {
         assert!(ids.get_mut("1").is_some());
         ids.put("1", Seen::Done(Map::new()));
         assert_eq!(ids.get_mut("1"), Some(&mut Seen::Done(Map::new())));
+    }
+
+    #[test]
+    fn response_topics_with_wildcards_or_system_prefix_are_refused() {
+        assert!(valid_response_topic("app/replies/42"));
+        assert!(valid_response_topic("a"));
+        for bad in ["", "app/+/x", "app/#", "$SYS/x", "a\0b"] {
+            assert!(!valid_response_topic(bad), "{bad:?}");
+        }
+        assert!(!valid_response_topic(&"x".repeat(65_536)));
     }
 }

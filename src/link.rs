@@ -43,12 +43,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{Durability, Mqtt, MqttTransport, Qos};
+
+mod proto;
 use crate::store::{NewMessage, StoreEvent, StoreHandle, StoreRequest, StoredMessage};
+use proto::{Client, Polled, Session};
 
 /// A message for the broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +61,9 @@ pub struct OutMessage {
     pub retain: bool,
     /// When the reading behind it was taken (latency is measured from here to the ack).
     pub created: Instant,
+    /// MQTT 5 correlation data: the message answers a request that carried it. Such a
+    /// message is kept in memory only (the store keeps no properties).
+    pub correlation: Option<Vec<u8>>,
 }
 
 /// A message received from the broker (command topics).
@@ -66,6 +71,11 @@ pub struct OutMessage {
 pub struct InMessage {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// MQTT 5: where the sender wants the answer, and the data to echo with it.
+    pub response_topic: Option<String>,
+    pub correlation: Option<Vec<u8>>,
+    /// MQTT 5 message expiry: not to be acted on after this.
+    pub expires_at: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,47 +158,23 @@ impl LinkSettings {
     }
 }
 
-/// Builds rumqttc options from the validated config.
-pub fn mqtt_options(mqtt: &Mqtt) -> Result<MqttOptions, LinkError> {
-    let (broker, transport) = match mqtt.transport {
-        MqttTransport::Tcp => (mqtt.host.clone(), rumqttc::Transport::Tcp),
+/// The rumqttc transport and broker address (host, or URL for WebSockets) of the config.
+fn transport(mqtt: &Mqtt) -> Result<(rumqttc::Transport, String), LinkError> {
+    Ok(match mqtt.transport {
+        MqttTransport::Tcp => (rumqttc::Transport::Tcp, mqtt.host.clone()),
         MqttTransport::Tls => (
-            mqtt.host.clone(),
             rumqttc::Transport::tls_with_config(tls_config(mqtt)?),
+            mqtt.host.clone(),
         ),
         MqttTransport::Ws => (
-            format!("ws://{}:{}{}", mqtt.host, mqtt.port, mqtt.ws_path),
             rumqttc::Transport::Ws,
+            format!("ws://{}:{}{}", mqtt.host, mqtt.port, mqtt.ws_path),
         ),
         MqttTransport::Wss => (
-            format!("wss://{}:{}{}", mqtt.host, mqtt.port, mqtt.ws_path),
             rumqttc::Transport::wss_with_config(tls_config(mqtt)?),
+            format!("wss://{}:{}{}", mqtt.host, mqtt.port, mqtt.ws_path),
         ),
-    };
-    let mut options = MqttOptions::new(mqtt.client_id.clone(), broker, mqtt.port);
-    options
-        .set_transport(transport)
-        .set_keep_alive(mqtt.keep_alive)
-        .set_clean_session(true)
-        .set_max_packet_size(mqtt.max_packet_size, mqtt.max_packet_size)
-        // One more than our window: rumqttc's flow control never holds a request back.
-        .set_inflight(mqtt.inflight.saturating_add(1))
-        .set_request_channel_capacity(usize::from(mqtt.inflight) + 16)
-        .set_last_will(LastWill::new(
-            mqtt.status_topic.clone(),
-            "offline",
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let Some(user) = &mqtt.username {
-        let password = mqtt
-            .password
-            .as_ref()
-            .map(|s| s.0.clone())
-            .unwrap_or_default();
-        options.set_credentials(user.clone(), password);
-    }
-    Ok(options)
+    })
 }
 
 /// rustls client configuration with the ring provider (no aws-lc, no OpenSSL).
@@ -238,14 +224,6 @@ fn tls_config(mqtt: &Mqtt) -> Result<rumqttc::TlsConfiguration, LinkError> {
     Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
 }
 
-fn qos(q: Qos) -> QoS {
-    match q {
-        Qos::AtMostOnce => QoS::AtMostOnce,
-        Qos::AtLeastOnce => QoS::AtLeastOnce,
-        Qos::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
 /// Shared between the two tasks: whether rumqttc may be handed requests, and in which session.
 #[derive(Debug, Default)]
 struct Gate {
@@ -254,10 +232,23 @@ struct Gate {
 }
 
 enum LinkEvent {
-    Connected { generation: u64 },
-    Disconnected { error: String },
-    Written { pkid: u16 },
-    Acked { pkid: u16 },
+    Connected {
+        generation: u64,
+        receive_max: Option<u16>,
+    },
+    Disconnected {
+        error: String,
+    },
+    Written {
+        pkid: u16,
+    },
+    Acked {
+        pkid: u16,
+        refused: Option<String>,
+    },
+    SubscribeRefused {
+        codes: Vec<String>,
+    },
     Incoming(InMessage),
     Stopped,
 }
@@ -277,11 +268,7 @@ pub fn spawn(
     commands: Option<mpsc::Sender<InMessage>>,
     inbound_capacity: usize,
 ) -> Result<Link, LinkError> {
-    let options = mqtt_options(mqtt)?;
-    let (client, mut eventloop) = AsyncClient::new(options, usize::from(mqtt.inflight) + 16);
-    // rumqttc leaves Nagle on: a small publish (a command result, a PUBACK) then waits for the
-    // peer's delayed ACK, about 40 ms per hop on Linux.
-    eventloop.network_options.set_tcp_nodelay(true);
+    let (client, eventloop) = proto::connect(mqtt)?;
     let gate = Arc::new(Mutex::new(Gate::default()));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
@@ -313,6 +300,8 @@ pub fn spawn(
         dropping: 0,
         latency: LatencyHistogram::default(),
         commands,
+        window: 0,
+        refused: 0,
         store,
         spill: always,
         always,
@@ -339,7 +328,7 @@ pub fn spawn(
 
 /// Polls the event loop forever; forwards what the manager needs.
 async fn drive_eventloop(
-    mut eventloop: EventLoop,
+    mut session: Session,
     gate: Arc<Mutex<Gate>>,
     events: mpsc::UnboundedSender<LinkEvent>,
     stop: CancellationToken,
@@ -352,51 +341,42 @@ async fn drive_eventloop(
         let polled = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            polled = eventloop.poll() => polled,
+            polled = session.poll() => polled,
         };
         let event = match polled {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+            Ok(Polled::ConnAck { receive_max }) => {
                 backoff = reconnect_min;
                 generation += 1;
                 // Events rumqttc queued in the dead session (an `Outgoing::Publish` whose flush
                 // failed) would be matched against this session's messages.
-                forward_stale_events(&mut eventloop, &events);
+                forward_stale(&mut session, &events);
                 let mut g = gate.lock().expect("gate poisoned");
                 g.open = true;
                 g.generation = generation;
-                LinkEvent::Connected { generation }
+                LinkEvent::Connected {
+                    generation,
+                    receive_max,
+                }
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Written { pkid },
-            Ok(Event::Incoming(Incoming::PubAck(ack))) => LinkEvent::Acked { pkid: ack.pkid },
-            Ok(Event::Incoming(Incoming::PubComp(comp))) => LinkEvent::Acked { pkid: comp.pkid },
-            Ok(Event::Incoming(Incoming::Publish(p))) => LinkEvent::Incoming(InMessage {
-                topic: p.topic.to_string(),
-                payload: p.payload.to_vec(),
-            }),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+            Ok(Polled::Written(pkid)) => LinkEvent::Written { pkid },
+            Ok(Polled::Acked { pkid, refused }) => LinkEvent::Acked { pkid, refused },
+            Ok(Polled::Received(msg)) => LinkEvent::Incoming(msg),
+            Ok(Polled::SubscribeRefused { codes }) => LinkEvent::SubscribeRefused { codes },
+            Ok(Polled::Disconnected) => {
                 let _ = events.send(LinkEvent::Stopped);
                 break;
             }
-            Ok(_) => continue,
-            Err(e) => {
+            Ok(Polled::Other) => continue,
+            Err(error) => {
                 {
                     let mut g = gate.lock().expect("gate poisoned");
                     g.open = false;
                     // Anything handed over since rumqttc's own clean-up is drained now, under
                     // the gate, so that rumqttc holds nothing the manager will re-send.
-                    eventloop.clean();
-                    // rumqttc keeps a packet-id collision across sessions, which would disable
-                    // its request branch for good; the manager re-sends that message anyway.
-                    eventloop.state.collision = None;
-                    eventloop.state.collision_ping_count = 0;
+                    session.reset();
                 }
-                forward_stale_events(&mut eventloop, &events);
-                if events
-                    .send(LinkEvent::Disconnected {
-                        error: e.to_string(),
-                    })
-                    .is_err()
-                {
+                forward_stale(&mut session, &events);
+                if events.send(LinkEvent::Disconnected { error }).is_err() {
                     break;
                 }
                 tokio::select! {
@@ -415,14 +395,9 @@ async fn drive_eventloop(
 
 /// Drops the events rumqttc still buffers from a session that ended (they refer to packet
 /// ids of that session), forwarding received publishes, which are still valid commands.
-fn forward_stale_events(eventloop: &mut EventLoop, events: &mpsc::UnboundedSender<LinkEvent>) {
-    for event in eventloop.state.events.drain(..) {
-        if let Event::Incoming(Incoming::Publish(p)) = event {
-            let _ = events.send(LinkEvent::Incoming(InMessage {
-                topic: p.topic.to_string(),
-                payload: p.payload.to_vec(),
-            }));
-        }
+fn forward_stale(session: &mut Session, events: &mpsc::UnboundedSender<LinkEvent>) {
+    for msg in session.take_stale() {
+        let _ = events.send(LinkEvent::Incoming(msg));
     }
 }
 
@@ -436,7 +411,7 @@ struct Entry {
 }
 
 struct Manager {
-    client: AsyncClient,
+    client: Client,
     gate: Arc<Mutex<Gate>>,
     settings: LinkSettings,
     stats: Arc<LinkStats>,
@@ -450,6 +425,11 @@ struct Manager {
     dropping: u64,
     latency: LatencyHistogram,
     commands: Option<mpsc::Sender<InMessage>>,
+    /// Messages on the wire at once in this session: `settings.window`, or less when the
+    /// broker's MQTT 5 Receive Maximum is lower.
+    window: usize,
+    /// Publishes the broker refused with an MQTT 5 reason code (they are not retried).
+    refused: u64,
     // --- the outbox (see the module docs) ---
     store: Option<StoreHandle>,
     /// New messages go to the store (and come back through reads) instead of `queue`.
@@ -604,7 +584,9 @@ impl Manager {
         held.extend(std::mem::take(&mut self.inflight).into_values());
         held.extend(self.queue.drain(..));
         held.sort_by_key(|e| e.seq);
-        held.retain(|e| !e.volatile);
+        // Responses to MQTT 5 requests are not kept: the store has no room for their
+        // correlation data, and without it a response answers nobody.
+        held.retain(|e| !e.volatile && e.msg.correlation.is_none());
         if !self.store_usable() {
             let lost = held.iter().filter(|e| e.store_id.is_none()).count() as u64
                 + self.to_store.len() as u64;
@@ -652,12 +634,15 @@ impl Manager {
         if self.generation.is_none() {
             return;
         }
-        let topic = self.settings.status_topic.clone();
-        if self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, true, "offline")
-            .is_err()
-        {
+        let offline = OutMessage {
+            topic: self.settings.status_topic.clone(),
+            payload: b"offline".to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: true,
+            created: Instant::now(),
+            correlation: None,
+        };
+        if self.client.try_publish(&offline).is_err() {
             return;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -665,7 +650,7 @@ impl Manager {
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(LinkEvent::Written { pkid })) => written = Some(pkid),
-                Ok(Some(LinkEvent::Acked { pkid })) if Some(pkid) == written => break,
+                Ok(Some(LinkEvent::Acked { pkid, .. })) if Some(pkid) == written => break,
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => return,
             }
@@ -714,7 +699,8 @@ impl Manager {
         if held_back {
             mark_buffered(&mut msg.payload);
         }
-        if self.store_usable() && (self.spill || held_back) {
+        // A response to an MQTT 5 request keeps its correlation data only in memory.
+        if self.store_usable() && (self.spill || held_back) && msg.correlation.is_none() {
             if !self.spill {
                 self.start_spill();
             }
@@ -766,7 +752,7 @@ impl Manager {
             .map_or(0, |i| i + 1);
         let moved: Vec<Entry> = self.queue.drain(keep..).collect();
         for e in moved {
-            if e.volatile {
+            if e.volatile || e.msg.correlation.is_some() {
                 self.queue.push_back(e);
             } else {
                 self.to_store.push(new_message(&e.msg));
@@ -794,13 +780,13 @@ impl Manager {
             self.deletes_sent = Instant::now();
         }
         let drained = self.last_read_short && self.appends_since_read == 0;
-        let room = (self.settings.window * 4).saturating_sub(self.queue.len());
+        let room = (self.window.max(1) * 4).saturating_sub(self.queue.len());
         if self.spill
             && self.read_pending.is_none()
             && self.read_retry_at.is_none_or(|t| Instant::now() >= t)
             && self.generation.is_some()
             && !drained
-            && room >= self.settings.window
+            && room >= self.window.max(1)
         {
             let (tx, rx) = oneshot::channel();
             if store.send(StoreRequest::Read {
@@ -875,6 +861,7 @@ impl Manager {
                 qos: m.qos,
                 retain: m.retain,
                 created: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                correlation: None,
             },
             store_id,
             volatile: false,
@@ -888,8 +875,16 @@ impl Manager {
         last_error: &mut String,
     ) {
         match event {
-            LinkEvent::Connected { generation } => {
+            LinkEvent::Connected {
+                generation,
+                receive_max,
+            } => {
                 self.attempted = true;
+                self.window = self
+                    .settings
+                    .window
+                    .min(receive_max.map_or(usize::MAX, usize::from))
+                    .max(1);
                 self.generation = Some(generation);
                 self.stats.connected.store(1, Ordering::Relaxed);
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -910,16 +905,14 @@ impl Manager {
                         qos: Qos::AtLeastOnce,
                         retain: true,
                         created: Instant::now(),
+                        correlation: None,
                     },
                     store_id: None,
                     volatile: true,
                 });
                 // A few SUBSCRIBE packets, not one per filter: the request channel is small.
                 for chunk in self.settings.subscriptions.clone().chunks(32) {
-                    let filters = chunk
-                        .iter()
-                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                    if !self.try_hand_raw(|c| c.try_subscribe_many(filters)) {
+                    if !self.try_hand_raw(|c| c.try_subscribe(chunk)) {
                         tracing::error!(
                             filters = chunk.len(),
                             "could not subscribe to command topics in this session"
@@ -966,11 +959,16 @@ impl Manager {
                 }
                 None => tracing::error!(pkid, "publish written that was not handed over"),
             },
-            LinkEvent::Acked { pkid } => {
-                if let Some(entry) = self.inflight.remove(&pkid) {
-                    self.delivered(entry);
-                }
-            }
+            LinkEvent::Acked { pkid, refused } => match (self.inflight.remove(&pkid), refused) {
+                (Some(entry), None) => self.delivered(entry),
+                (Some(entry), Some(reason)) => self.on_refused(entry, &reason),
+                (None, _) => {}
+            },
+            LinkEvent::SubscribeRefused { codes } => tracing::error!(
+                refused = codes.len(),
+                codes = %codes.join(","),
+                "the broker refused subscriptions to command topics: commands on them will not arrive (check the broker's ACL)"
+            ),
             LinkEvent::Incoming(msg) => {
                 if let Some(commands) = &self.commands {
                     if commands.try_send(msg).is_err() {
@@ -1016,6 +1014,25 @@ impl Manager {
         }
     }
 
+    /// The broker answered a publish with an MQTT 5 error reason code (not authorised,
+    /// topic name invalid, quota exceeded...): it will not take the message, so it is not
+    /// retried. Counted as dropped; logged for the 1st, 2nd, 4th, 8th... refusal.
+    fn on_refused(&mut self, entry: Entry, reason: &str) {
+        self.refused += 1;
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.refused.is_power_of_two() {
+            tracing::error!(
+                topic = %entry.msg.topic,
+                reason,
+                refused_total = self.refused,
+                "the broker refused a message: dropped (check the broker's ACL and limits)"
+            );
+        }
+        if let Some(id) = entry.store_id {
+            self.to_delete.push(id);
+        }
+    }
+
     fn delivered(&mut self, entry: Entry) {
         if self.suspect.is_some_and(|(seq, _)| seq == entry.seq) {
             self.suspect = None;
@@ -1028,10 +1045,7 @@ impl Manager {
     }
 
     /// Hands a request that is not a tracked message to rumqttc, if the gate is open.
-    fn try_hand_raw(
-        &mut self,
-        f: impl FnOnce(&AsyncClient) -> Result<(), rumqttc::ClientError>,
-    ) -> bool {
+    fn try_hand_raw(&mut self, f: impl FnOnce(&Client) -> Result<(), String>) -> bool {
         let Some(generation) = self.generation else {
             return false;
         };
@@ -1054,15 +1068,11 @@ impl Manager {
         if !gate.open || gate.generation != generation {
             return;
         }
-        while self.handed.len() + self.inflight.len() < self.settings.window {
+        while self.handed.len() + self.inflight.len() < self.window {
             let Some(entry) = self.queue.pop_front() else {
                 break;
             };
-            let m = &entry.msg;
-            match self
-                .client
-                .try_publish(m.topic.clone(), qos(m.qos), m.retain, m.payload.clone())
-            {
+            match self.client.try_publish(&entry.msg) {
                 Ok(()) => self.handed.push_back(entry),
                 Err(e) => {
                     tracing::debug!(error = %e, "rumqttc request channel full; retrying later");

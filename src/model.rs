@@ -86,6 +86,17 @@ pub struct Gateway {
     pub stats_interval: Option<Duration>,
 }
 
+/// MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1: every broker speaks it.
+    #[default]
+    V311,
+    /// MQTT 5: request/response (response topic, correlation data), message expiry on
+    /// commands, reason codes on PUBACK, the broker's receive maximum.
+    V5,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MqttTransport {
     Tcp,
@@ -130,6 +141,7 @@ pub enum WhenFull {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mqtt {
+    pub protocol: MqttProtocol,
     pub transport: MqttTransport,
     pub host: String,
     pub port: u16,

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use fieldbridge::config::{self, ConfigError, ConfigErrors};
 use fieldbridge::model::{
-    BusKind, DataType, MessageMode, MqttTransport, Parity, PayloadFormat, PublishPolicy, Qos,
-    RegisterKind, WordOrder,
+    BusKind, DataType, MessageMode, MqttProtocol, MqttTransport, Parity, PayloadFormat,
+    PublishPolicy, Qos, RegisterKind, WordOrder,
 };
 
 fn errors(text: &str) -> Vec<ConfigError> {
@@ -394,6 +394,23 @@ fn enums_list_their_allowed_values() {
     assert_eq!(e.path, "buses[0].parity");
     assert_eq!(e.message, "`x` is not one of none, even, odd");
     assert_eq!(e.line, Some(9));
+}
+
+#[test]
+fn mqtt_protocol_is_3_1_1_by_default_5_on_request_and_nothing_else() {
+    let point = "      - { name: a, address: 0 }\n";
+    let c = config::parse(&with_points(point), "t.yaml").unwrap();
+    assert_eq!(c.mqtt.protocol, MqttProtocol::V311);
+    for (given, want) in [("5", MqttProtocol::V5), ("\"3.1.1\"", MqttProtocol::V311)] {
+        let text = HEAD.replace("mqtt:\n", &format!("mqtt:\n  protocol: {given}\n")) + point;
+        let c = config::parse(&text, "t.yaml").unwrap();
+        assert_eq!(c.mqtt.protocol, want, "{given}");
+    }
+    let text = HEAD.replace("mqtt:\n", "mqtt:\n  protocol: 3.1\n") + point;
+    let e = one_error(&text);
+    assert_eq!(e.path, "mqtt.protocol");
+    assert_eq!(e.message, "`3.1` is not one of 3.1.1, 5");
+    assert_eq!(e.line, Some(4));
 }
 
 #[test]

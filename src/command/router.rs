@@ -72,6 +72,53 @@ struct Job {
     text: String,
     plan: Plan,
     received: Instant,
+    /// The command's expiry (MQTT 5 message expiry or the payload's `expires`), checked
+    /// again when the bus takes it: a command that waited past it is not executed.
+    deadline: Option<Deadline>,
+    reply: Option<Reply>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    /// MQTT 5 message expiry, from the broker's remaining interval.
+    Monotonic(Instant),
+    /// The payload's `expires` (wall clock).
+    Wall(SystemTime),
+}
+
+impl Deadline {
+    fn passed(self) -> bool {
+        match self {
+            Deadline::Monotonic(t) => Instant::now() > t,
+            Deadline::Wall(t) => SystemTime::now() > t,
+        }
+    }
+}
+
+/// Where an MQTT 5 request wants its answer: a copy of the result goes there, with the
+/// request's correlation data.
+#[derive(Debug, Clone)]
+struct Reply {
+    topic: String,
+    correlation: Option<Vec<u8>>,
+}
+
+impl Reply {
+    /// The reply wanted by `msg`, if it asked for one with a topic we can publish to.
+    fn of(msg: &InMessage) -> Option<Reply> {
+        let topic = msg.response_topic.as_ref()?;
+        if !super::valid_response_topic(topic) {
+            tracing::warn!(
+                topic = %msg.topic, response_topic = %topic,
+                "command's response topic is not a topic one can publish to (empty, wildcard, `$` or too long): result on the result topic only"
+            );
+            return None;
+        }
+        Some(Reply {
+            topic: topic.clone(),
+            correlation: msg.correlation.clone(),
+        })
+    }
 }
 
 /// What an executor did with a job.
@@ -136,6 +183,7 @@ impl Router {
     fn on_command(&mut self, msg: InMessage) -> Vec<OutMessage> {
         let received = Instant::now();
         let text = log_text(&msg.payload);
+        let reply = Reply::of(&msg);
         // Which point? Either an exact command topic, or the default form under the wildcard.
         let target = match self.topics.get(&msg.topic) {
             Some(&t) => Ok(t),
@@ -154,7 +202,7 @@ impl Router {
                     Err(&refusal),
                 );
                 let body = err_result(device.as_deref(), point.as_deref(), None, &refusal);
-                return vec![result_message(result_topic, &body)];
+                return results(result_topic, &body, reply.as_ref());
             }
         };
         let config = self.config.clone();
@@ -186,13 +234,13 @@ impl Router {
                     ),
                 ),
             );
-            return vec![result_message(topic, &body)];
+            return results(topic, &body, reply.as_ref());
         }
         let cmd = match parse_payload(&msg.payload) {
             Ok(c) => c,
             Err(r) => {
                 let (body, topic) = refuse(None, r);
-                return vec![result_message(topic, &body)];
+                return results(topic, &body, reply.as_ref());
             }
         };
         let id = cmd.id.clone();
@@ -208,12 +256,20 @@ impl Router {
                     let mut body = body.clone();
                     body.insert("duplicate".into(), Json::Bool(true));
                     tracing::info!(device = %device.name, point = %point.name, id = %id, topic = %msg.topic, value = %text, outcome = "duplicate", "command not executed again: same id");
-                    return vec![result_message(settings.result_topic.clone(), &body)];
+                    return results(settings.result_topic.clone(), &body, reply.as_ref());
                 }
                 None => {}
             }
         }
-        let checked = check_expiry(&cmd, settings.max_age, SystemTime::now())
+        let mqtt_expiry = match msg.expires_at {
+            Some(t) if received > t => Err(Refusal::new(
+                "expired",
+                "the MQTT 5 message expiry interval had passed when the command arrived",
+            )),
+            _ => Ok(()),
+        };
+        let checked = mqtt_expiry
+            .and_then(|()| check_expiry(&cmd, settings.max_age, SystemTime::now()))
             .and_then(|()| match device.line {
                 Some(_) => crate::lines::command_plan(&config, d, p, &cmd.value),
                 None => plan(point, settings, &cmd.value),
@@ -242,7 +298,7 @@ impl Router {
                 if let Some(id) = &id {
                     state.ids.put(id, Seen::Done(body.clone()));
                 }
-                return vec![result_message(topic, &body)];
+                return results(topic, &body, reply.as_ref());
             }
         };
         let bus = device.bus;
@@ -251,11 +307,21 @@ impl Router {
                 id.as_deref(),
                 Refusal::new("unavailable", "the device's bus is not running"),
             );
-            return vec![result_message(topic, &body)];
+            return results(topic, &body, reply.as_ref());
         };
         if let Some(id) = &id {
             state.ids.put(id, Seen::Pending { extra: 0 });
         }
+        // The earlier of the two expiries, if any.
+        let deadline = match (msg.expires_at, cmd.expires) {
+            (Some(t), Some(wall)) => {
+                let left = wall.duration_since(SystemTime::now()).unwrap_or_default();
+                Some(Deadline::Monotonic(t.min(Instant::now() + left)))
+            }
+            (Some(t), None) => Some(Deadline::Monotonic(t)),
+            (None, Some(wall)) => Some(Deadline::Wall(wall)),
+            (None, None) => None,
+        };
         let job = Job {
             device: d,
             point: p,
@@ -264,6 +330,8 @@ impl Router {
             text,
             plan,
             received,
+            deadline,
+            reply,
         };
         let config = self.config.clone();
         let done = self.done_tx.clone();
@@ -287,7 +355,7 @@ impl Router {
                     .ids
                     .put(id, Seen::Done(body.clone()));
             }
-            return vec![result_message(topic, &body)];
+            return results(topic, &body, job.reply.as_ref());
         }
         Vec::new()
     }
@@ -378,6 +446,7 @@ impl Router {
                         qos: point.qos,
                         retain: point.retain,
                         created: Instant::now(),
+                        correlation: None,
                     });
                 }
                 body
@@ -405,7 +474,7 @@ impl Router {
             state.ids.put(id, Seen::Done(body.clone()));
         }
         // The result goes first: a consumer waiting on it then already finds the new value.
-        let mut msgs = vec![result_message(settings.result_topic.clone(), &body)];
+        let mut msgs = results(settings.result_topic.clone(), &body, job.reply.as_ref());
         for _ in 1..copies {
             let mut dup = body.clone();
             dup.insert("duplicate".into(), Json::Bool(true));
@@ -440,6 +509,26 @@ fn result_message(topic: String, body: &Map<String, Json>) -> OutMessage {
         qos: Qos::AtLeastOnce,
         retain: false,
         created: Instant::now(),
+        correlation: None,
+    }
+}
+
+/// The result on its result topic and, for an MQTT 5 request with a response topic, a copy
+/// there carrying the request's correlation data.
+fn results(topic: String, body: &Map<String, Json>, reply: Option<&Reply>) -> Vec<OutMessage> {
+    let result = result_message(topic, body);
+    match reply {
+        None => vec![result],
+        Some(reply) => {
+            let answer = OutMessage {
+                topic: reply.topic.clone(),
+                payload: result.payload.clone(),
+                // Present even when empty: the requester may match on it.
+                correlation: Some(reply.correlation.clone().unwrap_or_default()),
+                ..result.clone()
+            };
+            vec![result, answer]
+        }
     }
 }
 
@@ -459,6 +548,12 @@ async fn executor(
 }
 
 async fn execute(config: &Config, bus: &BusHandle, job: &Job) -> Result<Executed, Refusal> {
+    if job.deadline.is_some_and(Deadline::passed) {
+        return Err(Refusal::new(
+            "expired",
+            "the command expired while waiting for the bus",
+        ));
+    }
     let device = &config.devices[job.device];
     let point = &device.points[job.point];
     let settings = &device.commands[job.point];

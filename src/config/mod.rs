@@ -23,9 +23,9 @@ use serde_yaml::Value;
 
 use crate::model::{BitWrite, PointCommand, Rate};
 use crate::model::{
-    Bus, BusKind, Config, DataType, Device, Durability, Gateway, MessageMode, Mqtt, MqttTransport,
-    Parity, PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind, Secret, Serial,
-    Store, Synchronous, TlsFiles, WhenFull, WordOrder,
+    Bus, BusKind, Config, DataType, Device, Durability, Gateway, MessageMode, Mqtt, MqttProtocol,
+    MqttTransport, Parity, PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind,
+    Secret, Serial, Store, Synchronous, TlsFiles, WhenFull, WordOrder,
 };
 use locate::{join_key, Locator};
 use raw::{RawBus, RawCommand, RawConfig, RawDevice, RawMqtt, RawPoint, RawPublish, RawStore};
@@ -906,6 +906,18 @@ impl Validator {
             MqttTransport::Wss => 443,
         };
         let is_ws = |t| matches!(t, MqttTransport::Ws | MqttTransport::Wss);
+        // YAML reads `5` as a number and `3.1.1` as a string; `5.0` would be a float.
+        let protocol_text = m.protocol.as_ref().map(|v| match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            other => format!("{other:?}"),
+        });
+        let protocol = self.choice(
+            "mqtt.protocol",
+            protocol_text.as_deref(),
+            MqttProtocol::V311,
+            &[("3.1.1", MqttProtocol::V311), ("5", MqttProtocol::V5)],
+        );
         let (transport, host, port, ws_path) = if let Some(url) = &m.url {
             if m.host.is_some() || m.port.is_some() || m.transport.is_some() || m.ws_path.is_some()
             {
@@ -1102,6 +1114,7 @@ impl Validator {
             .unwrap_or_default();
 
         Mqtt {
+            protocol,
             transport,
             host,
             port,

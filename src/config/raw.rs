@@ -43,6 +43,8 @@ pub struct RawGateway {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMqtt {
+    /// `3.1.1` (a string) or `5` (a number in YAML): taken as a value and checked.
+    pub protocol: Option<Value>,
     pub url: Option<String>,
     pub host: Option<String>,
     pub port: Option<i64>,

@@ -74,6 +74,18 @@ impl Mosquitto {
         m
     }
 
+    /// A broker whose clients (anonymous) may publish and subscribe only where the mosquitto
+    /// ACL text `acl` (e.g. `topic readwrite t/#`) allows. A refused QoS 1 publish is
+    /// answered with PUBACK reason 0x87 (not authorised) to an MQTT 5 client.
+    pub fn start_with_acl(acl: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("acl");
+        std::fs::write(&file, acl).expect("write acl");
+        let mut m = Self::start_with_extra(None, &format!("acl_file {}\n", file.display()));
+        m.keep.push(dir);
+        m
+    }
+
     /// The WebSocket listener's port (`start_websockets` only).
     pub fn ws_port(&self) -> u16 {
         self.ws_port.expect("started with start_websockets")

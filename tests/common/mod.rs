@@ -7,6 +7,7 @@
 //! - `broker`: a mosquitto process per test on a free loopback port (plain or TLS).
 //! - `certs`: a throw-away PKI made with the openssl CLI (CA, server, client, unrelated CA).
 //! - `mqtt`: `MqttProbe`, a rumqttc subscriber that records every publish it sees.
+//! - `mqtt5`: `Mqtt5Probe`, the same over MQTT 5, with the properties of what it sees.
 //! - `pty`: `PtyPair`, two linked pseudo-terminals made by socat (a serial "cable").
 //! - `device`: Modbus devices (tokio-modbus servers over TCP or RTU on a pty) with shared,
 //!   inspectable state, a request log, illegal ranges and silent units.
@@ -21,6 +22,7 @@ pub mod counter;
 pub mod device;
 pub mod gateway;
 pub mod mqtt;
+pub mod mqtt5;
 pub mod pty;
 pub mod relay;
 
@@ -33,6 +35,7 @@ pub use certs::TestCerts;
 pub use device::{DeviceState, Kind, LoggedRequest, Outcome, RtuDevice, TcpDevice};
 pub use gateway::{run_cli, run_cli_with_timeout, CliOutput, Gateway};
 pub use mqtt::{MqttProbe, Msg};
+pub use mqtt5::{Mqtt5Probe, Msg5};
 pub use pty::PtyPair;
 
 /// The loopback address every helper binds to: tests never touch another interface.

@@ -1,0 +1,344 @@
+//! The two MQTT protocol versions behind one face: rumqttc's 3.1.1 client and its `v5` one.
+//!
+//! The link's logic (what is delivered, what is re-sent) is the same for both; only packets
+//! differ. [`Client`] hands requests to either client; [`Session`] turns either event loop's
+//! events into the few [`Polled`] outcomes the link acts on. What MQTT 5 adds and we use:
+//! - on incoming publishes (commands): response topic, correlation data and the remaining
+//!   message expiry interval (MQTT 5 §3.3.2.3.3: the broker forwards what is left of it);
+//! - on outgoing publishes: correlation data on a command's response;
+//! - reason codes: a PUBACK/PUBREC ≥ 0x80 is a refusal (§3.4.2.1), not a delivery, and a
+//!   SUBACK code ≥ 0x80 a refused subscription (§3.9.3);
+//! - the broker's Receive Maximum from CONNACK (§3.2.2.3.3) caps our window of messages in
+//!   flight, so rumqttc never holds one back behind its flow control.
+
+use std::time::{Duration, Instant};
+
+use rumqttc::v5;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason, PublishProperties};
+use rumqttc::{Event, Incoming, Outgoing, QoS};
+
+use super::{InMessage, LinkError, OutMessage};
+use crate::model::{Mqtt, MqttProtocol, Qos};
+
+/// The request side of either client.
+pub(super) enum Client {
+    V3(rumqttc::AsyncClient),
+    V5(v5::AsyncClient),
+}
+
+/// What one poll of an event loop means to the link.
+pub(super) enum Polled {
+    /// A new session; `receive_max` is the broker's limit on QoS>0 publishes in flight.
+    ConnAck { receive_max: Option<u16> },
+    /// A publish was written with this packet id (0 for QoS 0).
+    Written(u16),
+    /// The broker answered the publish with this packet id; `refused` carries the reason
+    /// code when it did not take it (MQTT 5 only).
+    Acked { pkid: u16, refused: Option<String> },
+    /// A publish on a subscribed topic.
+    Received(InMessage),
+    /// The broker refused some of our subscriptions (their positions in the SUBSCRIBE).
+    SubscribeRefused { codes: Vec<String> },
+    /// Our DISCONNECT was written: the session ended on our request.
+    Disconnected,
+    /// Nothing the link acts on.
+    Other,
+}
+
+/// The event-loop side of either client.
+pub(super) enum Session {
+    V3(Box<rumqttc::EventLoop>),
+    V5(Box<v5::EventLoop>),
+}
+
+/// Builds the client and its event loop for the configured protocol.
+pub(super) fn connect(mqtt: &Mqtt) -> Result<(Client, Session), LinkError> {
+    let cap = usize::from(mqtt.inflight) + 16;
+    let (transport, broker) = super::transport(mqtt)?;
+    let password = mqtt
+        .password
+        .as_ref()
+        .map(|s| s.0.clone())
+        .unwrap_or_default();
+    Ok(match mqtt.protocol {
+        MqttProtocol::V311 => {
+            let mut options = rumqttc::MqttOptions::new(mqtt.client_id.clone(), broker, mqtt.port);
+            options
+                .set_transport(transport)
+                .set_keep_alive(mqtt.keep_alive)
+                .set_clean_session(true)
+                .set_max_packet_size(mqtt.max_packet_size, mqtt.max_packet_size)
+                // One more than our window: rumqttc's flow control never holds a request back.
+                .set_inflight(mqtt.inflight.saturating_add(1))
+                .set_request_channel_capacity(cap)
+                .set_last_will(rumqttc::LastWill::new(
+                    mqtt.status_topic.clone(),
+                    "offline",
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+            if let Some(user) = &mqtt.username {
+                options.set_credentials(user.clone(), password);
+            }
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, cap);
+            // rumqttc leaves Nagle on: a small publish (a command result, a PUBACK) then waits
+            // for the peer's delayed ACK, about 40 ms per hop on Linux.
+            eventloop.network_options.set_tcp_nodelay(true);
+            (Client::V3(client), Session::V3(Box::new(eventloop)))
+        }
+        MqttProtocol::V5 => {
+            let mut options = v5::MqttOptions::new(mqtt.client_id.clone(), broker, mqtt.port);
+            let mut network = rumqttc::NetworkOptions::new();
+            network.set_tcp_nodelay(true);
+            let max_packet = u32::try_from(mqtt.max_packet_size).unwrap_or(u32::MAX);
+            options
+                .set_transport(transport)
+                .set_keep_alive(mqtt.keep_alive)
+                .set_clean_start(true)
+                .set_max_packet_size(Some(max_packet))
+                .set_outgoing_inflight_upper_limit(mqtt.inflight.saturating_add(1))
+                .set_request_channel_capacity(cap)
+                .set_network_options(network)
+                .set_last_will(v5::mqttbytes::v5::LastWill::new(
+                    mqtt.status_topic.clone(),
+                    "offline",
+                    v5::mqttbytes::QoS::AtLeastOnce,
+                    true,
+                    None,
+                ));
+            if let Some(user) = &mqtt.username {
+                options.set_credentials(user.clone(), password);
+            }
+            let (client, eventloop) = v5::AsyncClient::new(options, cap);
+            (Client::V5(client), Session::V5(Box::new(eventloop)))
+        }
+    })
+}
+
+fn qos3(q: Qos) -> QoS {
+    match q {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn qos5(q: Qos) -> v5::mqttbytes::QoS {
+    match q {
+        Qos::AtMostOnce => v5::mqttbytes::QoS::AtMostOnce,
+        Qos::AtLeastOnce => v5::mqttbytes::QoS::AtLeastOnce,
+        Qos::ExactlyOnce => v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+impl Client {
+    /// Hands a publish over without waiting; fails when rumqttc's request channel is full.
+    pub(super) fn try_publish(&self, m: &OutMessage) -> Result<(), String> {
+        match self {
+            // 3.1.1 has no properties: correlation data cannot be carried (and is never set,
+            // since no 3.1.1 command carries any).
+            Client::V3(c) => c
+                .try_publish(&m.topic, qos3(m.qos), m.retain, m.payload.clone())
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => match &m.correlation {
+                None => c.try_publish(&m.topic, qos5(m.qos), m.retain, m.payload.clone()),
+                Some(data) => c.try_publish_with_properties(
+                    &m.topic,
+                    qos5(m.qos),
+                    m.retain,
+                    m.payload.clone(),
+                    PublishProperties {
+                        correlation_data: Some(data.clone().into()),
+                        ..PublishProperties::default()
+                    },
+                ),
+            }
+            .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Subscribes to `filters` at QoS 1 in one SUBSCRIBE.
+    pub(super) fn try_subscribe(&self, filters: &[String]) -> Result<(), String> {
+        match self {
+            Client::V3(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(filters.iter().map(|f| {
+                    v5::mqttbytes::v5::Filter::new(f.clone(), v5::mqttbytes::QoS::AtLeastOnce)
+                }))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub(super) fn try_disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V3(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+impl Session {
+    /// The next event; an error ends the session (rumqttc reconnects on the next poll).
+    pub(super) async fn poll(&mut self) -> Result<Polled, String> {
+        match self {
+            Session::V3(eventloop) => poll_v3(eventloop).await,
+            Session::V5(eventloop) => poll_v5(eventloop).await,
+        }
+    }
+
+    /// After an error: drops whatever rumqttc still holds for the dead session (so that it
+    /// holds nothing the link will re-send) and its packet-id collision state: rumqttc keeps a
+    /// collision across sessions, which would disable its request branch for good; the link
+    /// re-sends that message anyway.
+    pub(super) fn reset(&mut self) {
+        match self {
+            Session::V3(e) => {
+                e.clean();
+                e.state.collision = None;
+                e.state.collision_ping_count = 0;
+            }
+            Session::V5(e) => {
+                e.clean();
+                e.state.collision = None;
+                e.state.collision_ping_count = 0;
+            }
+        }
+    }
+
+    /// Events rumqttc queued in a session that ended: their packet ids mean nothing in the
+    /// next one. Received publishes among them are still valid commands and are returned.
+    pub(super) fn take_stale(&mut self) -> Vec<InMessage> {
+        match self {
+            Session::V3(e) => e
+                .state
+                .events
+                .drain(..)
+                .filter_map(|event| match event {
+                    Event::Incoming(Incoming::Publish(p)) => Some(received_v3(&p)),
+                    _ => None,
+                })
+                .collect(),
+            Session::V5(e) => e
+                .state
+                .events
+                .drain(..)
+                .filter_map(|event| match event {
+                    v5::Event::Incoming(Packet::Publish(p)) => Some(received_v5(&p)),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+}
+
+async fn poll_v3(eventloop: &mut rumqttc::EventLoop) -> Result<Polled, String> {
+    let event = eventloop.poll().await.map_err(|e| e.to_string())?;
+    Ok(match event {
+        Event::Incoming(Incoming::ConnAck(_)) => Polled::ConnAck { receive_max: None },
+        Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Written(pkid),
+        Event::Incoming(Incoming::PubAck(ack)) => Polled::Acked {
+            pkid: ack.pkid,
+            refused: None,
+        },
+        Event::Incoming(Incoming::PubComp(comp)) => Polled::Acked {
+            pkid: comp.pkid,
+            refused: None,
+        },
+        Event::Incoming(Incoming::Publish(p)) => Polled::Received(received_v3(&p)),
+        Event::Incoming(Incoming::SubAck(ack)) => {
+            let codes: Vec<String> = ack
+                .return_codes
+                .iter()
+                .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                .map(|c| format!("{c:?}"))
+                .collect();
+            if codes.is_empty() {
+                Polled::Other
+            } else {
+                Polled::SubscribeRefused { codes }
+            }
+        }
+        Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
+        _ => Polled::Other,
+    })
+}
+
+async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, String> {
+    let event = eventloop.poll().await.map_err(|e| e.to_string())?;
+    Ok(match event {
+        v5::Event::Incoming(Packet::ConnAck(ack)) => Polled::ConnAck {
+            receive_max: ack.properties.and_then(|p| p.receive_max),
+        },
+        v5::Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Written(pkid),
+        v5::Event::Incoming(Packet::PubAck(ack)) => Polled::Acked {
+            pkid: ack.pkid,
+            refused: match ack.reason {
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                other => Some(format!("{other:?}")),
+            },
+        },
+        // A refused QoS 2 publish ends at its PUBREC: no PUBCOMP follows (§4.3.3).
+        v5::Event::Incoming(Packet::PubRec(rec))
+            if !matches!(
+                rec.reason,
+                PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+            ) =>
+        {
+            Polled::Acked {
+                pkid: rec.pkid,
+                refused: Some(format!("{:?}", rec.reason)),
+            }
+        }
+        v5::Event::Incoming(Packet::PubComp(comp)) => Polled::Acked {
+            pkid: comp.pkid,
+            refused: None,
+        },
+        v5::Event::Incoming(Packet::Publish(p)) => Polled::Received(received_v5(&p)),
+        v5::Event::Incoming(Packet::SubAck(ack)) => {
+            use v5::mqttbytes::v5::SubscribeReasonCode as Code;
+            let codes: Vec<String> = ack
+                .return_codes
+                .iter()
+                .filter(|c| !matches!(c, Code::Success(_)))
+                .map(|c| format!("{c:?}"))
+                .collect();
+            if codes.is_empty() {
+                Polled::Other
+            } else {
+                Polled::SubscribeRefused { codes }
+            }
+        }
+        v5::Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
+        _ => Polled::Other,
+    })
+}
+
+fn received_v3(p: &rumqttc::Publish) -> InMessage {
+    InMessage {
+        topic: p.topic.to_string(),
+        payload: p.payload.to_vec(),
+        response_topic: None,
+        correlation: None,
+        expires_at: None,
+    }
+}
+
+fn received_v5(p: &v5::mqttbytes::v5::Publish) -> InMessage {
+    let props = p.properties.as_ref();
+    InMessage {
+        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+        payload: p.payload.to_vec(),
+        response_topic: props.and_then(|p| p.response_topic.clone()),
+        correlation: props.and_then(|p| p.correlation_data.as_ref().map(|d| d.to_vec())),
+        // What is left of the sender's expiry when the broker forwarded it.
+        expires_at: props
+            .and_then(|p| p.message_expiry_interval)
+            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs))),
+    }
+}
