@@ -303,6 +303,53 @@ async fn three_slaves_on_one_rtu_line_keep_their_rate_while_one_is_silent() {
     );
 }
 
+/// tokio-modbus keeps reading a stream that a timed-out call left behind (upstream issue
+/// #324): without a reset, a reply that arrives after its timeout is taken as the answer to
+/// the next request of the same shape, and a value lands on the wrong point, silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reply_is_thrown_away_not_taken_as_the_next_answer() {
+    let broker = Mosquitto::start();
+    let pty = PtyPair::new();
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 0, &[111]);
+    state.set_holding(1, 100, &[222]);
+    // The first read of register 0 is answered 100 ms after the gateway gave up on it.
+    state.add_late_once(1, 0, Duration::from_millis(300));
+    let device = RtuDevice::start(pty.a(), state.clone());
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let yaml = format!(
+        "{}buses:\n  - {{ name: rs485, type: rtu, port: {}, baud: 19200 }}\ndevices:\n  - {{ name: m, bus: rs485, unit: 1, interval: 200ms, timeout: 200ms, max_gap: 0, points: [ {{ name: a, address: 0 }}, {{ name: b, address: 100 }} ] }}\n",
+        header(broker.port()),
+        pty.b().display()
+    );
+    let gateway = Gateway::start(&yaml);
+    // Five readings of each point after the late reply was sent.
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.len() < 5 || b.len() < 5 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = probe.next(left).await else {
+            panic!("a {a:?} b {b:?} within {WAIT:?}: {}", gateway.logs());
+        };
+        match m.topic.as_str() {
+            "t/m/a" => a.push(m.json()["value"].clone()),
+            "t/m/b" => b.push(m.json()["value"].clone()),
+            _ => {}
+        }
+    }
+    assert!(a.iter().all(|v| *v == json!(111)), "a {a:?}");
+    assert!(b.iter().all(|v| *v == json!(222)), "b {b:?}");
+    // The late reply really was sent: the first read of register 0 was answered.
+    let first = device
+        .state()
+        .requests()
+        .into_iter()
+        .find(|r| r.address == 0)
+        .expect("register 0 was read");
+    assert_eq!(first.outcome, common::Outcome::Ok);
+    assert!(gateway.logs().contains("timeout"), "{}", gateway.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_device_restarted_mid_run_goes_offline_and_comes_back() {
     let broker = Mosquitto::start();

@@ -62,6 +62,9 @@ pub struct Unit {
     pub silent: bool,
     /// Answer after this delay.
     pub delay: Option<Duration>,
+    /// The next request starting at one of these addresses is answered after its delay, once
+    /// (a late reply: the client gave up on it already).
+    pub late_once: Vec<(u16, Duration)>,
 }
 
 /// How a request was answered.
@@ -180,6 +183,11 @@ impl DeviceState {
         self.with_unit(unit, |u| u.delay = delay);
     }
 
+    /// The next request to `unit` starting at `address` is answered after `delay`, once.
+    pub fn add_late_once(&self, unit: u8, address: u16, delay: Duration) {
+        self.with_unit(unit, |u| u.late_once.push((address, delay)));
+    }
+
     /// `kind` must be `InputRegister` or `HoldingRegister`.
     pub fn set_auto_increment(&self, unit: u8, kind: Kind, address: u16) {
         assert!(matches!(kind, Kind::InputRegister | Kind::HoldingRegister));
@@ -279,7 +287,14 @@ impl DeviceState {
         let (result, delay) = match d.units.get_mut(&unit_id) {
             None => (Ok(None), None),
             Some(u) if u.silent => (Ok(None), None),
-            Some(u) => (serve(u, req).map(Some), u.delay),
+            Some(u) => {
+                let late = u
+                    .late_once
+                    .iter()
+                    .position(|(a, _)| *a == address)
+                    .map(|i| u.late_once.remove(i).1);
+                (serve(u, req).map(Some), late.or(u.delay))
+            }
         };
         let outcome = match &result {
             Ok(Some(_)) => Outcome::Ok,
