@@ -50,6 +50,24 @@ impl Mosquitto {
         m
     }
 
+    /// Plain MQTT as `start`, plus MQTT over secure WebSocket (TLS with the server
+    /// certificate of `certs`, client certificates required) on a second loopback port
+    /// (`ws_port()`).
+    pub fn start_secure_websockets(certs: &TestCerts) -> Mosquitto {
+        let ws = free_port();
+        let mut m = Self::start_with_extra(
+            None,
+            &format!(
+                "listener {ws} 127.0.0.1\nprotocol websockets\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+                certs.ca_cert.display(),
+                certs.server_cert.display(),
+                certs.server_key.display()
+            ),
+        );
+        m.ws_port = Some(ws);
+        m
+    }
+
     /// A broker that only accepts `user` with `password` (a mosquitto password file made
     /// with mosquitto_passwd); anonymous clients are refused.
     pub fn start_with_password(user: &str, password: &str) -> Mosquitto {
@@ -86,9 +104,9 @@ impl Mosquitto {
         m
     }
 
-    /// The WebSocket listener's port (`start_websockets` only).
+    /// The WebSocket listener's port (`start_websockets`, `start_secure_websockets`).
     pub fn ws_port(&self) -> u16 {
-        self.ws_port.expect("started with start_websockets")
+        self.ws_port.expect("started with a WebSocket listener")
     }
 
     fn start_with(tls: Option<(&TestCerts, bool)>) -> Mosquitto {
