@@ -47,10 +47,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{Durability, Mqtt, MqttTransport, Qos};
+use crate::store::{NewMessage, StoreEvent, StoreHandle, StoreRequest, StoredMessage};
 
 mod proto;
-use crate::store::{NewMessage, StoreEvent, StoreHandle, StoreRequest, StoredMessage};
+mod quickack;
 use proto::{Client, Polled, Session};
+use quickack::QuickAck;
 
 /// A message for the broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -235,6 +237,7 @@ enum LinkEvent {
     Connected {
         generation: u64,
         receive_max: Option<u16>,
+        quick: QuickAck,
     },
     Disconnected {
         error: String,
@@ -274,6 +277,7 @@ pub fn spawn(
     let stop = CancellationToken::new();
     tokio::spawn(drive_eventloop(
         eventloop,
+        (mqtt.host.clone(), mqtt.port),
         gate.clone(),
         events_tx,
         stop.clone(),
@@ -302,6 +306,7 @@ pub fn spawn(
         commands,
         window: 0,
         refused: 0,
+        quick: QuickAck::default(),
         store,
         spill: always,
         always,
@@ -329,6 +334,7 @@ pub fn spawn(
 /// Polls the event loop forever; forwards what the manager needs.
 async fn drive_eventloop(
     mut session: Session,
+    (host, port): (String, u16),
     gate: Arc<Mutex<Gate>>,
     events: mpsc::UnboundedSender<LinkEvent>,
     stop: CancellationToken,
@@ -356,6 +362,7 @@ async fn drive_eventloop(
                 LinkEvent::Connected {
                     generation,
                     receive_max,
+                    quick: QuickAck::find(&host, port),
                 }
             }
             Ok(Polled::Written(pkid)) => LinkEvent::Written { pkid },
@@ -430,6 +437,8 @@ struct Manager {
     window: usize,
     /// Publishes the broker refused with an MQTT 5 reason code (they are not retried).
     refused: u64,
+    /// The broker connection's socket, for prompt ACKs (see `quickack`).
+    quick: QuickAck,
     // --- the outbox (see the module docs) ---
     store: Option<StoreHandle>,
     /// New messages go to the store (and come back through reads) instead of `queue`.
@@ -878,8 +887,16 @@ impl Manager {
             LinkEvent::Connected {
                 generation,
                 receive_max,
+                quick,
             } => {
                 self.attempted = true;
+                if quick.is_empty() {
+                    tracing::debug!("broker socket not found: no prompt ACKs in this session");
+                }
+                self.quick = quick;
+                // ACK the CONNACK now: the `online` status follows at once, and its PUBACK
+                // would otherwise wait for the delayed ACK of the CONNACK at a Nagle-ing broker.
+                self.quick.poke();
                 self.window = self
                     .settings
                     .window
@@ -932,6 +949,7 @@ impl Manager {
                 }
                 *last_error = error;
                 self.stats.connected.store(0, Ordering::Relaxed);
+                self.quick = QuickAck::default();
                 self.check_poison();
                 // Whatever rumqttc held is gone with the session: re-send it, in order.
                 let mut back: Vec<Entry> = self.handed.drain(..).collect();
@@ -959,11 +977,19 @@ impl Manager {
                 }
                 None => tracing::error!(pkid, "publish written that was not handed over"),
             },
-            LinkEvent::Acked { pkid, refused } => match (self.inflight.remove(&pkid), refused) {
-                (Some(entry), None) => self.delivered(entry),
-                (Some(entry), Some(reason)) => self.on_refused(entry, &reason),
-                (None, _) => {}
-            },
+            LinkEvent::Acked { pkid, refused } => {
+                match (self.inflight.remove(&pkid), refused) {
+                    (Some(entry), None) => self.delivered(entry),
+                    (Some(entry), Some(reason)) => self.on_refused(entry, &reason),
+                    (None, _) => {}
+                }
+                // More acknowledgements are due and no publish of ours is about to carry our
+                // ACK of this one: send it now, or a Nagle-ing broker holds the next PUBACK
+                // back until our delayed ACK fires (up to 40 ms).
+                if !self.inflight.is_empty() && self.handed.is_empty() && self.queue.is_empty() {
+                    self.quick.poke();
+                }
+            }
             LinkEvent::SubscribeRefused { codes } => tracing::error!(
                 refused = codes.len(),
                 codes = %codes.join(","),
