@@ -336,6 +336,45 @@ async fn ids_are_echoed_and_results_report_the_read_back() {
     assert_eq!(r["read_back"], json!(false));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_device_message_carries_the_new_value_at_once_not_at_the_next_poll() {
+    let broker = Mosquitto::start();
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 0, &[5, 6]);
+    let device = TcpDevice::start(state.clone());
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let devices = r#"
+devices:
+  - name: pd
+    bus: b
+    unit: 1
+    interval: 60s
+    message: per_device
+    points:
+      - { name: sp, address: 0, type: u16, writable: true }
+      - { name: other, address: 1, type: u16 }
+"#;
+    let _gateway = Gateway::start(&format!(
+        "{}{devices}",
+        header(broker.port(), device.port())
+    ));
+    let first = probe.expect(|t| t == "t/pd", WAIT).await.json();
+    assert_eq!(first["values"], json!({"sp": 5, "other": 6}));
+    wait_ready(&mut probe).await;
+    let sent = Instant::now();
+    let r = command(&mut probe, "t/pd/sp/set", "9").await;
+    assert_eq!(r["ok"], json!(true), "{r}");
+    // The next scheduled poll is a minute away; the new value comes with a poll made now.
+    let msg = probe.expect(|t| t == "t/pd", WAIT).await.json();
+    assert_eq!(msg["values"], json!({"sp": 9, "other": 6}));
+    let reads = state
+        .requests()
+        .iter()
+        .filter(|q| q.fc == 3 && q.at > sent)
+        .count();
+    assert_eq!(reads, 1, "one extra poll, not a burst");
+}
+
 const REFUSAL_POINTS: &str = r#"
 devices:
   - name: plc

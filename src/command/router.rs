@@ -626,6 +626,11 @@ async fn execute(config: &Config, bus: &BusHandle, job: &Job) -> Result<Executed
             Err(r) => executed.read_back_error = Some(r),
         }
     }
+    if device.message_mode == MessageMode::PerDevice && device.line.is_none() {
+        // A per-device message carries every point: poll the device now rather than publish
+        // the new value only at its next scheduled poll. Best effort: the write is done.
+        let _ = ask(Op::Refresh).await;
+    }
     Ok(executed)
 }
 

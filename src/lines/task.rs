@@ -356,6 +356,11 @@ impl LineTask {
         let BusRequest {
             op, timeout, reply, ..
         } = request;
+        if matches!(op, Op::Refresh) {
+            // Line devices publish what they print; a polled one keeps its schedule.
+            let _ = reply.send(Ok(None));
+            return;
+        }
         let Op::Line {
             device,
             bytes,

@@ -75,6 +75,10 @@ pub enum Op {
         bytes: Vec<u8>,
         reply: Option<String>,
     },
+    /// Poll the device with this unit id at once, off its schedule, without moving its grid
+    /// (after a command, so that a per-device message carries the new value now). Answered
+    /// when the poll is scheduled, not when it is done; a failing device is left alone.
+    Refresh,
 }
 
 /// A request to the bus task; answered on `reply`.
@@ -299,9 +303,30 @@ impl BusTask {
             Op::Line { .. } => Err(RequestError::Protocol(
                 "a Modbus bus takes no line commands".into(),
             )),
+            Op::Refresh => {
+                self.refresh(request.unit);
+                Ok(None)
+            }
         };
         // The asker may have given up; nothing to do then.
         let _ = request.reply.send(result);
+    }
+
+    /// Makes every job of the (healthy) device with `unit` due now. Its grid stays: the job is
+    /// set one interval back, so that after this run `next_due` lands on the tick it had.
+    fn refresh(&mut self, unit: u8) {
+        let now = Instant::now();
+        for (slot, state) in self.devices.iter().enumerate() {
+            if state.device.unit != unit || state.failures > 0 {
+                continue;
+            }
+            for j in self.jobs.iter_mut().filter(|j| j.device == slot) {
+                // Before the first poll (phase pending) the job runs within a second anyway.
+                if j.phase.is_none() && j.due > now {
+                    j.due = j.due.checked_sub(j.interval).unwrap_or(now).min(now);
+                }
+            }
+        }
     }
 
     /// Serves whatever requests are already queued (between two poll transactions).
