@@ -397,15 +397,22 @@ fn counter_values(msgs: &[Msg], topic: &str) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_outage_loses_nothing_from_the_memory_queue_and_keeps_order() {
-    network_outage_loses_nothing("store:\n  path: none\n").await;
+    network_outage_loses_nothing("store:\n  path: none\n", "").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_outage_loses_nothing_through_the_store_and_keeps_order() {
-    network_outage_loses_nothing("").await;
+    network_outage_loses_nothing("", "").await;
 }
 
-async fn network_outage_loses_nothing(store: &str) {
+/// The same over MQTT 5: its client and event loop are rumqttc's `v5` ones, with their own
+/// session clean-up on a dead connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_outage_over_mqtt_5_loses_nothing_and_keeps_order() {
+    network_outage_loses_nothing("", "  protocol: 5\n").await;
+}
+
+async fn network_outage_loses_nothing(store: &str, mqtt_extra: &str) {
     let broker = Mosquitto::start();
     let relay = Relay::start(broker.port()).await;
     let state = DeviceState::new(&[1]);
@@ -414,7 +421,7 @@ async fn network_outage_loses_nothing(store: &str) {
     let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
     let yaml = format!(
         "{}{store}buses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 50ms, points: [ {{ name: n, address: 0 }} ] }}\n",
-        header(relay.port()),
+        header(relay.port()).replace("mqtt:\n", &format!("mqtt:\n{mqtt_extra}")),
         device.port()
     );
     let gateway = Gateway::start(&yaml);
