@@ -609,7 +609,12 @@ async fn rtu_framed_over_tcp_reaches_a_serial_device_server() {
     state.set_holding(5, 10, &[0x4366, 0x199A]);
     let device = RtuDevice::start(pty.a(), state);
     let port = common::free_port();
+    // `-t 0.05`: a connection's child process (forked per connection) lets go of the pty at
+    // once when its TCP side closes. With socat's default of 0.5 s the child of the readiness
+    // probe below, or of a connection the gateway reset, stays on the pty and steals the
+    // device's answers from the next connection's child (seen: first polls timing out).
     let mut server = std::process::Command::new("socat")
+        .args(["-t", "0.05"])
         .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
         .arg(format!("FILE:{},raw,echo=0", pty.b().display()))
         .spawn()
