@@ -251,19 +251,12 @@ async fn poll_v3(eventloop: &mut rumqttc::EventLoop) -> Result<Polled, String> {
             refused: None,
         },
         Event::Incoming(Incoming::Publish(p)) => Polled::Received(received_v3(&p)),
-        Event::Incoming(Incoming::SubAck(ack)) => {
-            let codes: Vec<String> = ack
-                .return_codes
+        Event::Incoming(Incoming::SubAck(ack)) => suback(
+            ack.return_codes
                 .iter()
                 .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                .map(|c| format!("{c:?}"))
-                .collect();
-            if codes.is_empty() {
-                Polled::Other
-            } else {
-                Polled::SubscribeRefused { codes }
-            }
-        }
+                .map(|c| format!("{c:?}")),
+        ),
         Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
         _ => Polled::Other,
     })
@@ -300,23 +293,25 @@ async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, String> {
             refused: None,
         },
         v5::Event::Incoming(Packet::Publish(p)) => Polled::Received(received_v5(&p)),
-        v5::Event::Incoming(Packet::SubAck(ack)) => {
-            use v5::mqttbytes::v5::SubscribeReasonCode as Code;
-            let codes: Vec<String> = ack
-                .return_codes
+        v5::Event::Incoming(Packet::SubAck(ack)) => suback(
+            ack.return_codes
                 .iter()
-                .filter(|c| !matches!(c, Code::Success(_)))
-                .map(|c| format!("{c:?}"))
-                .collect();
-            if codes.is_empty() {
-                Polled::Other
-            } else {
-                Polled::SubscribeRefused { codes }
-            }
-        }
+                .filter(|c| !matches!(c, v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
+                .map(|c| format!("{c:?}")),
+        ),
         v5::Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
         _ => Polled::Other,
     })
+}
+
+/// A SUBACK, given the codes of the filters it refused: nothing to act on when there are none.
+fn suback(refused: impl Iterator<Item = String>) -> Polled {
+    let codes: Vec<String> = refused.collect();
+    if codes.is_empty() {
+        Polled::Other
+    } else {
+        Polled::SubscribeRefused { codes }
+    }
 }
 
 fn received_v3(p: &rumqttc::Publish) -> InMessage {
