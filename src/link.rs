@@ -349,6 +349,19 @@ async fn drive_eventloop(
             _ = stop.cancelled() => break,
             polled = session.poll() => polled,
         };
+        let polled = match polled {
+            Ok(Polled::RefusedAtPubRec { pkid, reason }) => {
+                let refused = LinkEvent::Acked {
+                    pkid,
+                    refused: Some(reason),
+                };
+                if events.send(refused).is_err() {
+                    break;
+                }
+                Err("session reset after a QoS 2 publish refused at PUBREC (rumqttc would keep its in-flight slot)".to_string())
+            }
+            other => other,
+        };
         let event = match polled {
             Ok(Polled::ConnAck { receive_max }) => {
                 backoff = reconnect_min;
@@ -367,6 +380,8 @@ async fn drive_eventloop(
             }
             Ok(Polled::Written(pkid)) => LinkEvent::Written { pkid },
             Ok(Polled::Acked { pkid, refused }) => LinkEvent::Acked { pkid, refused },
+            // Turned into an error above.
+            Ok(Polled::RefusedAtPubRec { .. }) => continue,
             Ok(Polled::Received(msg)) => LinkEvent::Incoming(msg),
             Ok(Polled::SubscribeRefused { codes }) => LinkEvent::SubscribeRefused { codes },
             Ok(Polled::Disconnected) => {
@@ -897,10 +912,13 @@ impl Manager {
                 // ACK the CONNACK now: the `online` status follows at once, and its PUBACK
                 // would otherwise wait for the delayed ACK of the CONNACK at a Nagle-ing broker.
                 self.quick.poke();
+                // One below the broker's Receive Maximum: rumqttc then always has a free
+                // packet id, as with 3.1.1 (where its limit is our window + 1), and never
+                // holds a publish back on a packet-id collision.
                 self.window = self
                     .settings
                     .window
-                    .min(receive_max.map_or(usize::MAX, usize::from))
+                    .min(receive_max.map_or(usize::MAX, |r| usize::from(r).saturating_sub(1)))
                     .max(1);
                 self.generation = Some(generation);
                 self.stats.connected.store(1, Ordering::Relaxed);

@@ -227,3 +227,39 @@ devices:
     assert_eq!(logs.matches("MQTT connected").count(), 1, "{logs}");
     assert!(!logs.contains("MQTT connection lost"), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_2_publishes_the_broker_refuses_never_wedge_the_link() {
+    // A QoS 2 publish refused at PUBREC keeps an in-flight slot in rumqttc's v5 state for
+    // good; after the broker's Receive Maximum (mosquitto: 20) of them nothing more would be
+    // sent. The link resets the session after each such refusal instead.
+    let broker = Mosquitto::start_with_acl("topic readwrite t/#\n");
+    let state = DeviceState::new(&[1]);
+    let device = TcpDevice::start(state.clone());
+    let mut probe = Mqtt5Probe::connect(broker.port(), &["t/#"]).await;
+    let devices = r#"
+devices:
+  - name: plc
+    bus: b
+    unit: 1
+    interval: 50ms
+    points:
+      - { name: ok, address: 0, type: u16 }
+      - { name: secret, address: 1, type: u16, qos: 2, topic: "forbidden/secret" }
+"#;
+    let gateway = Gateway::start(&config(broker.port(), device.port(), devices));
+    let refused = "refused at PUBREC";
+    assert!(
+        common::wait_until(Duration::from_secs(30), || gateway
+            .logs()
+            .matches(refused)
+            .count()
+            >= 25),
+        "fewer than 25 refusals: {}",
+        gateway.logs()
+    );
+    // More than a Receive Maximum of refusals later, readings on the allowed topic flow on.
+    for _ in 0..5 {
+        probe.expect(|m| m.topic == "t/plc/ok", WAIT).await;
+    }
+}

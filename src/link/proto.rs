@@ -37,6 +37,11 @@ pub(super) enum Polled {
     Acked { pkid: u16, refused: Option<String> },
     /// A publish on a subscribed topic.
     Received(InMessage),
+    /// MQTT 5: the broker refused a QoS 2 publish at its PUBREC. rumqttc 0.25's v5 state then
+    /// never frees that publish's in-flight slot (it does so on PUBCOMP only, and none
+    /// follows), so after as many refusals as the broker's Receive Maximum it would take no
+    /// more requests: the session has to be reset after this one.
+    RefusedAtPubRec { pkid: u16, reason: String },
     /// The broker refused some of our subscriptions (their positions in the SUBSCRIBE).
     SubscribeRefused { codes: Vec<String> },
     /// Our DISCONNECT was written: the session ended on our request.
@@ -283,9 +288,9 @@ async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, String> {
                 PubRecReason::Success | PubRecReason::NoMatchingSubscribers
             ) =>
         {
-            Polled::Acked {
+            Polled::RefusedAtPubRec {
                 pkid: rec.pkid,
-                refused: Some(format!("{:?}", rec.reason)),
+                reason: format!("{:?}", rec.reason),
             }
         }
         v5::Event::Incoming(Packet::PubComp(comp)) => Polled::Acked {
