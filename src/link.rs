@@ -68,6 +68,14 @@ pub struct OutMessage {
     pub correlation: Option<Vec<u8>>,
 }
 
+impl OutMessage {
+    /// Whether the message may go to the store: a response to an MQTT 5 request may not
+    /// (without its correlation data it answers nobody).
+    fn storable(&self) -> bool {
+        self.correlation.is_none()
+    }
+}
+
 /// A message received from the broker (command topics).
 #[derive(Debug, Clone)]
 pub struct InMessage {
@@ -291,6 +299,8 @@ pub fn spawn(
         None => (None, None),
     };
     let always = store.is_some() && settings.durability == Durability::Always;
+    // Until a CONNACK says otherwise (MQTT 5 Receive Maximum).
+    let window = settings.window;
     let manager = Manager {
         client,
         gate,
@@ -304,7 +314,7 @@ pub fn spawn(
         dropping: 0,
         latency: LatencyHistogram::default(),
         commands,
-        window: 0,
+        window,
         refused: 0,
         quick: QuickAck::default(),
         store,
@@ -610,7 +620,7 @@ impl Manager {
         held.sort_by_key(|e| e.seq);
         // Responses to MQTT 5 requests are not kept: the store has no room for their
         // correlation data, and without it a response answers nobody.
-        held.retain(|e| !e.volatile && e.msg.correlation.is_none());
+        held.retain(|e| !e.volatile && e.msg.storable());
         if !self.store_usable() {
             let lost = held.iter().filter(|e| e.store_id.is_none()).count() as u64
                 + self.to_store.len() as u64;
@@ -723,8 +733,7 @@ impl Manager {
         if held_back {
             mark_buffered(&mut msg.payload);
         }
-        // A response to an MQTT 5 request keeps its correlation data only in memory.
-        if self.store_usable() && (self.spill || held_back) && msg.correlation.is_none() {
+        if self.store_usable() && (self.spill || held_back) && msg.storable() {
             if !self.spill {
                 self.start_spill();
             }
@@ -776,7 +785,7 @@ impl Manager {
             .map_or(0, |i| i + 1);
         let moved: Vec<Entry> = self.queue.drain(keep..).collect();
         for e in moved {
-            if e.volatile || e.msg.correlation.is_some() {
+            if e.volatile || !e.msg.storable() {
                 self.queue.push_back(e);
             } else {
                 self.to_store.push(new_message(&e.msg));
@@ -804,13 +813,13 @@ impl Manager {
             self.deletes_sent = Instant::now();
         }
         let drained = self.last_read_short && self.appends_since_read == 0;
-        let room = (self.window.max(1) * 4).saturating_sub(self.queue.len());
+        let room = (self.window * 4).saturating_sub(self.queue.len());
         if self.spill
             && self.read_pending.is_none()
             && self.read_retry_at.is_none_or(|t| Instant::now() >= t)
             && self.generation.is_some()
             && !drained
-            && room >= self.window.max(1)
+            && room >= self.window
         {
             let (tx, rx) = oneshot::channel();
             if store.send(StoreRequest::Read {
@@ -1062,6 +1071,7 @@ impl Manager {
     /// topic name invalid, quota exceeded...): it will not take the message, so it is not
     /// retried. Counted as dropped; logged for the 1st, 2nd, 4th, 8th... refusal.
     fn on_refused(&mut self, entry: Entry, reason: &str) {
+        self.finished(&entry);
         self.refused += 1;
         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         if self.refused.is_power_of_two() {
@@ -1072,17 +1082,19 @@ impl Manager {
                 "the broker refused a message: dropped (check the broker's ACL and limits)"
             );
         }
-        if let Some(id) = entry.store_id {
-            self.to_delete.push(id);
-        }
     }
 
     fn delivered(&mut self, entry: Entry) {
+        self.finished(&entry);
+        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        self.latency.record(entry.msg.created.elapsed());
+    }
+
+    /// The broker answered for `entry` (either way): it is no suspect, and its row goes.
+    fn finished(&mut self, entry: &Entry) {
         if self.suspect.is_some_and(|(seq, _)| seq == entry.seq) {
             self.suspect = None;
         }
-        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        self.latency.record(entry.msg.created.elapsed());
         if let Some(id) = entry.store_id {
             self.to_delete.push(id);
         }

@@ -72,27 +72,11 @@ struct Job {
     text: String,
     plan: Plan,
     received: Instant,
-    /// The command's expiry (MQTT 5 message expiry or the payload's `expires`), checked
-    /// again when the bus takes it: a command that waited past it is not executed.
-    deadline: Option<Deadline>,
+    /// The earlier of the command's expiries (MQTT 5 message expiry, the payload's
+    /// `expires` taken onto the monotonic clock on arrival), checked again when the bus takes
+    /// it: a command that waited past it is not executed.
+    deadline: Option<Instant>,
     reply: Option<Reply>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Deadline {
-    /// MQTT 5 message expiry, from the broker's remaining interval.
-    Monotonic(Instant),
-    /// The payload's `expires` (wall clock).
-    Wall(SystemTime),
-}
-
-impl Deadline {
-    fn passed(self) -> bool {
-        match self {
-            Deadline::Monotonic(t) => Instant::now() > t,
-            Deadline::Wall(t) => SystemTime::now() > t,
-        }
-    }
 }
 
 /// Where an MQTT 5 request wants its answer: a copy of the result goes there, with the
@@ -312,16 +296,11 @@ impl Router {
         if let Some(id) = &id {
             state.ids.put(id, Seen::Pending { extra: 0 });
         }
-        // The earlier of the two expiries, if any.
-        let deadline = match (msg.expires_at, cmd.expires) {
-            (Some(t), Some(wall)) => {
-                let left = wall.duration_since(SystemTime::now()).unwrap_or_default();
-                Some(Deadline::Monotonic(t.min(Instant::now() + left)))
-            }
-            (Some(t), None) => Some(Deadline::Monotonic(t)),
-            (None, Some(wall)) => Some(Deadline::Wall(wall)),
-            (None, None) => None,
-        };
+        // (A wall time too far ahead for the monotonic clock is no deadline.)
+        let expires = cmd.expires.and_then(|wall| {
+            received.checked_add(wall.duration_since(SystemTime::now()).unwrap_or_default())
+        });
+        let deadline = msg.expires_at.into_iter().chain(expires).min();
         let job = Job {
             device: d,
             point: p,
@@ -522,7 +501,6 @@ fn results(topic: String, body: &Map<String, Json>, reply: Option<&Reply>) -> Ve
         Some(reply) => {
             let answer = OutMessage {
                 topic: reply.topic.clone(),
-                payload: result.payload.clone(),
                 // Present even when empty: the requester may match on it.
                 correlation: Some(reply.correlation.clone().unwrap_or_default()),
                 ..result.clone()
@@ -548,7 +526,7 @@ async fn executor(
 }
 
 async fn execute(config: &Config, bus: &BusHandle, job: &Job) -> Result<Executed, Refusal> {
-    if job.deadline.is_some_and(Deadline::passed) {
+    if job.deadline.is_some_and(|d| Instant::now() > d) {
         return Err(Refusal::new(
             "expired",
             "the command expired while waiting for the bus",

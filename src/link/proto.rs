@@ -9,7 +9,7 @@
 //! - reason codes: a PUBACK/PUBREC ≥ 0x80 is a refusal (§3.4.2.1), not a delivery, and a
 //!   SUBACK code ≥ 0x80 a refused subscription (§3.9.3);
 //! - the broker's Receive Maximum from CONNACK (§3.2.2.3.3) caps our window of messages in
-//!   flight, so rumqttc never holds one back behind its flow control.
+//!   flight (one below it, so that rumqttc always has a free packet id).
 
 use std::time::{Duration, Instant};
 
@@ -145,20 +145,19 @@ impl Client {
             Client::V3(c) => c
                 .try_publish(&m.topic, qos3(m.qos), m.retain, m.payload.clone())
                 .map_err(|e| e.to_string()),
-            Client::V5(c) => match &m.correlation {
-                None => c.try_publish(&m.topic, qos5(m.qos), m.retain, m.payload.clone()),
-                Some(data) => c.try_publish_with_properties(
+            // No properties and empty ones are the same bytes on the wire (length 0).
+            Client::V5(c) => c
+                .try_publish_with_properties(
                     &m.topic,
                     qos5(m.qos),
                     m.retain,
                     m.payload.clone(),
                     PublishProperties {
-                        correlation_data: Some(data.clone().into()),
+                        correlation_data: m.correlation.clone().map(Into::into),
                         ..PublishProperties::default()
                     },
-                ),
-            }
-            .map_err(|e| e.to_string()),
+                )
+                .map_err(|e| e.to_string()),
         }
     }
 
