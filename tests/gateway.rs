@@ -663,10 +663,10 @@ async fn readings_arrive_over_mqtt_on_secure_websocket_with_a_client_certificate
     let state = DeviceState::new(&[1]);
     state.set_holding(1, 0, &[78]);
     let device = TcpDevice::start(state);
-    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
-    let config = |ca: &std::path::Path| {
+    let mut probe = MqttProbe::connect(broker.port(), "#").await;
+    let config = |ca: &std::path::Path, id: &str| {
         format!(
-            "gateway:\n  id: gw\n  prefix: t\nmqtt:\n  url: wss://localhost:{}/mqtt\n  tls: {{ ca: {}, client_cert: {}, client_key: {} }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 100ms, points: [ {{ name: v, address: 0 }} ] }}\n",
+            "gateway:\n  id: {id}\n  prefix: {id}\nmqtt:\n  url: wss://localhost:{}/mqtt\n  tls: {{ ca: {}, client_cert: {}, client_key: {} }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 100ms, points: [ {{ name: v, address: 0 }} ] }}\n",
             broker.ws_port(),
             ca.display(),
             certs.client_cert.display(),
@@ -674,19 +674,18 @@ async fn readings_arrive_over_mqtt_on_secure_websocket_with_a_client_certificate
             device.port()
         )
     };
-    let gateway = Gateway::start(&config(&certs.ca_cert));
-    let msg = probe.expect(|t| t == "t/d/v", WAIT).await;
+    let good = Gateway::start(&config(&certs.ca_cert, "good"));
+    let msg = probe.expect(|t| t == "good/d/v", WAIT).await;
     assert_eq!(msg.json()["value"], json!(78));
-    drop(gateway);
     // The same over a CA that did not sign the broker: refused, nothing published.
-    let _ = probe.collect_for(Duration::from_millis(300)).await;
-    let bad = Gateway::start(&config(&certs.other_ca_cert));
+    let bad = Gateway::start(&config(&certs.other_ca_cert, "bad"));
     bad.expect_log("MQTT connect failed", WAIT);
     let msgs = probe.collect_for(Duration::from_secs(1)).await;
     assert!(
-        !msgs.iter().any(|m| m.topic == "t/d/v"),
+        !msgs.iter().any(|m| m.topic.starts_with("bad/")),
         "wrong CA accepted: {msgs:?}"
     );
+    drop(good);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,6 +150,15 @@ impl Mqtt5Probe {
         }
     }
 
+    /// Whatever has already arrived, without waiting.
+    pub fn drain(&mut self) -> Vec<Msg5> {
+        let mut out = Vec::new();
+        while let Ok(m) = self.rx.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
     /// Everything that arrives within `duration`.
     pub async fn collect_for(&mut self, duration: Duration) -> Vec<Msg5> {
         let deadline = Instant::now() + duration;
