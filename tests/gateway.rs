@@ -516,6 +516,39 @@ async fn the_gateway_reconnects_within_about_a_second_after_a_broker_restart() {
     drop(device);
 }
 
+/// Mutual TLS to `url` (mqtts:// or wss://): a gateway `good` trusting the broker's CA
+/// delivers the device's `value` on `good/d/v`; a gateway `bad` trusting another CA is refused
+/// and publishes nothing. Returns both, running.
+async fn good_ca_delivers_other_ca_refused(
+    probe: &mut MqttProbe,
+    url: &str,
+    certs: &TestCerts,
+    device: &TcpDevice,
+    value: u16,
+) -> (Gateway, Gateway) {
+    let config = |ca: &std::path::Path, id: &str| {
+        format!(
+            "gateway:\n  id: {id}\nmqtt:\n  url: {url}\n  tls: {{ ca: {}, client_cert: {}, client_key: {} }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 100ms, points: [ {{ name: v, address: 0 }} ] }}\n",
+            ca.display(),
+            certs.client_cert.display(),
+            certs.client_key.display(),
+            device.port()
+        )
+    };
+    let good = Gateway::start(&config(&certs.ca_cert, "good"));
+    let msg = probe.expect(|t| t == "good/d/v", WAIT).await;
+    assert_eq!(msg.json()["value"], json!(value));
+
+    let bad = Gateway::start(&config(&certs.other_ca_cert, "bad"));
+    bad.expect_log("MQTT connect failed", WAIT);
+    let msgs = probe.collect_for(Duration::from_secs(1)).await;
+    assert!(
+        !msgs.iter().any(|m| m.topic.starts_with("bad/")),
+        "wrong CA accepted: {msgs:?}"
+    );
+    (good, bad)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_mutual_auth_delivers_and_a_wrong_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -525,33 +558,14 @@ async fn tls_with_mutual_auth_delivers_and_a_wrong_ca_is_refused() {
     state.set_holding(1, 0, &[5]);
     let device = TcpDevice::start(state);
     let mut probe = MqttProbe::connect_tls(broker.port(), &certs, "#").await;
-    let config = |ca: &std::path::Path, id: &str| {
-        format!(
-            "gateway:\n  id: {id}\nmqtt:\n  url: mqtts://localhost:{}\n  tls: {{ ca: {}, client_cert: {}, client_key: {} }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 100ms, points: [ {{ name: v, address: 0 }} ] }}\n",
-            broker.port(),
-            ca.display(),
-            certs.client_cert.display(),
-            certs.client_key.display(),
-            device.port()
-        )
-    };
-    let good = Gateway::start(&config(&certs.ca_cert, "good"));
-    let msg = probe.expect(|t| t == "good/d/v", WAIT).await;
-    assert_eq!(msg.json()["value"], json!(5));
-
-    let bad = Gateway::start(&config(&certs.other_ca_cert, "bad"));
-    bad.expect_log("MQTT connect failed", WAIT);
-    let msgs = probe.collect_for(Duration::from_secs(1)).await;
-    assert!(
-        !msgs.iter().any(|m| m.topic.starts_with("bad/")),
-        "wrong CA accepted"
-    );
+    let url = format!("mqtts://localhost:{}", broker.port());
+    let (_good, bad) =
+        good_ca_delivers_other_ca_refused(&mut probe, &url, &certs, &device, 5).await;
     let logs = bad.logs();
     assert!(
         logs.to_lowercase().contains("certificate") || logs.contains("Tls"),
         "{logs}"
     );
-    drop(good);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -664,28 +678,8 @@ async fn readings_arrive_over_mqtt_on_secure_websocket_with_a_client_certificate
     state.set_holding(1, 0, &[78]);
     let device = TcpDevice::start(state);
     let mut probe = MqttProbe::connect(broker.port(), "#").await;
-    let config = |ca: &std::path::Path, id: &str| {
-        format!(
-            "gateway:\n  id: {id}\n  prefix: {id}\nmqtt:\n  url: wss://localhost:{}/mqtt\n  tls: {{ ca: {}, client_cert: {}, client_key: {} }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {} }}\ndevices:\n  - {{ name: d, bus: b, interval: 100ms, points: [ {{ name: v, address: 0 }} ] }}\n",
-            broker.ws_port(),
-            ca.display(),
-            certs.client_cert.display(),
-            certs.client_key.display(),
-            device.port()
-        )
-    };
-    let good = Gateway::start(&config(&certs.ca_cert, "good"));
-    let msg = probe.expect(|t| t == "good/d/v", WAIT).await;
-    assert_eq!(msg.json()["value"], json!(78));
-    // The same over a CA that did not sign the broker: refused, nothing published.
-    let bad = Gateway::start(&config(&certs.other_ca_cert, "bad"));
-    bad.expect_log("MQTT connect failed", WAIT);
-    let msgs = probe.collect_for(Duration::from_secs(1)).await;
-    assert!(
-        !msgs.iter().any(|m| m.topic.starts_with("bad/")),
-        "wrong CA accepted: {msgs:?}"
-    );
-    drop(good);
+    let url = format!("wss://localhost:{}/mqtt", broker.ws_port());
+    let _gateways = good_ca_delivers_other_ca_refused(&mut probe, &url, &certs, &device, 78).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
