@@ -153,6 +153,26 @@ fn pty_pair_carries_bytes_both_ways_and_restarts() {
     }
 }
 
+/// Tests run side by side, and a pty pair started right after another was stopped gets the
+/// same /dev/pts numbers: the stopped pair's links must be gone, or whoever reopens them
+/// (a gateway waiting for its port to come back) lands in the other test's pair.
+#[test]
+fn a_stopped_pty_pair_leaves_no_link_into_the_next_pair() {
+    let mut old = PtyPair::new();
+    let (a, b) = (old.a().to_path_buf(), old.b().to_path_buf());
+    old.stop();
+    let next = PtyPair::new();
+    for link in [&a, &b] {
+        assert!(
+            std::fs::symlink_metadata(link).is_err(),
+            "{} still exists after stop (next pair: {} and {})",
+            link.display(),
+            next.a().display(),
+            next.b().display()
+        );
+    }
+}
+
 /// Reads exactly `buf.len()` bytes on a helper thread, failing after 5 s.
 fn read_exact_bounded(f: &mut std::fs::File, buf: &mut [u8]) {
     let mut f2 = f.try_clone().unwrap();

@@ -94,7 +94,13 @@ impl PtyPair {
     }
 
     /// Kills socat: both ends see the cable pulled (reads fail or hang up).
+    ///
+    /// The links go first. Killed by SIGKILL, socat cannot remove them, and the kernel hands
+    /// the freed /dev/pts numbers to the next pty opened: a stale link would then lead whoever
+    /// reopens it (a gateway, a peer) into the pty pair of another test running beside this one.
     pub fn stop(&mut self) {
+        let _ = std::fs::remove_file(&self.a);
+        let _ = std::fs::remove_file(&self.b);
         if let Some(mut c) = self.child.take() {
             kill_and_reap(&mut c);
         }
