@@ -536,11 +536,20 @@ impl RateLimiter {
 /// What happened to a command id of one point.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Seen {
-    /// Still executing; `extra` deliveries are waiting for the result.
+    /// Still executing; `waiting` holds each further delivery's MQTT 5 response wish (none
+    /// when it asked for none): every one gets the result when it comes.
     Pending {
-        extra: u32,
+        waiting: Vec<Option<Reply>>,
     },
     Done(Map<String, Json>),
+}
+
+/// Where an MQTT 5 request wants its answer: a copy of the result goes there, with the
+/// request's correlation data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub topic: String,
+    pub correlation: Option<Vec<u8>>,
 }
 
 /// The last [`REMEMBERED_IDS`] ids of one point with their outcome.
@@ -858,7 +867,12 @@ mod tests {
     fn ids_are_remembered_up_to_the_cap() {
         let mut ids = RecentIds::default();
         for i in 0..=REMEMBERED_IDS {
-            ids.put(&i.to_string(), Seen::Pending { extra: 0 });
+            ids.put(
+                &i.to_string(),
+                Seen::Pending {
+                    waiting: Vec::new(),
+                },
+            );
         }
         assert!(ids.get_mut("0").is_none());
         assert!(ids.get_mut("1").is_some());

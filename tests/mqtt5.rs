@@ -189,6 +189,47 @@ async fn a_command_that_expires_waiting_for_the_bus_never_reaches_the_device() {
     assert!(error.contains("waiting for the bus"), "{error}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_arriving_while_the_first_executes_gets_its_own_response() {
+    // The write takes 1.5 s: the same command (same id) is delivered again meanwhile, asking
+    // for its answer elsewhere. It is not executed again, and each request is answered.
+    let broker = Mosquitto::start();
+    let state = DeviceState::new(&[1]);
+    state.set_delay(1, Some(Duration::from_millis(1500)));
+    let device = TcpDevice::start(state.clone());
+    let mut probe = Mqtt5Probe::connect(broker.port(), &["t/#", "app/#"]).await;
+    let devices = POINTS.replace("interval: 200ms", "interval: 60s\n    timeout: 5s");
+    let _gateway = Gateway::start(&config(broker.port(), device.port(), &devices));
+    probe.expect(|m| m.topic == "t/plc/level", WAIT).await;
+    wait_ready(&mut probe).await;
+
+    let cmd = r#"{"value": 5, "id": "twice"}"#;
+    probe
+        .publish("t/plc/sp/set", cmd, request("app/first", b"c1"))
+        .await;
+    state
+        .wait_for_request(|q| q.is_write() && q.values == vec![5], WAIT)
+        .await;
+    probe
+        .publish("t/plc/sp/set", cmd, request("app/second", b"c2"))
+        .await;
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 2 {
+        let m = probe.expect(|m| m.topic.starts_with("app/"), WAIT).await;
+        answers.insert(m.topic.clone(), m);
+    }
+    let first = &answers["app/first"];
+    let second = &answers["app/second"];
+    assert_eq!(first.correlation.as_deref(), Some(&b"c1"[..]));
+    assert_eq!(second.correlation.as_deref(), Some(&b"c2"[..]));
+    assert_eq!(first.json()["ok"], json!(true), "{}", first.json());
+    assert_eq!(first.json()["duplicate"], json!(null));
+    assert_eq!(second.json()["ok"], json!(true), "{}", second.json());
+    assert_eq!(second.json()["duplicate"], json!(true));
+    assert_eq!(second.json()["written_at"], first.json()["written_at"]);
+    assert_eq!(state.writes().len(), 1, "{:?}", state.writes());
+}
+
 /// A broker that lets clients use `t/#` only, and a gateway with a point `ok` on `t/plc/ok`
 /// and a point `secret` (at `qos`) on `forbidden/secret`, which the broker refuses with
 /// reason 0x87 (not authorised) at its PUBACK (QoS 1) or PUBREC (QoS 2).

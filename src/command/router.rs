@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     check_expiry, err_result, log_text, ok_result, parse_default_topic, parse_payload, plan,
-    set_bit_write, Plan, RateLimiter, RecentIds, Refusal, Seen, Step, MAX_PAYLOAD,
+    set_bit_write, Plan, RateLimiter, RecentIds, Refusal, Reply, Seen, Step, MAX_PAYLOAD,
 };
 use crate::codec::{self, Raw};
 use crate::link::{InMessage, OutMessage};
@@ -77,14 +77,6 @@ struct Job {
     /// it: a command that waited past it is not executed.
     deadline: Option<Instant>,
     reply: Option<Reply>,
-}
-
-/// Where an MQTT 5 request wants its answer: a copy of the result goes there, with the
-/// request's correlation data.
-#[derive(Debug, Clone)]
-struct Reply {
-    topic: String,
-    correlation: Option<Vec<u8>>,
 }
 
 impl Reply {
@@ -231,8 +223,8 @@ impl Router {
         let state = self.points.entry((d, p)).or_default();
         if let Some(id) = &id {
             match state.ids.get_mut(id) {
-                Some(Seen::Pending { extra }) => {
-                    *extra += 1;
+                Some(Seen::Pending { waiting }) => {
+                    waiting.push(reply);
                     tracing::info!(device = %device.name, point = %point.name, id = %id, topic = %msg.topic, "command: duplicate id while executing; result follows");
                     return Vec::new();
                 }
@@ -294,7 +286,12 @@ impl Router {
             return results(topic, &body, reply.as_ref());
         };
         if let Some(id) = &id {
-            state.ids.put(id, Seen::Pending { extra: 0 });
+            state.ids.put(
+                id,
+                Seen::Pending {
+                    waiting: Vec::new(),
+                },
+            );
         }
         // (A wall time too far ahead for the monotonic clock is no deadline.)
         let expires = cmd.expires.and_then(|wall| {
@@ -444,20 +441,22 @@ impl Router {
                 elapsed_ms, "command failed"
             ),
         }
-        let mut copies = 1;
+        let mut waiting = Vec::new();
         if let Some(id) = &job.id {
             let state = self.points.entry((job.device, job.point)).or_default();
-            if let Some(Seen::Pending { extra }) = state.ids.get_mut(id) {
-                copies += *extra;
+            if let Some(Seen::Pending { waiting: w }) = state.ids.get_mut(id) {
+                waiting = std::mem::take(w);
             }
             state.ids.put(id, Seen::Done(body.clone()));
         }
         // The result goes first: a consumer waiting on it then already finds the new value.
         let mut msgs = results(settings.result_topic.clone(), &body, job.reply.as_ref());
-        for _ in 1..copies {
+        if !waiting.is_empty() {
             let mut dup = body.clone();
             dup.insert("duplicate".into(), Json::Bool(true));
-            msgs.push(result_message(settings.result_topic.clone(), &dup));
+            for reply in &waiting {
+                msgs.extend(results(settings.result_topic.clone(), &dup, reply.as_ref()));
+            }
         }
         msgs.extend(out);
         msgs
