@@ -482,7 +482,7 @@ fn open_store(config: &crate::model::Store) -> Option<link::Outbox> {
 async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMessage>) {
     // Change filters per configuration generation: a bus kept across a reload keeps its
     // filters; a restarted one starts afresh.
-    let mut filters: HashMap<u64, HashMap<(usize, usize), ChangeFilter>> = HashMap::new();
+    let mut filters: HashMap<u64, Filters> = HashMap::new();
     // Status topics of the devices currently online.
     let mut online = std::collections::BTreeSet::new();
     while let Some(Tagged {
@@ -505,7 +505,7 @@ async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMes
                     online.remove(&status.topic);
                     // A consumer that saw `offline` gets every value again when the device
                     // returns, not only those that changed meanwhile.
-                    filters.retain(|(d, _), _| *d != device);
+                    filters.forget(device);
                 }
                 vec![status]
             }
@@ -548,13 +548,55 @@ fn device_status(config: &Config, device: usize, online: bool) -> OutMessage {
     }
 }
 
+/// The publisher's state for the devices of one configuration generation: each point's change
+/// filter, and each device's points in name order (a per-device payload lists them so). Kept in
+/// vectors by device and point index, built as devices first report: this runs for every
+/// reading, and a hash lookup per point was a measurable part of the gateway's CPU.
+#[derive(Default)]
+pub struct Filters {
+    devices: Vec<DeviceFilters>,
+}
+
+#[derive(Default)]
+struct DeviceFilters {
+    points: Vec<Option<ChangeFilter>>,
+    /// Point indices sorted by point name; empty until a per-device payload needs it.
+    by_name: Vec<usize>,
+}
+
+impl Filters {
+    fn device(&mut self, device: usize) -> &mut DeviceFilters {
+        if self.devices.len() <= device {
+            self.devices.resize_with(device + 1, DeviceFilters::default);
+        }
+        &mut self.devices[device]
+    }
+
+    /// Forgets a device's filters: every value is published again on its next reading.
+    pub fn forget(&mut self, device: usize) {
+        if let Some(d) = self.devices.get_mut(device) {
+            d.points.clear();
+        }
+    }
+}
+
+impl DeviceFilters {
+    fn point(&mut self, p: usize, point: &crate::model::Point) -> &mut ChangeFilter {
+        if self.points.len() <= p {
+            self.points.resize_with(p + 1, || None);
+        }
+        self.points[p].get_or_insert_with(|| ChangeFilter::new(point.publish))
+    }
+}
+
 /// Messages for one reading, after the change filters.
 pub fn render_reading(
     config: &Config,
     reading: &Reading,
-    filters: &mut HashMap<(usize, usize), ChangeFilter>,
+    filters: &mut Filters,
 ) -> Vec<OutMessage> {
     let device = &config.devices[reading.device];
+    let filters = filters.device(reading.device);
     let now = Instant::now();
     let mut out = Vec::new();
     match device.message_mode {
@@ -564,9 +606,7 @@ pub fn render_reading(
                 let payload = match raw {
                     Ok(raw) => {
                         let value = codec::to_value(point, raw);
-                        let filter = filters
-                            .entry((reading.device, *p))
-                            .or_insert_with(|| ChangeFilter::new(point.publish));
+                        let filter = filters.point(*p, point);
                         if !filter.should_publish(&value, now) {
                             continue;
                         }
@@ -593,16 +633,15 @@ pub fn render_reading(
         }
         MessageMode::PerDevice => {
             let mut changed = false;
-            let mut entries = Vec::with_capacity(reading.values.len());
+            // Each point's JSON at its index, then listed in name order.
+            let mut values: Vec<Option<Option<serde_json::Value>>> = Vec::new();
+            values.resize_with(device.points.len(), || None);
             for (p, raw) in &reading.values {
                 let point = &device.points[*p];
                 let json = match raw {
                     Ok(raw) => {
                         let value = codec::to_value(point, raw);
-                        let filter = filters
-                            .entry((reading.device, *p))
-                            .or_insert_with(|| ChangeFilter::new(point.publish));
-                        changed |= filter.should_publish(&value, now);
+                        changed |= filters.point(*p, point).should_publish(&value, now);
                         Some(match codec::label(point, raw) {
                             Some(label) => serde_json::Value::String(label.to_string()),
                             None => publish::value_json(&value),
@@ -613,8 +652,19 @@ pub fn render_reading(
                         None
                     }
                 };
-                entries.push((point.name.as_str(), json));
+                values[*p] = Some(json);
             }
+            if filters.by_name.len() != device.points.len() {
+                filters.by_name = (0..device.points.len()).collect();
+                filters
+                    .by_name
+                    .sort_by_key(|&p| device.points[p].name.as_str());
+            }
+            let entries: Vec<(&str, Option<serde_json::Value>)> = filters
+                .by_name
+                .iter()
+                .filter_map(|&p| Some((device.points[p].name.as_str(), values[p].take()?)))
+                .collect();
             // Point filters fire on change and on their heartbeat.
             if changed {
                 let first = device.points.get(reading.values.first().map_or(0, |v| v.0));
@@ -630,4 +680,78 @@ pub fn render_reading(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Raw;
+    use std::time::{Duration, SystemTime};
+
+    const PER_DEVICE: &str = r#"
+gateway: { id: gw, prefix: t }
+mqtt: { url: "mqtt://127.0.0.1:1883" }
+buses:
+  - { name: b, type: tcp, host: 127.0.0.1 }
+devices:
+  - name: d
+    bus: b
+    message: per_device
+    publish: { mode: on_change }
+    points:
+      - { name: zeta, address: 0, type: u16 }
+      - { name: alpha, address: 1, type: u16 }
+      - { name: mid, address: 2, type: u16 }
+"#;
+
+    fn reading(values: Vec<(usize, Result<Raw, String>)>) -> Reading {
+        Reading {
+            device: 0,
+            group: 0,
+            ts: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            read_at: Instant::now(),
+            values,
+        }
+    }
+
+    fn payloads(out: Vec<OutMessage>) -> Vec<String> {
+        out.into_iter()
+            .map(|m| String::from_utf8(m.payload).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn per_device_payloads_list_points_by_name_and_filter_on_change() {
+        let config = crate::config::parse(PER_DEVICE, "test.yaml").expect("config loads");
+        let mut filters = Filters::default();
+        let values = || {
+            vec![
+                (0, Ok(Raw::U64(1))),
+                (1, Ok(Raw::U64(2))),
+                (2, Err("timeout".to_string())),
+            ]
+        };
+        let first = payloads(render_reading(&config, &reading(values()), &mut filters));
+        assert_eq!(
+            first,
+            [
+                r#"{"device":"d","ts":"2023-11-14T22:13:20.123Z","values":{"alpha":2,"mid":null,"zeta":1}}"#
+            ]
+        );
+        // Unchanged, but a point is still bad: published.
+        assert_eq!(
+            render_reading(&config, &reading(values()), &mut filters).len(),
+            1
+        );
+        // Unchanged and every point good: not published.
+        let good = || vec![(0, Ok(Raw::U64(1))), (1, Ok(Raw::U64(2)))];
+        assert!(render_reading(&config, &reading(good()), &mut filters).is_empty());
+        // After the device went offline, the same values are published again.
+        filters.forget(0);
+        let again = payloads(render_reading(&config, &reading(good()), &mut filters));
+        assert_eq!(
+            again,
+            [r#"{"device":"d","ts":"2023-11-14T22:13:20.123Z","values":{"alpha":2,"zeta":1}}"#]
+        );
+    }
 }
