@@ -95,6 +95,20 @@ fn canonical_bytes(word_swap: bool, byte_swap: bool, regs: &[u16]) -> Vec<u8> {
         .collect()
 }
 
+/// [`canonical_bytes`] of a numeric value (at most 4 registers), without allocating: it runs
+/// for every point of every poll. The value's bytes are the first `2 * regs.len()`.
+fn numeric_bytes(word_swap: bool, byte_swap: bool, regs: &[u16]) -> [u8; 8] {
+    debug_assert!(regs.len() <= 4, "{} registers", regs.len());
+    let n = regs.len().min(4);
+    let mut b = [0u8; 8];
+    for i in 0..n {
+        let w = if word_swap { regs[n - 1 - i] } else { regs[i] };
+        let w = if byte_swap { w.swap_bytes() } else { w };
+        b[2 * i..2 * i + 2].copy_from_slice(&w.to_be_bytes());
+    }
+    b
+}
+
 /// Inverse of [`canonical_bytes`]: big-endian bytes (even count) → wire registers.
 fn wire_registers(word_swap: bool, byte_swap: bool, bytes: &[u8]) -> Vec<u16> {
     let mut regs: Vec<u16> = bytes
@@ -134,7 +148,11 @@ pub fn decode(data_type: DataType, order: WordOrder, regs: &[u16]) -> Result<Raw
             got: regs.len(),
         });
     }
-    let b = canonical_bytes(order.word_swap(), order.byte_swap(), regs);
+    let b = numeric_bytes(
+        order.word_swap(),
+        order.byte_swap(),
+        &regs[..expected.min(4)],
+    );
     let raw = match data_type {
         DataType::Bool => unreachable!("handled above"),
         DataType::Bit(n) => {
@@ -518,7 +536,7 @@ pub fn decode_all_ways(regs: &[u16]) -> Vec<(String, String)> {
         2 | 4 => {
             let wide = regs.len() == 4;
             for order in WordOrder::ALL {
-                let b = canonical_bytes(order.word_swap(), order.byte_swap(), regs);
+                let b = numeric_bytes(order.word_swap(), order.byte_swap(), regs);
                 let o = order.name();
                 if wide {
                     let b8: [u8; 8] = b[..8].try_into().expect("8 bytes");
@@ -554,6 +572,23 @@ mod tests {
     use std::collections::BTreeMap;
 
     use WordOrder::{Abcd, Badc, Cdab, Dcba};
+
+    #[test]
+    fn numeric_bytes_match_canonical_bytes_for_every_order_and_width() {
+        let regs = [0x0102, 0x0304, 0x0506, 0x0708];
+        for n in 1..=4 {
+            for order in WordOrder::ALL {
+                let (w, b) = (order.word_swap(), order.byte_swap());
+                let fast = numeric_bytes(w, b, &regs[..n]);
+                assert_eq!(
+                    fast[..2 * n],
+                    canonical_bytes(w, b, &regs[..n])[..],
+                    "{n} {order:?}"
+                );
+                assert!(fast[2 * n..].iter().all(|&x| x == 0));
+            }
+        }
+    }
 
     fn point(data_type: DataType) -> Point {
         Point {

@@ -437,7 +437,7 @@ impl BusTask {
         group: usize,
         cancel: &CancellationToken,
     ) -> Result<Vec<(usize, Result<Raw, String>)>, RequestError> {
-        let blocks = {
+        let (blocks, wanted) = {
             let state = &mut self.devices[slot];
             if state.plans[group].is_none() {
                 state.plans[group] = Some(plan::plan(
@@ -447,9 +447,10 @@ impl BusTask {
                     &state.bad,
                 ));
             }
-            state.plans[group].clone().expect("planned above")
+            let blocks = state.plans[group].clone().expect("planned above");
+            (blocks, state.group_points[group].len())
         };
-        let mut values = Vec::new();
+        let mut values = Vec::with_capacity(wanted);
         // Blocks still to read; split halves are pushed back to the front.
         let mut stack: Vec<ReadBlock> = blocks.into_iter().rev().collect();
         let mut bad_changed = false;
