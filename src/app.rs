@@ -483,6 +483,7 @@ async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMes
     // Change filters per configuration generation: a bus kept across a reload keeps its
     // filters; a restarted one starts afresh.
     let mut filters: HashMap<u64, Filters> = HashMap::new();
+    let mut events_seen = 0u64;
     // Status topics of the devices currently online.
     let mut online = std::collections::BTreeSet::new();
     while let Some(Tagged {
@@ -491,7 +492,8 @@ async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMes
         event,
     }) = events.recv().await
     {
-        let filters = filters.entry(generation).or_default();
+        events_seen += 1;
+        let filters = generation_filters(&mut filters, generation, events_seen);
         let messages = match event {
             BusEvent::Status {
                 device,
@@ -555,6 +557,27 @@ fn device_status(config: &Config, device: usize, online: bool) -> OutMessage {
 #[derive(Default)]
 pub struct Filters {
     devices: Vec<DeviceFilters>,
+    /// The publisher's event count when these were last used.
+    last_used: u64,
+}
+
+/// Generations whose filters the publisher keeps. Buses kept across reloads keep their
+/// generation, so several can be live at once; without a bound every reload would leave its
+/// filters behind for good. A live generation dropped costs only a full publish of its
+/// devices' next readings, as after an offline.
+const KEPT_GENERATIONS: usize = 8;
+
+/// The filters of `generation`, made room for by dropping the least recently used
+/// generation's when [`KEPT_GENERATIONS`] are kept already.
+fn generation_filters(all: &mut HashMap<u64, Filters>, generation: u64, now: u64) -> &mut Filters {
+    if !all.contains_key(&generation) && all.len() >= KEPT_GENERATIONS {
+        if let Some(oldest) = all.iter().min_by_key(|(_, f)| f.last_used).map(|(g, _)| *g) {
+            all.remove(&oldest);
+        }
+    }
+    let filters = all.entry(generation).or_default();
+    filters.last_used = now;
+    filters
 }
 
 #[derive(Default)]
@@ -718,6 +741,24 @@ devices:
         out.into_iter()
             .map(|m| String::from_utf8(m.payload).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn old_generations_filters_are_dropped_least_recently_used_first() {
+        let mut all = HashMap::new();
+        let mut now = 0;
+        for generation in 1..=KEPT_GENERATIONS as u64 {
+            now += 1;
+            generation_filters(&mut all, generation, now);
+        }
+        // Generation 1 is still in use (a bus kept across the reloads); 2 is not.
+        now += 1;
+        generation_filters(&mut all, 1, now).forget(0);
+        now += 1;
+        generation_filters(&mut all, 99, now);
+        assert_eq!(all.len(), KEPT_GENERATIONS);
+        assert!(all.contains_key(&1) && all.contains_key(&99));
+        assert!(!all.contains_key(&2));
     }
 
     #[test]
