@@ -493,7 +493,7 @@ async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMes
     }) = events.recv().await
     {
         events_seen += 1;
-        let filters = generation_filters(&mut filters, generation, events_seen);
+        let filters = generation_filters(&mut filters, generation, &config, events_seen);
         let messages = match event {
             BusEvent::Status {
                 device,
@@ -507,7 +507,7 @@ async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMes
                     online.remove(&status.topic);
                     // A consumer that saw `offline` gets every value again when the device
                     // returns, not only those that changed meanwhile.
-                    filters.forget(device);
+                    filters.forget(&config, device);
                 }
                 vec![status]
             }
@@ -550,15 +550,35 @@ fn device_status(config: &Config, device: usize, online: bool) -> OutMessage {
     }
 }
 
-/// The publisher's state for the devices of one configuration generation: each point's change
-/// filter, and each device's points in name order (a per-device payload lists them so). Kept in
-/// vectors by device and point index, built as devices first report: this runs for every
-/// reading, and a hash lookup per point was a measurable part of the gateway's CPU.
-#[derive(Default)]
+/// The change filters of one configuration generation's points, by device and point index
+/// (this runs for every reading: a hash lookup per point was a measurable part of the
+/// gateway's CPU).
 pub struct Filters {
-    devices: Vec<DeviceFilters>,
+    devices: Vec<Vec<ChangeFilter>>,
     /// The publisher's event count when these were last used.
     last_used: u64,
+}
+
+impl Filters {
+    pub fn new(config: &Config) -> Filters {
+        Filters {
+            devices: config.devices.iter().map(device_filters).collect(),
+            last_used: 0,
+        }
+    }
+
+    /// Forgets a device's filters: every value is published again on its next reading.
+    pub fn forget(&mut self, config: &Config, device: usize) {
+        self.devices[device] = device_filters(&config.devices[device]);
+    }
+}
+
+fn device_filters(device: &crate::model::Device) -> Vec<ChangeFilter> {
+    device
+        .points
+        .iter()
+        .map(|p| ChangeFilter::new(p.publish))
+        .collect()
 }
 
 /// Generations whose filters the publisher keeps. Buses kept across reloads keep their
@@ -567,49 +587,24 @@ pub struct Filters {
 /// devices' next readings, as after an offline.
 const KEPT_GENERATIONS: usize = 8;
 
-/// The filters of `generation`, made room for by dropping the least recently used
-/// generation's when [`KEPT_GENERATIONS`] are kept already.
-fn generation_filters(all: &mut HashMap<u64, Filters>, generation: u64, now: u64) -> &mut Filters {
+/// The filters of `generation` (whose configuration is `config`), made room for by dropping
+/// the least recently used generation's when [`KEPT_GENERATIONS`] are kept already.
+fn generation_filters<'a>(
+    all: &'a mut HashMap<u64, Filters>,
+    generation: u64,
+    config: &Config,
+    now: u64,
+) -> &'a mut Filters {
     if !all.contains_key(&generation) && all.len() >= KEPT_GENERATIONS {
         if let Some(oldest) = all.iter().min_by_key(|(_, f)| f.last_used).map(|(g, _)| *g) {
             all.remove(&oldest);
         }
     }
-    let filters = all.entry(generation).or_default();
+    let filters = all
+        .entry(generation)
+        .or_insert_with(|| Filters::new(config));
     filters.last_used = now;
     filters
-}
-
-#[derive(Default)]
-struct DeviceFilters {
-    points: Vec<Option<ChangeFilter>>,
-    /// Point indices sorted by point name; empty until a per-device payload needs it.
-    by_name: Vec<usize>,
-}
-
-impl Filters {
-    fn device(&mut self, device: usize) -> &mut DeviceFilters {
-        if self.devices.len() <= device {
-            self.devices.resize_with(device + 1, DeviceFilters::default);
-        }
-        &mut self.devices[device]
-    }
-
-    /// Forgets a device's filters: every value is published again on its next reading.
-    pub fn forget(&mut self, device: usize) {
-        if let Some(d) = self.devices.get_mut(device) {
-            d.points.clear();
-        }
-    }
-}
-
-impl DeviceFilters {
-    fn point(&mut self, p: usize, point: &crate::model::Point) -> &mut ChangeFilter {
-        if self.points.len() <= p {
-            self.points.resize_with(p + 1, || None);
-        }
-        self.points[p].get_or_insert_with(|| ChangeFilter::new(point.publish))
-    }
 }
 
 /// Messages for one reading, after the change filters.
@@ -619,7 +614,7 @@ pub fn render_reading(
     filters: &mut Filters,
 ) -> Vec<OutMessage> {
     let device = &config.devices[reading.device];
-    let filters = filters.device(reading.device);
+    let filters = &mut filters.devices[reading.device];
     let now = Instant::now();
     let mut out = Vec::new();
     match device.message_mode {
@@ -629,8 +624,7 @@ pub fn render_reading(
                 let payload = match raw {
                     Ok(raw) => {
                         let value = codec::to_value(point, raw);
-                        let filter = filters.point(*p, point);
-                        if !filter.should_publish(&value, now) {
+                        if !filters[*p].should_publish(&value, now) {
                             continue;
                         }
                         Some(publish::point_payload(
@@ -664,7 +658,7 @@ pub fn render_reading(
                 let json = match raw {
                     Ok(raw) => {
                         let value = codec::to_value(point, raw);
-                        changed |= filters.point(*p, point).should_publish(&value, now);
+                        changed |= filters[*p].should_publish(&value, now);
                         Some(match codec::label(point, raw) {
                             Some(label) => serde_json::Value::String(label.to_string()),
                             None => publish::value_json(&value),
@@ -677,14 +671,8 @@ pub fn render_reading(
                 };
                 values[*p] = Some(json);
             }
-            if filters.by_name.len() != device.points.len() {
-                filters.by_name = (0..device.points.len()).collect();
-                filters
-                    .by_name
-                    .sort_by_key(|&p| device.points[p].name.as_str());
-            }
-            let entries: Vec<(&str, Option<serde_json::Value>)> = filters
-                .by_name
+            let entries: Vec<(&str, Option<serde_json::Value>)> = device
+                .points_by_name
                 .iter()
                 .filter_map(|&p| Some((device.points[p].name.as_str(), values[p].take()?)))
                 .collect();
@@ -745,17 +733,18 @@ devices:
 
     #[test]
     fn old_generations_filters_are_dropped_least_recently_used_first() {
+        let config = crate::config::parse(PER_DEVICE, "test.yaml").expect("config loads");
         let mut all = HashMap::new();
         let mut now = 0;
         for generation in 1..=KEPT_GENERATIONS as u64 {
             now += 1;
-            generation_filters(&mut all, generation, now);
+            generation_filters(&mut all, generation, &config, now);
         }
         // Generation 1 is still in use (a bus kept across the reloads); 2 is not.
         now += 1;
-        generation_filters(&mut all, 1, now).forget(0);
+        generation_filters(&mut all, 1, &config, now).forget(&config, 0);
         now += 1;
-        generation_filters(&mut all, 99, now);
+        generation_filters(&mut all, 99, &config, now);
         assert_eq!(all.len(), KEPT_GENERATIONS);
         assert!(all.contains_key(&1) && all.contains_key(&99));
         assert!(!all.contains_key(&2));
@@ -764,7 +753,7 @@ devices:
     #[test]
     fn per_device_payloads_list_points_by_name_and_filter_on_change() {
         let config = crate::config::parse(PER_DEVICE, "test.yaml").expect("config loads");
-        let mut filters = Filters::default();
+        let mut filters = Filters::new(&config);
         let values = || {
             vec![
                 (0, Ok(Raw::U64(1))),
@@ -788,7 +777,7 @@ devices:
         let good = || vec![(0, Ok(Raw::U64(1))), (1, Ok(Raw::U64(2)))];
         assert!(render_reading(&config, &reading(good()), &mut filters).is_empty());
         // After the device went offline, the same values are published again.
-        filters.forget(0);
+        filters.forget(&config, 0);
         let again = payloads(render_reading(&config, &reading(good()), &mut filters));
         assert_eq!(
             again,

@@ -83,20 +83,9 @@ pub fn type_name(data_type: DataType) -> &'static str {
     }
 }
 
-/// Big-endian bytes of the value carried by `regs` (wire order).
-fn canonical_bytes(word_swap: bool, byte_swap: bool, regs: &[u16]) -> Vec<u8> {
-    let mut words: Vec<u16> = regs.to_vec();
-    if word_swap {
-        words.reverse();
-    }
-    words
-        .into_iter()
-        .flat_map(|w| if byte_swap { w.swap_bytes() } else { w }.to_be_bytes())
-        .collect()
-}
-
-/// [`canonical_bytes`] of a numeric value (at most 4 registers), without allocating: it runs
-/// for every point of every poll. The value's bytes are the first `2 * regs.len()`.
+/// Big-endian bytes of the numeric value carried by `regs` (wire order, at most 4
+/// registers), in the first `2 * regs.len()` bytes. No allocation: it runs for every point of
+/// every poll.
 fn numeric_bytes(word_swap: bool, byte_swap: bool, regs: &[u16]) -> [u8; 8] {
     debug_assert!(regs.len() <= 4, "{} registers", regs.len());
     let n = regs.len().min(4);
@@ -109,7 +98,7 @@ fn numeric_bytes(word_swap: bool, byte_swap: bool, regs: &[u16]) -> [u8; 8] {
     b
 }
 
-/// Inverse of [`canonical_bytes`]: big-endian bytes (even count) → wire registers.
+/// Inverse of [`numeric_bytes`] (for any even count): big-endian bytes → wire registers.
 fn wire_registers(word_swap: bool, byte_swap: bool, bytes: &[u8]) -> Vec<u16> {
     let mut regs: Vec<u16> = bytes
         .chunks_exact(2)
@@ -174,7 +163,10 @@ pub fn decode(data_type: DataType, order: WordOrder, regs: &[u16]) -> Result<Raw
 }
 
 fn decode_ascii(byte_swap: bool, regs: &[u16]) -> String {
-    let bytes = canonical_bytes(false, byte_swap, regs);
+    let bytes: Vec<u8> = regs
+        .iter()
+        .flat_map(|&w| if byte_swap { w.swap_bytes() } else { w }.to_be_bytes())
+        .collect();
     let end = bytes
         .iter()
         .rposition(|&c| c != 0 && c != b' ')
@@ -572,6 +564,19 @@ mod tests {
     use std::collections::BTreeMap;
 
     use WordOrder::{Abcd, Badc, Cdab, Dcba};
+
+    /// The reference `numeric_bytes` is checked against: the words in value order (reversed
+    /// for a word swap), each big-endian (byte-swapped for a byte swap).
+    fn canonical_bytes(word_swap: bool, byte_swap: bool, regs: &[u16]) -> Vec<u8> {
+        let mut words: Vec<u16> = regs.to_vec();
+        if word_swap {
+            words.reverse();
+        }
+        words
+            .into_iter()
+            .flat_map(|w| if byte_swap { w.swap_bytes() } else { w }.to_be_bytes())
+            .collect()
+    }
 
     #[test]
     fn numeric_bytes_match_canonical_bytes_for_every_order_and_width() {

@@ -369,6 +369,8 @@ pub struct Device {
     /// `{prefix}/{device}/status`: `online` / `offline`, retained.
     pub status_topic: String,
     pub points: Vec<Point>,
+    /// Indices of `points` sorted by name: the order of a per-device message's values.
+    pub points_by_name: Vec<usize>,
     /// Command settings of each point: `commands[i]` belongs to `points[i]` (same length).
     pub commands: Vec<PointCommand>,
     /// Set for the devices of a `lines` bus (their points have no register: `kind` and

@@ -150,7 +150,8 @@ async fn streaming_lines_arrive_typed_at_the_broker() {
 
     // The first status is `online`. (It once was `offline`: another test's stopped pty pair
     // left links to /dev/pts numbers this pair had been given, and that test's gateway held
-    // our port open exclusively. PtyPair::stop removes its links first now.)
+    // our port locked (serialport's TIOCEXCL and flock). PtyPair::stop removes its links
+    // first now.)
     let first = probe.expect_msg(|m| m.topic == "t/th/status", WAIT).await;
     assert_eq!(first.text(), "online");
     let mut seen = std::collections::BTreeMap::new();

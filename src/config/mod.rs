@@ -1751,6 +1751,8 @@ impl Validator {
             self.no_line_device_keys(path, &line_keys);
             None
         };
+        let mut points_by_name: Vec<usize> = (0..points.len()).collect();
+        points_by_name.sort_by(|&a, &b| points[a].name.cmp(&points[b].name));
         let device = Device {
             name: d.name,
             bus: 0,
@@ -1766,6 +1768,7 @@ impl Validator {
             topic,
             status_topic,
             points,
+            points_by_name,
             commands,
             line,
         };
