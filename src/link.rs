@@ -81,6 +81,8 @@ impl OutMessage {
 pub struct InMessage {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// The broker sent it as a retained message (a stored old one, not a live publish).
+    pub retain: bool,
     /// MQTT 5: where the sender wants the answer, and the data to echo with it.
     pub response_topic: Option<String>,
     pub correlation: Option<Vec<u8>>,

@@ -322,6 +322,7 @@ fn received_v3(p: &rumqttc::Publish) -> InMessage {
     InMessage {
         topic: p.topic.to_string(),
         payload: p.payload.to_vec(),
+        retain: p.retain,
         response_topic: None,
         correlation: None,
         expires_at: None,
@@ -333,6 +334,7 @@ fn received_v5(p: &v5::mqttbytes::v5::Publish) -> InMessage {
     InMessage {
         topic: String::from_utf8_lossy(&p.topic).into_owned(),
         payload: p.payload.to_vec(),
+        retain: p.retain,
         response_topic: props.and_then(|p| p.response_topic.clone()),
         correlation: props.and_then(|p| p.correlation_data.as_ref().map(|d| d.to_vec())),
         // What is left of the sender's expiry when the broker forwarded it.
