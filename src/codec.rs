@@ -64,6 +64,16 @@ pub enum CodecError {
     UnknownLabel(String),
     #[error("{value} is outside the point's write bounds [{min}, {max}]")]
     OutOfBounds { value: f64, min: f64, max: f64 },
+    #[error(
+        "{value} is not a whole step of the point: raw = (value - offset) / scale = \
+         ({value} - {offset}) / {scale} = {raw}, which is no integer"
+    )]
+    NotRepresentable {
+        value: f64,
+        raw: f64,
+        scale: f64,
+        offset: f64,
+    },
 }
 
 /// Short lowercase name of a data type, as used in configuration and errors.
@@ -418,7 +428,17 @@ pub fn from_value(point: &Point, value: &Value) -> Result<Raw, CodecError> {
     if !eng.is_finite() {
         return Err(CodecError::NotANumber);
     }
-    check_bounds(point, eng)?;
+    let raw = numeric_raw(point, value, eng)?;
+    // The bounds hold for what goes on the wire, not for what was asked.
+    check_bounds(point, &to_value(point, &raw))?;
+    Ok(raw)
+}
+
+/// The one raw value a number maps to: exact for integers without scaling; otherwise
+/// `(value - offset) / scale`, refused unless it is a whole number (within float noise) for
+/// integer types, and narrowed to f32 for f32 points (what the register will hold).
+fn numeric_raw(point: &Point, value: &Value, eng: f64) -> Result<Raw, CodecError> {
+    let dt = point.data_type;
     if is_identity(point) && integer_range(dt).is_some() {
         match *value {
             Value::Int(i) => return integer_raw(dt, i.into()),
@@ -431,13 +451,24 @@ pub fn from_value(point: &Point, value: &Value) -> Result<Raw, CodecError> {
         return Err(CodecError::NotANumber);
     }
     match dt {
-        DataType::F32 | DataType::F64 => {
+        DataType::F32 => {
             // Let encode() do the f32 overflow check, but report it here with the type.
             encode(dt, WordOrder::Abcd, &Raw::F64(raw))?;
-            Ok(Raw::F64(raw))
+            #[allow(clippy::cast_possible_truncation)] // checked to fit just above
+            let narrow = raw as f32;
+            Ok(Raw::F64(f64::from(narrow)))
         }
+        DataType::F64 => Ok(Raw::F64(raw)),
         _ => {
             let rounded = raw.round();
+            if (raw - rounded).abs() > 1e-9 * raw.abs().max(1.0) {
+                return Err(CodecError::NotRepresentable {
+                    value: eng,
+                    raw,
+                    scale: point.scale,
+                    offset: point.offset,
+                });
+            }
             // 2^64 and -2^63 bound every integer type; beyond them the cast would saturate.
             if !(-9.223_372_036_854_776e18..1.844_674_407_370_955_2e19).contains(&rounded) {
                 return Err(out_of_range(raw, dt));
@@ -448,17 +479,57 @@ pub fn from_value(point: &Point, value: &Value) -> Result<Raw, CodecError> {
     }
 }
 
-fn check_bounds(point: &Point, eng: f64) -> Result<(), CodecError> {
+/// Whether `value` lies within the point's `min`/`max`; integers are compared exactly (an
+/// `i64` above 2^53 has no exact `f64`, and rounding it could let it slip past `max`).
+fn check_bounds(point: &Point, value: &Value) -> Result<(), CodecError> {
     let min = point.min.unwrap_or(f64::NEG_INFINITY);
     let max = point.max.unwrap_or(f64::INFINITY);
-    if eng < min || eng > max {
-        return Err(CodecError::OutOfBounds {
-            value: eng,
+    let int = match *value {
+        Value::Int(i) => Some(i128::from(i)),
+        Value::UInt(u) => Some(i128::from(u)),
+        _ => None,
+    };
+    #[allow(clippy::cast_precision_loss)] // only to report
+    let (inside, shown) = match (int, value) {
+        (Some(i), _) => (int_at_least(i, min) && int_at_most(i, max), i as f64),
+        (None, Value::Float(f)) => (*f >= min && *f <= max, *f),
+        _ => return Ok(()),
+    };
+    if inside {
+        Ok(())
+    } else {
+        Err(CodecError::OutOfBounds {
+            value: shown,
             min,
             max,
-        });
+        })
     }
-    Ok(())
+}
+
+/// `i >= bound`, exactly (`bound` may be fractional or beyond any integer).
+fn int_at_least(i: i128, bound: f64) -> bool {
+    if bound.is_nan() || bound <= -1.8e19 {
+        return true;
+    }
+    if bound >= 1.8e19 {
+        return false;
+    }
+    #[allow(clippy::cast_possible_truncation)] // bounded just above
+    let ceil = bound.ceil() as i128;
+    i >= ceil
+}
+
+/// `i <= bound`, exactly.
+fn int_at_most(i: i128, bound: f64) -> bool {
+    if bound.is_nan() || bound >= 1.8e19 {
+        return true;
+    }
+    if bound <= -1.8e19 {
+        return false;
+    }
+    #[allow(clippy::cast_possible_truncation)] // bounded just above
+    let floor = bound.floor() as i128;
+    i <= floor
 }
 
 fn label_raw(point: &Point, text: &str) -> Result<Raw, CodecError> {
@@ -988,12 +1059,13 @@ mod tests {
     }
 
     #[test]
-    fn writes_round_to_the_nearest_integer_and_refuse_out_of_range() {
+    fn writes_take_one_exact_raw_value_and_refuse_out_of_range() {
         let volts = scaled(DataType::U16, 0.1, 0.0);
-        assert_eq!(
+        // No rounding: 230.14 is no whole step of 0.1 V (it would write 230.1).
+        assert!(matches!(
             from_value(&volts, &Value::Float(230.14)),
-            Ok(Raw::U64(2301))
-        );
+            Err(CodecError::NotRepresentable { .. })
+        ));
         assert_eq!(from_value(&volts, &Value::Int(230)), Ok(Raw::U64(2300)));
         assert!(matches!(
             from_value(&volts, &Value::Float(6553.6)),

@@ -346,6 +346,7 @@ pub(crate) fn refusal_of(e: &CodecError) -> Refusal {
     let reason = match e {
         CodecError::OutOfRange { .. } | CodecError::OutOfBounds { .. } => "out_of_range",
         CodecError::UnknownLabel(_) => "unknown_label",
+        CodecError::NotRepresentable { .. } => "not_representable",
         CodecError::TypeMismatch(_) | CodecError::NotANumber | CodecError::NotAscii(_) => {
             "wrong_type"
         }
@@ -356,8 +357,11 @@ pub(crate) fn refusal_of(e: &CodecError) -> Refusal {
 
 /// Validates `value` against `point` and encodes it into the bus operation to run.
 ///
-/// Bool points (coils, bits) also take 0 and 1. An integer point refuses a value that is
-/// not a whole number of its resolution (21.55 with scale 0.1), instead of rounding it.
+/// Bool points (coils, bits) also take 0 and 1. Every number maps to exactly one raw value:
+/// an integer point refuses a value, whole or not, that is not a whole number of its
+/// resolution (21.55 with scale 0.1; 20 with offset -273.15), instead of rounding it; the
+/// bounds are checked on the value that will be written (see [`codec::from_value`]), and
+/// [`Plan::raw`] decodes to exactly that value.
 pub fn plan(point: &Point, cmd: &PointCommand, value: &Value) -> Result<Plan, Refusal> {
     if !point.writable {
         return Err(Refusal::new("not_writable", "the point is not writable"));
@@ -369,26 +373,6 @@ pub fn plan(point: &Point, cmd: &PointCommand, value: &Value) -> Result<Plan, Re
         _ => value.clone(),
     };
     let raw = codec::from_value(point, &value).map_err(|e| refusal_of(&e))?;
-    let integer = matches!(
-        point.data_type,
-        DataType::U16
-            | DataType::I16
-            | DataType::U32
-            | DataType::I32
-            | DataType::U64
-            | DataType::I64
-    );
-    if let (true, Value::Float(f)) = (integer, &value) {
-        let exact = (f - point.offset) / point.scale;
-        if (exact - exact.round()).abs() > 1e-9 * exact.abs().max(1.0) {
-            return Err(Refusal::new(
-                "not_representable",
-                format!(
-                    "{f} is not a whole step of the point (raw = (value - offset) / scale = {exact})"
-                ),
-            ));
-        }
-    }
     let a = point.address;
     let step = match (point.kind, point.data_type, &raw) {
         (RegisterKind::Coil, _, Raw::Bool(b)) if cmd.write_multiple => {
@@ -844,6 +828,100 @@ mod tests {
         let mut ro = point(RegisterKind::Holding, DataType::U16);
         ro.writable = false;
         assert_eq!(step(&ro, &c, Value::Int(1)), Err("not_writable".into()));
+    }
+
+    #[test]
+    fn whole_numbers_must_map_to_one_raw_value_too() {
+        let c = settings();
+        let mut kelvin = point(RegisterKind::Holding, DataType::U16);
+        kelvin.scale = 0.1;
+        kelvin.offset = -273.15;
+        // (20 + 273.15) / 0.1 = 2931.5: no register value writes 20.
+        assert_eq!(
+            step(&kelvin, &c, Value::Int(20)),
+            Err("not_representable".into())
+        );
+        assert_eq!(
+            step(&kelvin, &c, Value::Float(20.0)),
+            Err("not_representable".into())
+        );
+        assert_eq!(
+            step(&kelvin, &c, Value::Float(20.05)),
+            Ok(Step::Write(Write::SingleRegister(10, 2932)))
+        );
+        let mut tens = point(RegisterKind::Holding, DataType::U16);
+        tens.scale = 10.0;
+        tens.max = Some(19.0);
+        // 15 would be raw 1.5, rounded to 2: 20 on the wire, above max.
+        assert_eq!(
+            step(&tens, &c, Value::Int(15)),
+            Err("not_representable".into())
+        );
+        assert_eq!(step(&tens, &c, Value::Int(20)), Err("out_of_range".into()));
+        assert_eq!(
+            step(&tens, &c, Value::Int(10)),
+            Ok(Step::Write(Write::SingleRegister(10, 1)))
+        );
+    }
+
+    #[test]
+    fn bounds_hold_for_the_value_written_not_the_value_asked() {
+        let c = settings();
+        // An f32 register holds 0.1 as 0.100000001490116: the result reports what it holds.
+        let mut f = point(RegisterKind::Holding, DataType::F32);
+        f.max = Some(0.1);
+        let planned = plan(&f, &c, &Value::Float(0.1)).unwrap();
+        assert_eq!(value_json(&f, &planned.raw).0, serde_json::json!(0.1));
+        // Integers beyond 2^53 compare exactly: max 2^53 refuses 2^53 + 1.
+        let mut big = point(RegisterKind::Holding, DataType::I64);
+        big.max = Some(9_007_199_254_740_992.0);
+        assert_eq!(
+            step(&big, &c, Value::Int(9_007_199_254_740_993)),
+            Err("out_of_range".into())
+        );
+        assert!(step(&big, &c, Value::Int(9_007_199_254_740_992)).is_ok());
+        let mut frac = point(RegisterKind::Holding, DataType::I16);
+        frac.min = Some(-2.5);
+        assert_eq!(step(&frac, &c, Value::Int(-3)), Err("out_of_range".into()));
+        assert!(step(&frac, &c, Value::Int(-2)).is_ok());
+    }
+
+    /// The invariant the fuzz targets check too: what is written decodes back to the
+    /// result's value, and that value is within the bounds.
+    #[test]
+    fn every_accepted_number_decodes_back_to_the_result_value() {
+        let c = settings();
+        for (scale, offset) in [
+            (1.0, 0.0),
+            (0.1, 0.0),
+            (0.1, -273.15),
+            (10.0, 0.0),
+            (0.01, 5.0),
+        ] {
+            for dt in [DataType::U16, DataType::I16, DataType::I32, DataType::F32] {
+                let mut p = point(RegisterKind::Holding, dt);
+                p.scale = scale;
+                p.offset = offset;
+                p.min = Some(-50.0);
+                p.max = Some(50.0);
+                for i in -600..=600 {
+                    let v = Value::Float(f64::from(i) / 10.0);
+                    let Ok(planned) = plan(&p, &c, &v) else {
+                        continue;
+                    };
+                    let regs = match &planned.step {
+                        Step::Write(Write::SingleRegister(_, r)) => vec![*r],
+                        Step::Write(Write::MultipleRegisters(_, r)) => r.clone(),
+                        other => panic!("{other:?}"),
+                    };
+                    let back = codec::decode(dt, p.order, &regs).unwrap();
+                    let wire = codec::to_value(&p, &back);
+                    assert_eq!(value_json(&p, &planned.raw).0, publish::value_json(&wire));
+                    let f = wire.as_f64().unwrap();
+                    assert!((-50.0..=50.0).contains(&f), "{f} from {v:?} on {dt:?}");
+                }
+            }
+        }
     }
 
     #[test]

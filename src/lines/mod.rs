@@ -66,15 +66,6 @@ pub fn command_plan(config: &Config, d: usize, p: usize, value: &Value) -> Resul
         _ => value.clone(),
     };
     let raw = codec::from_value(point, &value).map_err(|e| crate::command::refusal_of(&e))?;
-    if let (DataType::I64 | DataType::U64, Value::Float(f)) = (point.data_type, &value) {
-        let exact = (f - point.offset) / point.scale;
-        if (exact - exact.round()).abs() > 1e-9 * exact.abs().max(1.0) {
-            return Err(Refusal::new(
-                "not_representable",
-                format!("{f} is not a whole step of the point (raw = {exact})"),
-            ));
-        }
-    }
     let template = parse::Template::parse(&command.template)
         .map_err(|e| Refusal::new("internal", format!("template: {e}")))?;
     let text = template

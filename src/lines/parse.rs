@@ -489,7 +489,18 @@ impl Template {
             match piece {
                 Piece::Text(t) => out.push_str(t),
                 Piece::Value(precision) => match (raw, precision) {
-                    (Raw::F64(f), Some(n)) => out.push_str(&format!("{f:.n$}", n = *n)),
+                    (Raw::F64(f), Some(n)) => {
+                        let text = format!("{f:.n$}", n = *n);
+                        // What the device is sent must be what the result reports: refuse a
+                        // value that these decimals would round (21.46 with `{value:.1}`).
+                        let back: f64 = text.parse().unwrap_or(f64::NAN);
+                        if (back - f).abs() > 1e-9 * f.abs().max(1.0) {
+                            return Err(format!(
+                                "{f} does not fit the command's {n} decimal(s) exactly (it would be sent as {text})"
+                            ));
+                        }
+                        out.push_str(&text);
+                    }
                     (Raw::F64(f), None) => out.push_str(&f.to_string()),
                     (Raw::I64(i), _) => out.push_str(&i.to_string()),
                     (Raw::U64(u), _) => out.push_str(&u.to_string()),
@@ -768,7 +779,10 @@ mod tests {
     fn templates_render_values_with_their_precision() {
         let t = Template::parse("SET {value:.1}\r\n").unwrap();
         assert!(t.has_precision());
-        assert_eq!(t.render(&Raw::F64(21.46)).unwrap(), "SET 21.5\r\n");
+        assert_eq!(t.render(&Raw::F64(21.5)).unwrap(), "SET 21.5\r\n");
+        assert_eq!(t.render(&Raw::F64(21.0)).unwrap(), "SET 21.0\r\n");
+        // 21.46 would go out as 21.5 while the result said 21.46: refused instead.
+        assert!(t.render(&Raw::F64(21.46)).is_err());
         let t = Template::parse("R{{1}}={value}").unwrap();
         assert!(!t.has_precision());
         assert_eq!(t.render(&Raw::F64(0.1)).unwrap(), "R{1}=0.1");
