@@ -169,6 +169,7 @@ impl Sidecars {
         link_sender: &mpsc::Sender<OutMessage>,
         link_stats: &Arc<link::LinkStats>,
         store_stats: &Option<Arc<crate::store::StoreStats>>,
+        command_stats: &Arc<crate::command::CommandStats>,
         stop: &CancellationToken,
     ) -> Sidecars {
         let router_cancel = stop.child_token();
@@ -179,6 +180,7 @@ impl Sidecars {
             handles,
             rx,
             link_sender.clone(),
+            command_stats.clone(),
             router_cancel.clone(),
         );
         let stats_cancel = stop.child_token();
@@ -189,6 +191,7 @@ impl Sidecars {
                 handles.iter().map(|b| b.stats.clone()).collect(),
                 link_stats.clone(),
                 store_stats.clone(),
+                command_stats.clone(),
                 link_sender.clone(),
                 stats_cancel.clone(),
             ));
@@ -255,16 +258,46 @@ pub async fn run_with_reload(
 
     let (tagged_tx, tagged_rx) = mpsc::channel::<Tagged>(256);
     let publisher = tokio::spawn(publisher(tagged_rx, link.sender.clone()));
-    // Commands go to whichever router is current (one per configuration).
+    // Commands go to whichever router is current (one per configuration). Never blocking:
+    // a command that finds the router's queue full is answered `busy` (within a budget)
+    // instead of being dropped silently after the broker has its PUBACK.
+    let command_stats = Arc::new(crate::command::CommandStats::default());
     let (router_input, router_current) = tokio::sync::watch::channel(mpsc::channel(1).0);
-    tokio::spawn(async move {
-        while let Some(msg) = commands_rx.recv().await {
-            let router = router_current.borrow().clone();
-            if router.send(msg).await.is_err() {
-                tracing::warn!("command arrived while the router was being replaced: dropped");
+    {
+        let stats = command_stats.clone();
+        let link_sender = link.sender.clone();
+        let config = Arc::new(config.clone());
+        tokio::spawn(async move {
+            let mut budget = crate::command::RateLimiter::new(
+                crate::model::Rate {
+                    count: crate::command::REFUSAL_BUDGET,
+                    per: Duration::from_secs(1),
+                },
+                Instant::now(),
+            );
+            while let Some(msg) = commands_rx.recv().await {
+                let router = router_current.borrow().clone();
+                let Err(e) = router.try_send(msg) else {
+                    continue;
+                };
+                let msg = match e {
+                    mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+                };
+                stats
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if !budget.allow(Instant::now()) {
+                    continue;
+                }
+                tracing::warn!(topic = %crate::command::log_topic(&msg.topic), "command queue full (or router being replaced): answered busy, not executed");
+                for m in crate::command::router::overloaded(&config, &msg) {
+                    if link_sender.try_send(m).is_err() {
+                        break;
+                    }
+                }
             }
-        }
-    });
+        });
+    }
 
     let mut config = Arc::new(config);
     let mut generation = 1u64;
@@ -281,6 +314,7 @@ pub async fn run_with_reload(
         &link.sender,
         &link.stats,
         &store_stats,
+        &command_stats,
         &cancel,
     );
 
@@ -337,6 +371,7 @@ pub async fn run_with_reload(
                     &link.sender,
                     &link.stats,
                     &store_stats,
+                    &command_stats,
                     &cancel,
                 );
             }
@@ -386,12 +421,14 @@ pub async fn run_with_reload(
 
 /// Publishes `{prefix}/status/stats` every `every` while the broker is connected (never into
 /// the store: statistics of an outage are of no use after it).
+#[allow(clippy::too_many_arguments)]
 async fn publish_stats(
     config: Arc<Config>,
     every: Duration,
     buses: Vec<Arc<modbus::BusStats>>,
     link_stats: Arc<link::LinkStats>,
     store: Option<Arc<crate::store::StoreStats>>,
+    commands: Arc<crate::command::CommandStats>,
     sender: mpsc::Sender<OutMessage>,
     cancel: CancellationToken,
 ) {
@@ -441,6 +478,13 @@ async fn publish_stats(
             "delivery_rate": (rate * 10.0).round() / 10.0,
             "polls": buses.iter().map(|b| b.polls.load(Relaxed)).sum::<u64>(),
             "failed_polls": buses.iter().map(|b| b.failed_polls.load(Relaxed)).sum::<u64>(),
+            "commands": {
+                "executed": commands.executed.load(Relaxed),
+                "refused": commands.refused.load(Relaxed),
+                "failed": commands.failed.load(Relaxed),
+                "suppressed": commands.suppressed.load(Relaxed),
+                "dropped": commands.dropped.load(Relaxed),
+            },
         });
         let msg = OutMessage {
             topic: topic.clone(),

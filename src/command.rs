@@ -37,7 +37,9 @@ use serde_json::{Map, Value as Json};
 
 use crate::codec::{self, CodecError, Raw};
 use crate::modbus::Write;
-use crate::model::{BitWrite, Config, DataType, Point, PointCommand, RegisterKind, Value};
+use crate::model::{
+    BitWrite, ClockPolicy, Config, DataType, Point, PointCommand, RegisterKind, Value,
+};
 use crate::publish;
 
 /// Largest command payload accepted, bytes.
@@ -46,6 +48,30 @@ pub const MAX_PAYLOAD: usize = 4096;
 pub const REMEMBERED_IDS: usize = 32;
 /// Commands waiting between the link and the router.
 pub const QUEUE: usize = 256;
+/// Longest topic the gateway builds a result topic from, or answers on, bytes. Longer ones
+/// get no result (counted): `{topic}/result` from a 64 KiB topic would be a malformed packet.
+pub const MAX_TOPIC: usize = 1024;
+/// Further deliveries of one id, while it executes, that each get the result; more are
+/// counted and ignored.
+pub const MAX_WAITING: usize = 4;
+/// Results of refused commands (and the log lines about them), all points together: a
+/// burst of this many, then this many per second. A flood of bad commands costs the broker
+/// at most this; what is beyond is counted (`suppressed`), not published.
+pub const REFUSAL_BUDGET: u32 = 20;
+/// MQTT 5 correlation data longer than this is not echoed: the response copy is skipped.
+pub const MAX_CORRELATION: usize = 256;
+
+/// Counters of the command path, read by the stats message.
+#[derive(Debug, Default)]
+pub struct CommandStats {
+    pub executed: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    /// Results (and their log lines) not published because refusals came in a flood.
+    pub suppressed: std::sync::atomic::AtomicU64,
+    /// Commands dropped unread: the router's queue was full, or the topic too long.
+    pub dropped: std::sync::atomic::AtomicU64,
+}
 
 /// The filter derived from the default command template: `{prefix}/+/+/set`.
 pub fn wildcard_filter(prefix: &str) -> String {
@@ -92,14 +118,62 @@ pub fn subscriptions(config: &Config) -> Vec<String> {
 }
 
 /// Whether an MQTT 5 response topic is one the gateway may publish a result to: a topic name
-/// (no wildcards, MQTT 5 §4.7.3), not empty, no NUL, not a `$` system topic, within the
-/// 65535-byte string limit. A publish to a wildcard topic would be a protocol error that
-/// closes the connection (§3.3.2.1), so a bad one is never used.
+/// (no wildcards, MQTT 5 §4.7.3), not empty, no NUL, not a `$` system topic, within
+/// [`MAX_TOPIC`]. A publish to a wildcard topic would be a protocol error that closes the
+/// connection (§3.3.2.1), so a bad one is never used.
 pub fn valid_response_topic(topic: &str) -> bool {
     !topic.is_empty()
-        && topic.len() <= 65_535
+        && topic.len() <= MAX_TOPIC
         && !topic.starts_with('$')
         && !topic.contains(['+', '#', '\0'])
+}
+
+/// Which MQTT 5 response topics a command may have its result copied to. Anyone who may
+/// publish commands names the response topic, and the gateway publishes there with its own
+/// broker rights: so never to a topic the gateway itself publishes or reads (its readings,
+/// statuses, stats, results, command topics: everything under its prefix and every
+/// configured topic), and, when `mqtt.response_topics` is set, only within those filters.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseTopics {
+    allow: Vec<String>,
+    own_filters: Vec<String>,
+    own: std::collections::HashSet<String>,
+}
+
+impl ResponseTopics {
+    pub fn new(config: &Config) -> Self {
+        let mut own = std::collections::HashSet::new();
+        own.insert(config.mqtt.status_topic.clone());
+        for d in &config.devices {
+            own.insert(d.topic.clone());
+            own.insert(d.status_topic.clone());
+            for (p, c) in d.points.iter().zip(&d.commands) {
+                own.insert(p.topic.clone());
+                own.insert(c.topic.clone());
+                own.insert(c.result_topic.clone());
+            }
+        }
+        own.remove("");
+        ResponseTopics {
+            allow: config.mqtt.response_topics.clone(),
+            own_filters: vec![format!("{}/#", config.gateway.prefix)],
+            own,
+        }
+    }
+
+    /// `Err` with the reason when the result must not go to `topic`.
+    pub fn check(&self, topic: &str) -> Result<(), &'static str> {
+        if !valid_response_topic(topic) {
+            return Err("not a topic one can publish to (empty, wildcard, `$` or too long)");
+        }
+        if self.own.contains(topic) || self.own_filters.iter().any(|f| topic_matches(f, topic)) {
+            return Err("one of the gateway's own topics");
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|f| topic_matches(f, topic)) {
+            return Err("outside mqtt.response_topics");
+        }
+        Ok(())
+    }
 }
 
 /// `(device, point)` of a topic of the default form `{prefix}/{device}/{point}/set`.
@@ -269,12 +343,83 @@ pub fn parse_time(s: &str) -> Option<SystemTime> {
     }
 }
 
-/// Refuses a command past its `expires`, or older than `max_age` by its `ts`.
-pub fn check_expiry(
-    cmd: &Command,
-    max_age: Option<Duration>,
-    now: SystemTime,
-) -> Result<(), Refusal> {
+/// How far a sender's clock may be ahead of ours: a `ts` later than now by more than this is
+/// refused (`clock_skew`), and with `max_age` an `expires` may lie at most `max_age` plus
+/// this ahead. A `ts` in the future would otherwise pass any `max_age` for ever.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
+
+/// The wall clock as commands see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clock {
+    pub now: SystemTime,
+    /// `false` while the clock is known to be wrong (not yet synchronised, or earlier than
+    /// the build): commands that depend on time are then refused.
+    pub synchronised: bool,
+}
+
+impl Clock {
+    /// The system clock, judged by `policy` (see [`crate::model::ClockPolicy`]).
+    pub fn system(policy: ClockPolicy) -> Clock {
+        let now = SystemTime::now();
+        let built = SystemTime::UNIX_EPOCH + Duration::from_secs(build_unix());
+        // A day of margin for a builder whose clock ran ahead.
+        let after_build = now + Duration::from_secs(86_400) >= built;
+        let synchronised = after_build
+            && match policy {
+                ClockPolicy::Local => true,
+                ClockPolicy::Ntp => kernel_clock_synchronised(),
+            };
+        Clock { now, synchronised }
+    }
+}
+
+/// When this binary was built, seconds since the epoch (build.rs).
+pub fn build_unix() -> u64 {
+    env!("FIELDBRIDGE_BUILD_UNIX").parse().unwrap_or(0)
+}
+
+/// Whether the kernel says an NTP client keeps the clock synchronised: `adjtimex(2)` in
+/// read-only mode answers `TIME_ERROR` while `STA_UNSYNC` is set, which it is from boot until
+/// systemd-timesyncd, chrony or ntpd first set the time.
+#[cfg(target_os = "linux")]
+pub fn kernel_clock_synchronised() -> bool {
+    // SAFETY: `timex` is plain data; modes = 0 only reads the kernel's state.
+    let mut t: libc::timex = unsafe { std::mem::zeroed() };
+    let state = unsafe { libc::adjtimex(&mut t) };
+    state >= 0 && state != libc::TIME_ERROR && t.status & libc::STA_UNSYNC == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn kernel_clock_synchronised() -> bool {
+    true
+}
+
+/// Refuses a command past its `expires`, or older than `max_age` by its `ts`; and every
+/// command that depends on time while the clock cannot judge it, or whose time is beyond
+/// [`CLOCK_SKEW`] of ours.
+pub fn check_expiry(cmd: &Command, max_age: Option<Duration>, clock: Clock) -> Result<(), Refusal> {
+    let now = clock.now;
+    let timed = max_age.is_some() || cmd.expires.is_some();
+    if timed && !clock.synchronised {
+        return Err(Refusal::new(
+            "clock_unsynchronised",
+            "the gateway's clock is not synchronised (no NTP sync yet, or earlier than the build): commands that carry or need a time are refused until it is (gateway.clock: local trusts a real-time clock)",
+        ));
+    }
+    if let Some(ts) = cmd.ts.filter(|_| clock.synchronised) {
+        if let Ok(ahead) = ts.duration_since(now) {
+            if ahead > CLOCK_SKEW {
+                return Err(Refusal::new(
+                    "clock_skew",
+                    format!(
+                        "`ts` is {} ahead of the gateway's clock (tolerance {}): check the sender's clock",
+                        fmt_ms(ahead),
+                        fmt_ms(CLOCK_SKEW)
+                    ),
+                ));
+            }
+        }
+    }
     if let Some(expires) = cmd.expires {
         if now > expires {
             return Err(Refusal::new(
@@ -289,7 +434,7 @@ pub fn check_expiry(
     if let Some(max_age) = max_age {
         match cmd.ts {
             Some(ts) => {
-                // A sender clock ahead of ours gives a negative age: not expired.
+                // A sender clock ahead of ours (within the tolerance) gives a negative age.
                 let age = now.duration_since(ts).unwrap_or_default();
                 if age > max_age {
                     return Err(Refusal::new(
@@ -298,16 +443,54 @@ pub fn check_expiry(
                     ));
                 }
             }
-            None if cmd.expires.is_some() => {}
-            None => {
-                return Err(Refusal::new(
-                    "missing_timestamp",
-                    "this point has max_age: send JSON with `ts` (send time) or `expires`",
-                ))
-            }
+            None => match cmd.expires {
+                // `expires` alone stands in for the age only within max_age (+ skew): a far
+                // future one would outlive the point's policy.
+                Some(expires) => {
+                    let ahead = expires.duration_since(now).unwrap_or_default();
+                    if ahead > max_age + CLOCK_SKEW {
+                        return Err(Refusal::new(
+                            "clock_skew",
+                            format!(
+                                "`expires` is {} ahead, more than this point's max_age {} (+{} tolerance): send `ts`",
+                                fmt_ms(ahead),
+                                fmt_ms(max_age),
+                                fmt_ms(CLOCK_SKEW)
+                            ),
+                        ));
+                    }
+                }
+                None => {
+                    return Err(Refusal::new(
+                        "missing_timestamp",
+                        "this point has max_age: send JSON with `ts` (send time) or `expires`",
+                    ))
+                }
+            },
         }
     }
     Ok(())
+}
+
+/// The last moment a command may still be written, on the monotonic clock: the earliest of
+/// the MQTT 5 message expiry, `expires`, and `ts + max_age`, taken from the wall clock at
+/// `received`. Checked again when the bus takes the command. (A wall time too far ahead for
+/// the monotonic clock is no deadline.)
+pub fn deadline(
+    cmd: &Command,
+    max_age: Option<Duration>,
+    mqtt_expiry: Option<Instant>,
+    clock: Clock,
+    received: Instant,
+) -> Option<Instant> {
+    let onto =
+        |wall: SystemTime| received.checked_add(wall.duration_since(clock.now).unwrap_or_default());
+    let expires = cmd.expires.and_then(onto);
+    let aged = match (cmd.ts, max_age) {
+        (Some(ts), Some(age)) => ts.checked_add(age).and_then(onto),
+        _ => None,
+    };
+    mqtt_expiry.into_iter().chain(expires).chain(aged).min()
 }
 
 fn fmt_ms(d: Duration) -> String {
@@ -563,6 +746,11 @@ impl RecentIds {
     }
 }
 
+/// A topic shortened for a log line (a received one can be 64 KiB).
+pub fn log_topic(topic: &str) -> String {
+    log_text(topic.as_bytes())
+}
+
 /// `payload` shortened for a log line.
 pub fn log_text(payload: &[u8]) -> String {
     let text = String::from_utf8_lossy(payload);
@@ -688,7 +876,10 @@ mod tests {
 
     #[test]
     fn expiry_uses_expires_or_ts_with_max_age() {
-        let now = parse_time("2026-01-01T12:00:00Z").unwrap();
+        let now = Clock {
+            now: parse_time("2026-01-01T12:00:00Z").unwrap(),
+            synchronised: true,
+        };
         let mut c = parse_payload(br#"{"value": 1, "expires": "2026-01-01T11:59:59Z"}"#).unwrap();
         assert_eq!(check_expiry(&c, None, now).unwrap_err().reason, "expired");
         c.expires = parse_time("2026-01-01T12:00:01Z");
@@ -704,6 +895,109 @@ mod tests {
             check_expiry(&bare, age, now).unwrap_err().reason,
             "missing_timestamp"
         );
+    }
+
+    #[test]
+    fn a_time_beyond_the_clock_skew_is_refused() {
+        let now = Clock {
+            now: parse_time("2026-01-01T12:00:00Z").unwrap(),
+            synchronised: true,
+        };
+        let age = Some(Duration::from_secs(10));
+        // A `ts` in the future passed any max_age for ever.
+        let far = parse_payload(br#"{"value": 1, "ts": "9999-12-31T00:00:00Z"}"#).unwrap();
+        assert_eq!(
+            check_expiry(&far, age, now).unwrap_err().reason,
+            "clock_skew"
+        );
+        assert_eq!(
+            check_expiry(&far, None, now).unwrap_err().reason,
+            "clock_skew"
+        );
+        let near = parse_payload(br#"{"value": 1, "ts": "2026-01-01T12:00:20Z"}"#).unwrap();
+        assert!(check_expiry(&near, age, now).is_ok());
+        // With max_age, `expires` alone may not reach past it (+ the tolerance).
+        let long = parse_payload(br#"{"value": 1, "expires": "2026-01-02T00:00:00Z"}"#).unwrap();
+        assert_eq!(
+            check_expiry(&long, age, now).unwrap_err().reason,
+            "clock_skew"
+        );
+        assert!(check_expiry(&long, None, now).is_ok());
+        let short = parse_payload(br#"{"value": 1, "expires": "2026-01-01T12:00:30Z"}"#).unwrap();
+        assert!(check_expiry(&short, age, now).is_ok());
+    }
+
+    #[test]
+    fn an_unsynchronised_clock_refuses_every_command_that_depends_on_time() {
+        // A Pi without a real-time clock booted at its last saved time: `expires` long past
+        // looks valid.
+        let early = Clock {
+            now: parse_time("2024-06-01T00:00:00Z").unwrap(),
+            synchronised: false,
+        };
+        let old = parse_payload(br#"{"value": 1, "expires": "2025-01-01T00:00:00Z"}"#).unwrap();
+        assert_eq!(
+            check_expiry(&old, None, early).unwrap_err().reason,
+            "clock_unsynchronised"
+        );
+        let bare = parse_payload(b"1").unwrap();
+        assert!(check_expiry(&bare, None, early).is_ok());
+        assert_eq!(
+            check_expiry(&bare, Some(Duration::from_secs(5)), early)
+                .unwrap_err()
+                .reason,
+            "clock_unsynchronised"
+        );
+        // A clock earlier than the build is never synchronised, whatever the policy.
+        assert!(build_unix() > 1_700_000_000);
+    }
+
+    #[test]
+    fn the_deadline_is_the_earliest_of_every_expiry() {
+        let clock = Clock {
+            now: parse_time("2026-01-01T12:00:00Z").unwrap(),
+            synchronised: true,
+        };
+        let t0 = Instant::now();
+        let c = parse_payload(br#"{"value": 1, "ts": "2026-01-01T11:59:58Z"}"#).unwrap();
+        // ts + max_age = 12:00:08: 8 s from now.
+        let d = deadline(&c, Some(Duration::from_secs(10)), None, clock, t0);
+        assert_eq!(d, Some(t0 + Duration::from_secs(8)));
+        assert_eq!(deadline(&c, None, None, clock, t0), None);
+        let mqtt = Some(t0 + Duration::from_secs(3));
+        assert_eq!(
+            deadline(&c, Some(Duration::from_secs(10)), mqtt, clock, t0),
+            mqtt
+        );
+        let e = parse_payload(br#"{"value": 1, "expires": "2026-01-01T12:00:05Z"}"#).unwrap();
+        assert_eq!(
+            deadline(&e, None, None, clock, t0),
+            Some(t0 + Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn response_topics_never_reach_the_gateways_own() {
+        let mut config = crate::config::parse(
+            "gateway: { id: gw1, prefix: plant/gw1 }\nmqtt: { host: 127.0.0.1 }\nbuses:\n  - { name: b, type: tcp, host: 127.0.0.1, port: 502 }\ndevices:\n  - name: d\n    bus: b\n    unit: 1\n    points:\n      - { name: p, address: 0, type: u16, writable: true, topic: 'elsewhere/p' }\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let r = ResponseTopics::new(&config);
+        assert!(r.check("app/replies/42").is_ok());
+        for own in [
+            "plant/gw1/d/p",
+            "plant/gw1/status",
+            "plant/gw1/d/p/set",
+            "plant/gw1/anything/at/all",
+            "elsewhere/p",
+        ] {
+            assert!(r.check(own).is_err(), "{own}");
+        }
+        config.mqtt.response_topics = vec!["replies/#".into()];
+        let r = ResponseTopics::new(&config);
+        assert!(r.check("replies/x").is_ok());
+        assert!(r.check("app/replies/42").is_err());
     }
 
     #[test]
@@ -965,6 +1259,6 @@ mod tests {
         for bad in ["", "app/+/x", "app/#", "$SYS/x", "a\0b"] {
             assert!(!valid_response_topic(bad), "{bad:?}");
         }
-        assert!(!valid_response_topic(&"x".repeat(65_536)));
+        assert!(!valid_response_topic(&"x".repeat(MAX_TOPIC + 1)));
     }
 }

@@ -84,6 +84,20 @@ pub struct Gateway {
     pub log_level: String,
     /// Period of the statistics message on `{prefix}/status/stats`; `None`: not published.
     pub stats_interval: Option<Duration>,
+    /// Which wall clock commands that carry a time (`ts`, `expires`, `max_age`) trust.
+    pub clock: ClockPolicy,
+}
+
+/// When the wall clock is good enough to judge a command's age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClockPolicy {
+    /// Only while the kernel reports the clock synchronised (an NTP client such as
+    /// systemd-timesyncd or chrony has set it), and never before the build date.
+    #[default]
+    Ntp,
+    /// The local clock is trusted (a real-time clock, no NTP client), except before the
+    /// build date.
+    Local,
 }
 
 /// MQTT protocol version spoken to the broker.
@@ -164,6 +178,9 @@ pub struct Mqtt {
     pub reconnect_max: Duration,
     /// Gateway status topic (last will `offline`, `online` on connect, retained).
     pub status_topic: String,
+    /// MQTT 5 response topics a command may ask its result to be copied to (filters); empty:
+    /// any topic outside the gateway's own. Never one the gateway itself publishes or reads.
+    pub response_topics: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

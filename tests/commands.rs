@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 fn header(broker_port: u16, device_port: u16) -> String {
     format!(
-        "gateway:\n  id: gw\n  prefix: t\nstore:\n  path: none\nmqtt:\n  url: mqtt://127.0.0.1:{broker_port}\n  reconnect: {{ min: 100ms, max: 500ms }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {device_port} }}\n"
+        "gateway:\n  id: gw\n  prefix: t\n  clock: local\nstore:\n  path: none\nmqtt:\n  url: mqtt://127.0.0.1:{broker_port}\n  reconnect: {{ min: 100ms, max: 500ms }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {device_port} }}\n"
     )
 }
 

@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 fn config(broker_port: u16, device_port: u16, devices: &str) -> String {
     format!(
-        "gateway:\n  id: gw\n  prefix: t\nstore:\n  path: none\nmqtt:\n  protocol: 5\n  url: mqtt://127.0.0.1:{broker_port}\n  reconnect: {{ min: 100ms, max: 500ms }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {device_port} }}\n{devices}"
+        "gateway:\n  id: gw\n  prefix: t\n  clock: local\nstore:\n  path: none\nmqtt:\n  protocol: 5\n  url: mqtt://127.0.0.1:{broker_port}\n  reconnect: {{ min: 100ms, max: 500ms }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: {device_port} }}\n{devices}"
     )
 }
 
@@ -122,7 +122,7 @@ async fn requests_get_their_response_with_the_correlation_data() {
     let answer = probe.expect(|m| m.topic == "app/replies/5", WAIT).await;
     assert_eq!(answer.json()["ok"], json!(true));
     let logs = gateway.logs();
-    assert!(logs.contains("response topic is not a topic"), "{logs}");
+    assert!(logs.contains("response topic refused"), "{logs}");
     assert!(!logs.contains("MQTT connection lost"), "{logs}");
 }
 
@@ -310,4 +310,53 @@ async fn qos_2_publishes_the_broker_refuses_never_wedge_the_link() {
     );
     // More than a Receive Maximum of refusals later, new readings still arrive.
     readings_flow_on(&mut probe, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_topic_cannot_make_the_gateway_publish_on_its_own_topics() {
+    // Whoever may send commands names the response topic, and the gateway publishes there
+    // with its own broker rights: its reading and status topics, or a command topic, would be
+    // overwritten with a result.
+    const OWN: [&str; 4] = ["t/plc/level", "t/status", "t/plc/sp/set", "other/out"];
+    let broker = Mosquitto::start();
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 1, &[42]);
+    let device = TcpDevice::start(state.clone());
+    let mut probe = Mqtt5Probe::connect(broker.port(), &["t/#", "app/#"]).await;
+    let mut watch = Mqtt5Probe::connect(broker.port(), &OWN).await;
+    let devices = format!(
+        "{POINTS}      - {{ name: out, address: 2, type: u16, writable: true, topic: other/out }}\n"
+    );
+    let _gateway = Gateway::start(&config(broker.port(), device.port(), &devices));
+    wait_ready(&mut probe).await;
+    for (i, own) in OWN.iter().enumerate() {
+        let corr = format!("c{i}");
+        probe
+            .publish(
+                "t/plc/level/set",
+                &format!(r#"{{"value": 1, "id": "own{i}"}}"#),
+                request(own, corr.as_bytes()),
+            )
+            .await;
+        // The refusal still lands on the result topic...
+        let result = probe
+            .expect(|m| m.topic == "t/plc/level/set/result", WAIT)
+            .await;
+        assert_eq!(result.json()["reason"], json!("not_writable"));
+    }
+    // ...and a permitted response topic after them is answered: the others went nowhere.
+    probe
+        .publish("t/plc/level/set", "1", request("app/replies/ok", b"ok"))
+        .await;
+    probe.expect(|m| m.topic == "app/replies/ok", WAIT).await;
+    let mut seen = watch.collect_for(Duration::from_millis(500)).await;
+    seen.extend(watch.drain());
+    for m in &seen {
+        let text = String::from_utf8_lossy(&m.payload);
+        assert!(
+            m.correlation.is_none() && !text.contains("\"reason\""),
+            "a result was published on the gateway's own topic {}: {text}",
+            m.topic
+        );
+    }
 }

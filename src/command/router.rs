@@ -12,6 +12,7 @@
 //! flush and stop); a command still executing then gets no result.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,8 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    check_expiry, err_result, log_text, ok_result, parse_default_topic, parse_payload, plan,
-    set_bit_write, Plan, RateLimiter, RecentIds, Refusal, Reply, Seen, Step, MAX_PAYLOAD,
+    check_expiry, deadline, err_result, log_text, log_topic, ok_result, parse_default_topic,
+    parse_payload, plan, set_bit_write, Clock, CommandStats, Plan, RateLimiter, RecentIds, Refusal,
+    Reply, ResponseTopics, Seen, Step, MAX_CORRELATION, MAX_TOPIC, MAX_WAITING, REFUSAL_BUDGET,
 };
 use crate::codec::{self, Raw};
 use crate::link::{InMessage, OutMessage};
@@ -35,6 +37,7 @@ pub fn spawn(
     buses: &[BusHandle],
     commands: mpsc::Receiver<InMessage>,
     link: mpsc::Sender<OutMessage>,
+    stats: Arc<CommandStats>,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let mut topics = HashMap::new();
@@ -52,6 +55,7 @@ pub fn spawn(
         .collect();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let router = Router {
+        response_topics: ResponseTopics::new(&config),
         config,
         topics,
         buses,
@@ -59,6 +63,15 @@ pub fn spawn(
         points: HashMap::new(),
         link,
         done_tx,
+        stats,
+        budget: RateLimiter::new(
+            crate::model::Rate {
+                count: REFUSAL_BUDGET,
+                per: Duration::from_secs(1),
+            },
+            Instant::now(),
+        ),
+        suppressed: 0,
     };
     tokio::spawn(router.run(commands, done_rx, cancel))
 }
@@ -80,20 +93,28 @@ struct Job {
 }
 
 impl Reply {
-    /// The reply wanted by `msg`, if it asked for one with a topic we can publish to.
-    fn of(msg: &InMessage) -> Option<Reply> {
-        let topic = msg.response_topic.as_ref()?;
-        if !super::valid_response_topic(topic) {
-            tracing::warn!(
-                topic = %msg.topic, response_topic = %topic,
-                "command's response topic is not a topic one can publish to (empty, wildcard, `$` or too long): result on the result topic only"
-            );
-            return None;
+    /// The reply wanted by `msg`, if it asked for one we may send: a permitted response topic
+    /// ([`ResponseTopics`]) and correlation data within [`MAX_CORRELATION`].
+    fn of(msg: &InMessage, allowed: &ResponseTopics) -> Result<Option<Reply>, String> {
+        let Some(topic) = msg.response_topic.as_ref() else {
+            return Ok(None);
+        };
+        if let Err(why) = allowed.check(topic) {
+            return Err(format!("response topic refused: {why}"));
         }
-        Some(Reply {
+        if msg
+            .correlation
+            .as_ref()
+            .is_some_and(|c| c.len() > MAX_CORRELATION)
+        {
+            return Err(format!(
+                "correlation data longer than {MAX_CORRELATION} bytes: not echoed"
+            ));
+        }
+        Ok(Some(Reply {
             topic: topic.clone(),
             correlation: msg.correlation.clone(),
-        })
+        }))
     }
 }
 
@@ -126,6 +147,19 @@ struct Router {
     points: HashMap<(usize, usize), PointState>,
     link: mpsc::Sender<OutMessage>,
     done_tx: mpsc::UnboundedSender<Done>,
+    response_topics: ResponseTopics,
+    stats: Arc<CommandStats>,
+    /// Shared by every refusal's result and log line (see [`REFUSAL_BUDGET`]).
+    budget: RateLimiter,
+    /// Refusals not answered since the last one that was.
+    suppressed: u64,
+}
+
+/// Who a refusal is about, for its log line and result.
+struct Target<'a> {
+    device: Option<&'a str>,
+    point: Option<&'a str>,
+    result_topic: String,
 }
 
 impl Router {
@@ -155,137 +189,198 @@ impl Router {
         }
     }
 
+    /// A refusal: counted always; logged and answered within the refusal budget.
+    fn refuse(
+        &mut self,
+        target: &Target<'_>,
+        topic: &str,
+        text: &str,
+        id: Option<&str>,
+        refusal: &Refusal,
+        reply: Option<&Reply>,
+    ) -> (Map<String, Json>, Vec<OutMessage>) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let body = err_result(target.device, target.point, id, refusal);
+        if !self.budget.allow(Instant::now()) {
+            self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+            if self.suppressed == 0 {
+                tracing::warn!(
+                    budget_per_s = REFUSAL_BUDGET,
+                    "commands refused in a flood: further refusals are counted, not answered or logged, until it ebbs"
+                );
+            }
+            self.suppressed += 1;
+            return (body, Vec::new());
+        }
+        if self.suppressed > 0 {
+            tracing::warn!(
+                suppressed = self.suppressed,
+                "command flood ebbed: refusals in it were not answered"
+            );
+            self.suppressed = 0;
+        }
+        tracing::warn!(
+            device = target.device.unwrap_or(""), point = target.point.unwrap_or(""),
+            topic = %log_topic(topic), value = %text, id = id.unwrap_or(""),
+            outcome = %refusal.reason, error = %refusal.error, "command refused"
+        );
+        let out = results(target.result_topic.clone(), &body, reply);
+        (body, out)
+    }
+
     /// Validates one incoming command; returns the messages to publish now.
     fn on_command(&mut self, msg: InMessage) -> Vec<OutMessage> {
         let received = Instant::now();
-        let text = log_text(&msg.payload);
-        let reply = Reply::of(&msg);
-        // Which point? Either an exact command topic, or the default form under the wildcard.
-        let target = match self.topics.get(&msg.topic) {
-            Some(&t) => Ok(t),
-            None => Err(self.unrouted(&msg.topic)),
-        };
-        let (d, p) = match target {
-            Ok(t) => t,
-            Err((names, result_topic, refusal)) => {
-                let (device, point) = names.unzip();
-                log_outcome(
-                    device.as_deref(),
-                    point.as_deref(),
-                    &msg.topic,
-                    &text,
-                    None,
-                    Err(&refusal),
+        if msg.topic.len() > MAX_TOPIC {
+            // No result: its topic would be built from (and as long as) this one.
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.budget.allow(received) {
+                tracing::warn!(
+                    bytes = msg.topic.len(),
+                    topic = %log_topic(&msg.topic),
+                    "command on a topic longer than {MAX_TOPIC} bytes: dropped without a result"
                 );
-                let body = err_result(device.as_deref(), point.as_deref(), None, &refusal);
-                return results(result_topic, &body, reply.as_ref());
+            }
+            return Vec::new();
+        }
+        let text = log_text(&msg.payload);
+        let config = self.config.clone();
+        // Which point? Either an exact command topic, or the default form under the wildcard.
+        let (d, p) = match self.topics.get(&msg.topic) {
+            Some(&t) => t,
+            None => {
+                let (names, result_topic, refusal) = self.unrouted(&msg.topic);
+                let (device, point) = names.unzip();
+                let target = Target {
+                    device: device.as_deref(),
+                    point: point.as_deref(),
+                    result_topic,
+                };
+                let reply = Reply::of(&msg, &self.response_topics).unwrap_or(None);
+                return self
+                    .refuse(&target, &msg.topic, &text, None, &refusal, reply.as_ref())
+                    .1;
             }
         };
-        let config = self.config.clone();
         let device = &config.devices[d];
         let point = &device.points[p];
         let settings = &device.commands[p];
-        let topic = msg.topic.clone();
-        let logged = text.clone();
-        let refuse = |id: Option<&str>, r: Refusal| {
-            log_outcome(
-                Some(&device.name),
-                Some(&point.name),
-                &topic,
-                &logged,
-                id,
-                Err(&r),
-            );
-            let body = err_result(Some(&device.name), Some(&point.name), id, &r);
-            (body, settings.result_topic.clone())
+        let target = Target {
+            device: Some(&device.name),
+            point: Some(&point.name),
+            result_topic: settings.result_topic.clone(),
         };
-        if msg.payload.len() > MAX_PAYLOAD {
-            let (body, topic) = refuse(
-                None,
-                Refusal::new(
-                    "too_large",
-                    format!(
-                        "payload of {} bytes exceeds {MAX_PAYLOAD}",
-                        msg.payload.len()
-                    ),
-                ),
+        let reply = match Reply::of(&msg, &self.response_topics) {
+            Ok(r) => r,
+            Err(why) => {
+                if self.budget.allow(received) {
+                    tracing::warn!(device = %device.name, point = %point.name, response_topic = %log_topic(msg.response_topic.as_deref().unwrap_or("")), "{why}: result on the result topic only");
+                }
+                None
+            }
+        };
+        // The point's rate limit comes first: refused and duplicate commands count too, so a
+        // flood of them costs no more than good ones.
+        let state = self.points.entry((d, p)).or_default();
+        if let Some(rate) = settings.rate {
+            let limiter = state
+                .limiter
+                .get_or_insert_with(|| RateLimiter::new(rate, received));
+            if !limiter.allow(received) {
+                let r = Refusal::new(
+                    "rate_limited",
+                    "too many commands for this point: see its command.rate",
+                );
+                return self
+                    .refuse(&target, &msg.topic, &text, None, &r, reply.as_ref())
+                    .1;
+            }
+        }
+        if msg.retain {
+            // A retained command is an old one the broker replays on every subscribe: after
+            // each reconnect and restart it would write its value again.
+            let r = Refusal::new(
+                "retained",
+                "retained commands are never executed (they come back after every reconnect): publish commands without the retain flag, and clear this one with an empty retained message",
             );
-            return results(topic, &body, reply.as_ref());
+            return self
+                .refuse(&target, &msg.topic, &text, None, &r, reply.as_ref())
+                .1;
         }
         let cmd = match parse_payload(&msg.payload) {
             Ok(c) => c,
             Err(r) => {
-                let (body, topic) = refuse(None, r);
-                return results(topic, &body, reply.as_ref());
+                return self
+                    .refuse(&target, &msg.topic, &text, None, &r, reply.as_ref())
+                    .1
             }
         };
         let id = cmd.id.clone();
-        let state = self.points.entry((d, p)).or_default();
         if let Some(id) = &id {
+            let state = self.points.entry((d, p)).or_default();
             match state.ids.get_mut(id) {
                 Some(Seen::Pending { waiting }) => {
-                    waiting.push(reply);
-                    tracing::info!(device = %device.name, point = %point.name, id = %id, topic = %msg.topic, "command: duplicate id while executing; result follows");
+                    if waiting.len() < MAX_WAITING {
+                        waiting.push(reply);
+                        tracing::debug!(device = %device.name, point = %point.name, id = %id, "command: duplicate id while executing; result follows");
+                    } else {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Vec::new();
                 }
                 Some(Seen::Done(body)) => {
                     let mut body = body.clone();
                     body.insert("duplicate".into(), Json::Bool(true));
-                    tracing::info!(device = %device.name, point = %point.name, id = %id, topic = %msg.topic, value = %text, outcome = "duplicate", "command not executed again: same id");
+                    if !self.budget.allow(received) {
+                        self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+                        return Vec::new();
+                    }
+                    tracing::info!(device = %device.name, point = %point.name, id = %id, outcome = "duplicate", "command not executed again: same id");
                     return results(settings.result_topic.clone(), &body, reply.as_ref());
                 }
                 None => {}
             }
         }
-        let mqtt_expiry = match msg.expires_at {
+        let clock = Clock::system(config.gateway.clock);
+        let checked = match msg.expires_at {
             Some(t) if received > t => Err(Refusal::new(
                 "expired",
                 "the MQTT 5 message expiry interval had passed when the command arrived",
             )),
             _ => Ok(()),
-        };
-        let checked = mqtt_expiry
-            .and_then(|()| check_expiry(&cmd, settings.max_age, SystemTime::now()))
-            .and_then(|()| match device.line {
-                Some(_) => crate::lines::command_plan(&config, d, p, &cmd.value),
-                None => plan(point, settings, &cmd.value),
-            })
-            .and_then(|plan| {
-                let limiter = match settings.rate {
-                    Some(rate) => Some(
-                        state
-                            .limiter
-                            .get_or_insert_with(|| RateLimiter::new(rate, received)),
-                    ),
-                    None => None,
-                };
-                match limiter.map(|l| l.allow(received)) {
-                    Some(false) => Err(Refusal::new(
-                        "rate_limited",
-                        "too many commands for this point: see its command.rate",
-                    )),
-                    _ => Ok(plan),
-                }
-            });
-        let plan = match checked {
-            Ok(plan) => plan,
+        }
+        .and_then(|()| check_expiry(&cmd, settings.max_age, clock))
+        .and_then(|()| match device.line {
+            Some(_) => crate::lines::command_plan(&config, d, p, &cmd.value),
+            None => plan(point, settings, &cmd.value),
+        })
+        .and_then(|plan| match self.buses.get(device.bus).cloned().flatten() {
+            Some(handle) => Ok((plan, handle)),
+            None => Err(Refusal::new(
+                "unavailable",
+                "the device's bus is not running",
+            )),
+        });
+        let (plan, handle) = match checked {
+            Ok(planned) => planned,
             Err(r) => {
-                let (body, topic) = refuse(id.as_deref(), r);
+                let (body, out) = self.refuse(
+                    &target,
+                    &msg.topic,
+                    &text,
+                    id.as_deref(),
+                    &r,
+                    reply.as_ref(),
+                );
                 if let Some(id) = &id {
-                    state.ids.put(id, Seen::Done(body.clone()));
+                    let state = self.points.entry((d, p)).or_default();
+                    state.ids.put(id, Seen::Done(body));
                 }
-                return results(topic, &body, reply.as_ref());
+                return out;
             }
         };
-        let bus = device.bus;
-        let Some(handle) = self.buses.get(bus).cloned().flatten() else {
-            let (body, topic) = refuse(
-                id.as_deref(),
-                Refusal::new("unavailable", "the device's bus is not running"),
-            );
-            return results(topic, &body, reply.as_ref());
-        };
         if let Some(id) = &id {
+            let state = self.points.entry((d, p)).or_default();
             state.ids.put(
                 id,
                 Seen::Pending {
@@ -293,45 +388,44 @@ impl Router {
                 },
             );
         }
-        // (A wall time too far ahead for the monotonic clock is no deadline.)
-        let expires = cmd.expires.and_then(|wall| {
-            received.checked_add(wall.duration_since(SystemTime::now()).unwrap_or_default())
-        });
-        let deadline = msg.expires_at.into_iter().chain(expires).min();
         let job = Job {
             device: d,
             point: p,
             id,
-            topic: msg.topic,
-            text,
+            topic: msg.topic.clone(),
+            text: text.clone(),
             plan,
             received,
-            deadline,
+            deadline: deadline(&cmd, settings.max_age, msg.expires_at, clock, received),
             reply,
         };
-        let config = self.config.clone();
-        let done = self.done_tx.clone();
+        let bus = device.bus;
         let executor = self.executors.entry(bus).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(64);
-            tokio::spawn(executor(config, handle, rx, done));
+            tokio::spawn(executor(config.clone(), handle, rx, self.done_tx.clone()));
             tx
         });
         if let Err(e) = executor.try_send(job) {
             let job = match e {
                 mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
             };
-            let (body, topic) = refuse(
+            let r = Refusal::new("busy", "too many commands queued for this bus");
+            let (body, out) = self.refuse(
+                &target,
+                &msg.topic,
+                &text,
                 job.id.as_deref(),
-                Refusal::new("busy", "too many commands queued for this bus"),
+                &r,
+                job.reply.as_ref(),
             );
             if let Some(id) = &job.id {
                 self.points
                     .entry((d, p))
                     .or_default()
                     .ids
-                    .put(id, Seen::Done(body.clone()));
+                    .put(id, Seen::Done(body));
             }
-            return results(topic, &body, job.reply.as_ref());
+            return out;
         }
         Vec::new()
     }
@@ -430,13 +524,18 @@ impl Router {
             Err(r) => err_result(Some(&device.name), Some(&point.name), job.id.as_deref(), r),
         };
         let elapsed_ms = job.received.elapsed().as_secs_f64() * 1000.0;
+        let counter = match &outcome {
+            Ok(_) => &self.stats.executed,
+            Err(_) => &self.stats.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         match &outcome {
             Ok(_) => tracing::info!(
-                device = %device.name, point = %point.name, topic = %job.topic, value = %job.text,
+                device = %device.name, point = %point.name, topic = %log_topic(&job.topic), value = %job.text,
                 id = job.id.as_deref().unwrap_or(""), outcome = "ok", elapsed_ms, "command executed"
             ),
             Err(r) => tracing::warn!(
-                device = %device.name, point = %point.name, topic = %job.topic, value = %job.text,
+                device = %device.name, point = %point.name, topic = %log_topic(&job.topic), value = %job.text,
                 id = job.id.as_deref().unwrap_or(""), outcome = %r.reason, error = %r.error,
                 elapsed_ms, "command failed"
             ),
@@ -463,21 +562,29 @@ impl Router {
     }
 }
 
-fn log_outcome(
-    device: Option<&str>,
-    point: Option<&str>,
-    topic: &str,
-    text: &str,
-    id: Option<&str>,
-    outcome: Result<(), &Refusal>,
-) {
-    if let Err(r) = outcome {
-        tracing::warn!(
-            device = device.unwrap_or(""), point = point.unwrap_or(""), topic = %topic,
-            value = %text, id = id.unwrap_or(""), outcome = %r.reason, error = %r.error,
-            "command refused"
-        );
+/// The `busy` result of a command that could not even be queued (see `app`); none for a
+/// topic too long to build a result topic from.
+pub fn overloaded(config: &Config, msg: &InMessage) -> Vec<OutMessage> {
+    if msg.topic.len() > MAX_TOPIC {
+        return Vec::new();
     }
+    let found = config.devices.iter().find_map(|d| {
+        let p = d.commands.iter().position(|c| c.topic == msg.topic)?;
+        Some((d, p))
+    });
+    let r = Refusal::new(
+        "busy",
+        "too many commands waiting: not executed, send it again",
+    );
+    let (device, point, topic) = match found {
+        Some((d, p)) => (
+            Some(d.name.as_str()),
+            Some(d.points[p].name.as_str()),
+            d.commands[p].result_topic.clone(),
+        ),
+        None => (None, None, format!("{}/result", msg.topic)),
+    };
+    vec![result_message(topic, &err_result(device, point, None, &r))]
 }
 
 fn result_message(topic: String, body: &Map<String, Json>) -> OutMessage {

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
-use crate::model::{BitWrite, PointCommand, Rate};
+use crate::model::{BitWrite, ClockPolicy, PointCommand, Rate};
 use crate::model::{
     Bus, BusKind, Config, DataType, Device, Durability, Gateway, MessageMode, Mqtt, MqttProtocol,
     MqttTransport, Parity, PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind,
@@ -319,6 +319,30 @@ fn check_level(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A topic filter (MQTT 3.1.1 §4.7.1): `#` only as the last level, `+` and `#` alone in
+/// their level, no NUL, not empty.
+fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() || filter.len() > 1024 {
+        return Err("a filter is 1 to 1024 bytes".into());
+    }
+    if filter.contains('\0') {
+        return Err(format!("filter `{filter}` contains NUL"));
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        let wild = l.contains(['+', '#']);
+        if wild && l.len() > 1 {
+            return Err(format!(
+                "filter `{filter}`: `+` and `#` must stand alone in their level"
+            ));
+        }
+        if *l == "#" && i + 1 != levels.len() {
+            return Err(format!("filter `{filter}`: `#` must be the last level"));
+        }
+    }
+    Ok(())
+}
+
 /// A topic we publish to (MQTT 3.1.1 §4.7: no wildcards in publish topics, no NUL).
 fn check_topic(topic: &str) -> Result<(), String> {
     if topic.is_empty() {
@@ -598,11 +622,24 @@ impl Validator {
                 Duration::from_secs(1),
             )),
         };
+        let clock = match g.clock.as_deref() {
+            None | Some("ntp") => ClockPolicy::Ntp,
+            Some("local") => ClockPolicy::Local,
+            Some(other) => {
+                self.err(
+                    "gateway.clock",
+                    format!("`{other}` is not a clock policy"),
+                    Some("ntp (default: commands with a time need an NTP-synchronised clock) or local (a real-time clock is trusted)".into()),
+                );
+                ClockPolicy::Ntp
+            }
+        };
         let gateway = Gateway {
             id: g.id,
             prefix,
             log_level,
             stats_interval,
+            clock,
         };
 
         let mqtt = self.mqtt(raw.mqtt, &gateway);
@@ -1112,6 +1149,17 @@ impl Validator {
                 &[("prefix", &gateway.prefix)],
             )
             .unwrap_or_default();
+        let mut response_topics = Vec::new();
+        for (i, f) in m.response_topics.iter().flatten().enumerate() {
+            match check_filter(f) {
+                Ok(()) => response_topics.push(f.clone()),
+                Err(e) => self.err(
+                    &format!("mqtt.response_topics[{i}]"),
+                    e,
+                    Some("a topic filter such as replies/# or app/+/response".into()),
+                ),
+            }
+        }
 
         Mqtt {
             protocol,
@@ -1131,6 +1179,7 @@ impl Validator {
             reconnect_min,
             reconnect_max,
             status_topic,
+            response_topics,
         }
     }
 

@@ -38,6 +38,7 @@ pub struct RawGateway {
     pub prefix: Option<String>,
     pub log_level: Option<String>,
     pub stats_interval: Option<Value>,
+    pub clock: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,6 +64,7 @@ pub struct RawMqtt {
     pub inflight: Option<i64>,
     pub reconnect: Option<RawReconnect>,
     pub status_topic: Option<String>,
+    pub response_topics: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
