@@ -155,7 +155,7 @@ fn load_for_reload(path: &std::path::Path, running: &Config) -> Option<Config> {
 /// and the systemd supervisor.
 struct Sidecars {
     router_cancel: CancellationToken,
-    router: tokio::task::JoinHandle<()>,
+    router: tokio::task::JoinHandle<crate::command::router::Memory>,
     stats_cancel: CancellationToken,
     health_retire: CancellationToken,
 }
@@ -170,6 +170,7 @@ impl Sidecars {
         link_stats: &Arc<link::LinkStats>,
         store_stats: &Option<Arc<crate::store::StoreStats>>,
         command_stats: &Arc<crate::command::CommandStats>,
+        memory: crate::command::router::Memory,
         stop: &CancellationToken,
     ) -> Sidecars {
         let router_cancel = stop.child_token();
@@ -181,6 +182,7 @@ impl Sidecars {
             rx,
             link_sender.clone(),
             command_stats.clone(),
+            memory,
             router_cancel.clone(),
         );
         let stats_cancel = stop.child_token();
@@ -215,13 +217,15 @@ impl Sidecars {
 
     /// Stops the router and the stats task. On a reload the supervisor is retired silently
     /// (its successor sends `READY=1`); on shutdown it sees the stop and sends `STOPPING=1`.
-    async fn stop(self, reloading: bool) {
+    ///
+    /// On a reload the supervisor is left running, watching the old buses while they stop
+    /// (each stops within its own stall limit), and is retired by the caller right before
+    /// its successor starts: the watchdog is pinged all through the reload.
+    async fn stop(self) -> (crate::command::router::Memory, CancellationToken) {
         self.router_cancel.cancel();
         self.stats_cancel.cancel();
-        if reloading {
-            self.health_retire.cancel();
-        }
-        let _ = self.router.await;
+        let memory = self.router.await.unwrap_or_default();
+        (memory, self.health_retire)
     }
 }
 
@@ -265,7 +269,8 @@ pub async fn run_with_reload(
     let (router_input, router_current) = tokio::sync::watch::channel(mpsc::channel(1).0);
     {
         let stats = command_stats.clone();
-        let link_sender = link.sender.clone();
+        // Weak: the link waits for every sender to go before it flushes and stops.
+        let link_sender = link.sender.downgrade();
         let config = Arc::new(config.clone());
         tokio::spawn(async move {
             let mut budget = crate::command::RateLimiter::new(
@@ -290,6 +295,9 @@ pub async fn run_with_reload(
                     continue;
                 }
                 tracing::warn!(topic = %crate::command::log_topic(&msg.topic), "command queue full (or router being replaced): answered busy, not executed");
+                let Some(link_sender) = link_sender.upgrade() else {
+                    continue;
+                };
                 for m in crate::command::router::overloaded(&config, &msg) {
                     if link_sender.try_send(m).is_err() {
                         break;
@@ -315,6 +323,7 @@ pub async fn run_with_reload(
         &link.stats,
         &store_stats,
         &command_stats,
+        crate::command::router::Memory::default(),
         &cancel,
     );
 
@@ -335,8 +344,10 @@ pub async fn run_with_reload(
                 }
                 generation += 1;
                 let new = Arc::new(new);
-                sidecars.stop(true).await;
+                let (memory, old_supervisor) = sidecars.stop().await;
                 let (mut kept, mut stopped) = (Vec::new(), 0usize);
+                // All at once: the reload takes as long as the slowest bus takes to stop.
+                let mut stopping = tokio::task::JoinSet::new();
                 for r in running.drain(..) {
                     let same = new
                         .buses
@@ -346,10 +357,12 @@ pub async fn run_with_reload(
                     if same {
                         kept.push(r);
                     } else {
-                        stop_bus(r).await;
+                        stopping.spawn(stop_bus(r));
                         stopped += 1;
                     }
                 }
+                stopping.join_all().await;
+                old_supervisor.cancel();
                 let kept_names: Vec<String> = kept.iter().map(|r| r.def.bus.name.clone()).collect();
                 let started: Vec<RunningBus> = (0..new.buses.len())
                     .filter(|&b| !kept_names.contains(&new.buses[b].name))
@@ -372,6 +385,7 @@ pub async fn run_with_reload(
                     &link.stats,
                     &store_stats,
                     &command_stats,
+                    memory,
                     &cancel,
                 );
             }
@@ -384,7 +398,7 @@ pub async fn run_with_reload(
         stop_bus(r).await;
     }
     drop(tagged_tx);
-    sidecars.stop(false).await;
+    let _ = sidecars.stop().await;
     drop(router_input);
     let _ = publisher.await;
     // Every sender of the link's queue is gone now (publisher, router, stats).

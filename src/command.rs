@@ -733,6 +733,11 @@ impl RecentIds {
             .map(|(_, s)| s)
     }
 
+    /// Forgets the ids still executing (their outcome will not be known here).
+    pub fn retain_done(&mut self) {
+        self.entries.retain(|(_, s)| matches!(s, Seen::Done(_)));
+    }
+
     /// Records `id` (new, or updates it); the oldest id is forgotten beyond the cap.
     pub fn put(&mut self, id: &str, seen: Seen) {
         if let Some(s) = self.get_mut(id) {

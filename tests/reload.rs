@@ -123,3 +123,55 @@ async fn sighup_applies_device_changes_and_keeps_the_rest_running() {
     let status = gateway.wait_exit(WAIT).expect("exits");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_redelivered_after_a_reload_is_not_executed_again() {
+    // The router is replaced on every reload; the ids it remembered must survive it, or a
+    // QoS 1 redelivery (or a retry by the sender) after a SIGHUP writes a second time.
+    let broker = Mosquitto::start();
+    let (a, c) = (device(1), device(3));
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let with_sp = |devices: &[(&str, u16)]| {
+        config(broker.port(), devices).replace(
+            "points: [ { name: v, address: 0 } ]",
+            "points: [ { name: v, address: 0 }, { name: sp, address: 1, writable: true } ]",
+        )
+    };
+    let mut gateway = Gateway::start(&with_sp(&[("a", a.port())]));
+    probe.expect(|t| t == "t/a/v", WAIT).await;
+    let send = |probe: &MqttProbe| {
+        let client = probe.client().clone();
+        async move {
+            client
+                .publish(
+                    "t/a/sp/set",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    r#"{"value": 5, "id": "once"}"#,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    send(&probe).await;
+    let first = probe
+        .expect(|t| t == "t/a/sp/set/result", WAIT)
+        .await
+        .json();
+    assert_eq!(first["ok"], true, "{first}");
+
+    rewrite(&gateway, &with_sp(&[("a", a.port()), ("c", c.port())]));
+    gateway.hangup();
+    gateway.expect_log("configuration reloaded", WAIT);
+    probe.expect(|t| t == "t/c/v", WAIT).await;
+    send(&probe).await;
+    let again = probe
+        .expect(|t| t == "t/a/sp/set/result", WAIT)
+        .await
+        .json();
+    assert_eq!(again["duplicate"], true, "{again}");
+    let writes = a.state().writes().len();
+    assert_eq!(writes, 1, "written again after the reload");
+    gateway.terminate();
+    assert!(gateway.wait_exit(WAIT).is_some_and(|s| s.success()));
+}

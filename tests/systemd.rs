@@ -171,6 +171,67 @@ fn no_watchdog_ping_while_a_poll_loop_is_stuck() {
 }
 
 #[test]
+fn watchdog_pings_go_on_while_a_reload_stops_a_busy_bus() {
+    // Every transaction of the device takes 2 s; a reload that changes its bus waits for the
+    // one on the wire. The supervisor used to be retired for the whole reload: no ping for
+    // as long as the slowest bus took to stop, past a short WatchdogSec.
+    let broker = Mosquitto::start();
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 0, &[42]);
+    let device = TcpDevice::start(state.clone());
+    let notify = NotifySocket::bind();
+    let slow = yaml(broker.port(), device.port())
+        .replace("interval: 100ms", "interval: 100ms\n    offline_after: 100")
+        .replace("timeout: 200ms", "timeout: 4s");
+    let mut gateway = Gateway::start_with_env(
+        &slow,
+        &[
+            ("NOTIFY_SOCKET", &notify.path),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let lines = notify.collect_until(Duration::from_secs(15), |l| {
+        count(l, "READY=1") == 1 && count(l, "WATCHDOG=1") >= 2
+    });
+    assert!(count(&lines, "WATCHDOG=1") >= 2, "{lines:?}");
+    state.set_delay(1, Some(Duration::from_secs(2)));
+    // A transaction is on the wire when the reload comes.
+    let seen = state.requests().len();
+    assert!(
+        common::wait_until(Duration::from_secs(10), || state.requests().len() > seen),
+        "no poll reached the device"
+    );
+    let running = std::fs::read_to_string(gateway.config_path()).expect("config");
+    let changed = running.replace("interval: 100ms", "interval: 200ms");
+    std::fs::write(gateway.config_path(), changed).expect("rewrite");
+    gateway.hangup();
+    let lines = notify.collect_until(Duration::from_secs(15), |l| {
+        l.iter().any(|(_, s)| s == "READY=1") && count(l, "WATCHDOG=1") >= 4
+    });
+    let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(
+        text.contains(&"RELOADING=1"),
+        "{text:?}\n{}",
+        gateway.logs()
+    );
+    assert!(text.contains(&"READY=1"), "{text:?}\n{}", gateway.logs());
+    let pings: Vec<Instant> = lines
+        .iter()
+        .filter(|(_, l)| l == "WATCHDOG=1" || l == "RELOADING=1")
+        .map(|(t, _)| *t)
+        .collect();
+    for pair in pings.windows(2) {
+        assert!(
+            pair[1] - pair[0] < Duration::from_millis(900),
+            "no watchdog ping for {:?} during the reload: {text:?}",
+            pair[1] - pair[0]
+        );
+    }
+    gateway.terminate();
+    let _ = gateway.wait_exit(Duration::from_secs(15));
+}
+
+#[test]
 fn unit_file_passes_systemd_analyze_verify() {
     let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/fieldbridge.service");
     let Ok(out) = Command::new("systemd-analyze")

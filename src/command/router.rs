@@ -31,15 +31,22 @@ use crate::modbus::{BusHandle, BusRequest, Data, Op};
 use crate::model::{Config, MessageMode, Qos, RegisterKind};
 use crate::publish;
 
-/// Starts the router. `buses` are the running bus tasks (matched to the config by name).
+/// What a router hands to its successor on a reload: the outcome of every remembered command
+/// id, by device and point name, so that a redelivery after the reload is not executed again.
+#[derive(Debug, Default)]
+pub struct Memory(HashMap<(String, String), RecentIds>);
+
+/// Starts the router. `buses` are the running bus tasks (matched to the config by name);
+/// `memory` is what the previous router remembered. The task returns its own memory.
 pub fn spawn(
     config: Arc<Config>,
     buses: &[BusHandle],
     commands: mpsc::Receiver<InMessage>,
     link: mpsc::Sender<OutMessage>,
     stats: Arc<CommandStats>,
+    memory: Memory,
     cancel: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<Memory> {
     let mut topics = HashMap::new();
     for (d, device) in config.devices.iter().enumerate() {
         for (p, (point, c)) in device.points.iter().zip(&device.commands).enumerate() {
@@ -53,6 +60,15 @@ pub fn spawn(
         .iter()
         .map(|b| buses.iter().find(|h| h.name == b.name).cloned())
         .collect();
+    let mut points: HashMap<(usize, usize), PointState> = HashMap::new();
+    let mut memory = memory.0;
+    for (d, device) in config.devices.iter().enumerate() {
+        for (p, point) in device.points.iter().enumerate() {
+            if let Some(ids) = memory.remove(&(device.name.clone(), point.name.clone())) {
+                points.entry((d, p)).or_default().ids = ids;
+            }
+        }
+    }
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let router = Router {
         response_topics: ResponseTopics::new(&config),
@@ -60,7 +76,8 @@ pub fn spawn(
         topics,
         buses,
         executors: HashMap::new(),
-        points: HashMap::new(),
+        points,
+        outstanding: 0,
         link,
         done_tx,
         stats,
@@ -145,6 +162,8 @@ struct Router {
     buses: Vec<Option<BusHandle>>,
     executors: HashMap<usize, mpsc::Sender<Job>>,
     points: HashMap<(usize, usize), PointState>,
+    /// Jobs handed to executors whose outcome has not come back.
+    outstanding: usize,
     link: mpsc::Sender<OutMessage>,
     done_tx: mpsc::UnboundedSender<Done>,
     response_topics: ResponseTopics,
@@ -168,7 +187,7 @@ impl Router {
         mut commands: mpsc::Receiver<InMessage>,
         mut done: mpsc::UnboundedReceiver<Done>,
         cancel: CancellationToken,
-    ) {
+    ) -> Memory {
         tracing::info!(topics = self.topics.len(), "command router started");
         loop {
             let out = tokio::select! {
@@ -180,13 +199,48 @@ impl Router {
                     None => break,
                 },
             };
-            for m in out {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    sent = self.link.send(m) => if sent.is_err() { return },
-                }
+            if !self.send(out).await {
+                return self.memory();
             }
         }
+        // Commands already on their way to a device get their result (a reload or stop
+        // waits for them a little; the bus answers or times out within this).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.outstanding > 0 {
+            match tokio::time::timeout_at(deadline.into(), done.recv()).await {
+                Ok(Some(d)) => {
+                    let out = self.on_done(d);
+                    let sent = tokio::time::timeout_at(deadline.into(), self.send(out)).await;
+                    if sent != Ok(true) {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.memory()
+    }
+
+    /// Hands messages to the link; `false` when it is gone.
+    async fn send(&mut self, out: Vec<OutMessage>) -> bool {
+        for m in out {
+            if self.link.send(m).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The remembered outcomes, by name (pending ones are not kept: their result is lost).
+    fn memory(&mut self) -> Memory {
+        let mut memory = HashMap::new();
+        for ((d, p), state) in self.points.drain() {
+            let device = &self.config.devices[d];
+            let mut ids = state.ids;
+            ids.retain_done();
+            memory.insert((device.name.clone(), device.points[p].name.clone()), ids);
+        }
+        Memory(memory)
     }
 
     /// A refusal: counted always; logged and answered within the refusal budget.
@@ -405,7 +459,9 @@ impl Router {
             tokio::spawn(executor(config.clone(), handle, rx, self.done_tx.clone()));
             tx
         });
+        self.outstanding += 1;
         if let Err(e) = executor.try_send(job) {
+            self.outstanding -= 1;
             let job = match e {
                 mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
             };
@@ -481,6 +537,7 @@ impl Router {
 
     /// An executor finished a job: remember, log, publish the result and the new value.
     fn on_done(&mut self, done: Done) -> Vec<OutMessage> {
+        self.outstanding = self.outstanding.saturating_sub(1);
         let Done { job, outcome } = done;
         let config = self.config.clone();
         let device = &config.devices[job.device];
