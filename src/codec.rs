@@ -417,7 +417,16 @@ pub fn from_value(point: &Point, value: &Value) -> Result<Raw, CodecError> {
     let mismatch =
         || CodecError::TypeMismatch(format!("a {} point cannot take {value:?}", type_name(dt)));
     match (dt, value) {
-        (DataType::Ascii(_), Value::Text(t)) => return Ok(Raw::Text(t.clone())),
+        (DataType::Ascii(_), Value::Text(t)) => {
+            // Printable only: a NUL would end the string early for the device, a line break
+            // or tab mean nothing in a register. Reported as a reading would show it (trailing
+            // spaces are trimmed on reading), so the result is what the register holds.
+            if t.chars().any(|c| c.is_ascii_control()) {
+                return Err(CodecError::NotAscii(t.clone()));
+            }
+            let regs = encode(dt, point.order, &Raw::Text(t.clone()))?;
+            return decode(dt, point.order, &regs);
+        }
         (DataType::Ascii(_), _) => return Err(mismatch()),
         (_, Value::Text(t)) => return label_raw(point, t),
         (DataType::Bool | DataType::Bit(_), Value::Bool(b)) => return Ok(Raw::Bool(*b)),
