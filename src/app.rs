@@ -151,6 +151,9 @@ fn load_for_reload(path: &std::path::Path, running: &Config) -> Option<Config> {
     }
 }
 
+/// Where commands go now: the current router's queue, and the configuration it routes by.
+type RouterInput = (mpsc::Sender<crate::link::InMessage>, Arc<Config>);
+
 /// Tasks that are replaced as a whole on a reload: the command router, the stats publisher
 /// and the systemd supervisor.
 struct Sidecars {
@@ -165,7 +168,7 @@ impl Sidecars {
     fn start(
         config: &Arc<Config>,
         handles: &[BusHandle],
-        router_input: &tokio::sync::watch::Sender<mpsc::Sender<crate::link::InMessage>>,
+        router_input: &tokio::sync::watch::Sender<RouterInput>,
         link_sender: &mpsc::Sender<OutMessage>,
         link_stats: &Arc<link::LinkStats>,
         store_stats: &Option<Arc<crate::store::StoreStats>>,
@@ -175,7 +178,7 @@ impl Sidecars {
     ) -> Sidecars {
         let router_cancel = stop.child_token();
         let (tx, rx) = mpsc::channel(crate::command::QUEUE);
-        router_input.send_replace(tx);
+        router_input.send_replace((tx, config.clone()));
         let router = crate::command::router::spawn(
             config.clone(),
             handles,
@@ -266,12 +269,12 @@ pub async fn run_with_reload(
     // a command that finds the router's queue full is answered `busy` (within a budget)
     // instead of being dropped silently after the broker has its PUBACK.
     let command_stats = Arc::new(crate::command::CommandStats::default());
-    let (router_input, router_current) = tokio::sync::watch::channel(mpsc::channel(1).0);
+    let (router_input, router_current) =
+        tokio::sync::watch::channel((mpsc::channel(1).0, Arc::new(config.clone())));
     {
         let stats = command_stats.clone();
         // Weak: the link waits for every sender to go before it flushes and stops.
         let link_sender = link.sender.downgrade();
-        let config = Arc::new(config.clone());
         tokio::spawn(async move {
             let mut budget = crate::command::RateLimiter::new(
                 crate::model::Rate {
@@ -281,7 +284,7 @@ pub async fn run_with_reload(
                 Instant::now(),
             );
             while let Some(msg) = commands_rx.recv().await {
-                let router = router_current.borrow().clone();
+                let (router, config) = router_current.borrow().clone();
                 let Err(e) = router.try_send(msg) else {
                     continue;
                 };

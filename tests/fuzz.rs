@@ -16,11 +16,11 @@ use std::collections::BTreeMap;
 use fieldbridge::codec;
 use fieldbridge::command::{self, Step};
 use fieldbridge::lines::parse as lines;
+use fieldbridge::modbus::Write;
 use fieldbridge::model::{
     BitWrite, DataType, LineParser, PayloadFormat, Point, PointCommand, PublishPolicy, Qos,
     RegisterKind, Value, WordOrder,
 };
-use fieldbridge::modbus::Write;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngSeed};
@@ -86,11 +86,51 @@ fn mutated_config() -> impl Strategy<Value = Vec<u8>> {
 /// YAML-ish text: the tokens configs are made of, in any order.
 fn yamlish() -> impl Strategy<Value = String> {
     let token = prop::sample::select(vec![
-        "gateway:", "mqtt:", "buses:", "devices:", "points:", "store:", " id: x", " name: a",
-        "\n", "\n  ", "\n    ", "- ", "{", "}", "[", "]", ",", ": ", "&a ", "*a", "<<: *a",
-        "!!str ", "address: 70000", "type: f32", "scale: 1e309", "'", "\"", "#", "~", "null",
-        "true", "-1", "0x10", "interval: 0s", "port: 99999", "host: 127.0.0.1", "?", "|",
-        ">", "---", "...", "%YAML 1.2", "\t", "\u{feff}", "é",
+        "gateway:",
+        "mqtt:",
+        "buses:",
+        "devices:",
+        "points:",
+        "store:",
+        " id: x",
+        " name: a",
+        "\n",
+        "\n  ",
+        "\n    ",
+        "- ",
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ": ",
+        "&a ",
+        "*a",
+        "<<: *a",
+        "!!str ",
+        "address: 70000",
+        "type: f32",
+        "scale: 1e309",
+        "'",
+        "\"",
+        "#",
+        "~",
+        "null",
+        "true",
+        "-1",
+        "0x10",
+        "interval: 0s",
+        "port: 99999",
+        "host: 127.0.0.1",
+        "?",
+        "|",
+        ">",
+        "---",
+        "...",
+        "%YAML 1.2",
+        "\t",
+        "\u{feff}",
+        "é",
     ]);
     prop::collection::vec(token, 0..120).prop_map(|t| t.concat())
 }
@@ -390,7 +430,13 @@ proptest! {
 mod regressions {
     use super::*;
 
-    fn p(data_type: DataType, scale: f64, offset: f64, min: Option<f64>, max: Option<f64>) -> Point {
+    fn p(
+        data_type: DataType,
+        scale: f64,
+        offset: f64,
+        min: Option<f64>,
+        max: Option<f64>,
+    ) -> Point {
         let mut point = point()
             .new_tree(&mut proptest::test_runner::TestRunner::deterministic())
             .unwrap()
@@ -421,7 +467,10 @@ mod regressions {
         assert!(command::plan(&point, &settings(), &Value::Text("x\0".into())).is_err());
         assert!(command::plan(&point, &settings(), &Value::Text("a\nb".into())).is_err());
         let planned = command::plan(&point, &settings(), &Value::Text("AB ".into())).unwrap();
-        assert_eq!(command::value_json(&point, &planned.raw).0, serde_json::json!("AB"));
+        assert_eq!(
+            command::value_json(&point, &planned.raw).0,
+            serde_json::json!("AB")
+        );
         check_planned(&point, &Value::Text("AB ".into())).unwrap();
     }
 }

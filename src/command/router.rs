@@ -806,3 +806,39 @@ async fn request(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(topic: &str) -> InMessage {
+        InMessage {
+            topic: topic.into(),
+            payload: b"1".to_vec(),
+            retain: false,
+            response_topic: None,
+            correlation: None,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn a_command_that_finds_the_queue_full_is_answered_busy_on_its_result_topic() {
+        let config = crate::config::parse(
+            "gateway: { id: gw, prefix: t }\nmqtt: { host: 127.0.0.1 }\nbuses:\n  - { name: b, type: tcp, host: 127.0.0.1, port: 502 }\ndevices:\n  - name: d\n    bus: b\n    points:\n      - { name: p, address: 0, writable: true, command: { result_topic: 'r/p' } }\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let out = overloaded(&config, &message("t/d/p/set"));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, "r/p");
+        let body: Json = serde_json::from_slice(&out[0].payload).unwrap();
+        assert_eq!(body["reason"], "busy");
+        assert_eq!(body["point"], "p");
+        let unknown = overloaded(&config, &message("t/x/y/set"));
+        assert_eq!(unknown[0].topic, "t/x/y/set/result");
+        // No result topic is built from a topic too long to carry one.
+        let long = format!("t/{}/p/set", "x".repeat(MAX_TOPIC));
+        assert!(overloaded(&config, &message(&long)).is_empty());
+    }
+}
