@@ -713,6 +713,7 @@ async fn rate_bus_task(port: u16, secs: Duration) -> Res<f64> {
                 count: REGISTERS,
             },
             timeout: W3_TIMEOUT,
+            not_after: None,
             reply,
         };
         handle

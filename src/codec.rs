@@ -428,7 +428,11 @@ pub fn from_value(point: &Point, value: &Value) -> Result<Raw, CodecError> {
             return decode(dt, point.order, &regs);
         }
         (DataType::Ascii(_), _) => return Err(mismatch()),
-        (_, Value::Text(t)) => return label_raw(point, t),
+        (_, Value::Text(t)) => {
+            let raw = label_raw(point, t)?;
+            check_bounds(point, &to_value(point, &raw))?;
+            return Ok(raw);
+        }
         (DataType::Bool | DataType::Bit(_), Value::Bool(b)) => return Ok(Raw::Bool(*b)),
         (DataType::Bool | DataType::Bit(_), _) | (_, Value::Bool(_)) => return Err(mismatch()),
         _ => {}

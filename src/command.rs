@@ -1185,6 +1185,22 @@ mod tests {
         assert!(step(&frac, &c, Value::Int(-2)).is_ok());
     }
 
+    #[test]
+    fn a_label_outside_the_bounds_is_refused_like_its_number() {
+        let c = settings();
+        let mut mode = point(RegisterKind::Holding, DataType::U16);
+        mode.labels.insert(0, "OFF".into());
+        mode.labels.insert(1, "ON".into());
+        mode.labels.insert(2, "SERVICE".into());
+        mode.max = Some(1.0);
+        assert_eq!(
+            step(&mode, &c, Value::Text("SERVICE".into())),
+            Err("out_of_range".into())
+        );
+        assert_eq!(step(&mode, &c, Value::Int(2)), Err("out_of_range".into()));
+        assert!(step(&mode, &c, Value::Text("ON".into())).is_ok());
+    }
+
     /// The invariant the fuzz targets check too: what is written decodes back to the
     /// result's value, and that value is within the bounds.
     #[test]

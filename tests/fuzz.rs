@@ -288,16 +288,14 @@ fn check_planned(point: &Point, value: &Value) -> Result<(), TestCaseError> {
         value
     );
     if let Some(f) = wire.as_f64() {
-        if point.labels.is_empty() || !matches!(value, Value::Text(_)) {
-            prop_assert!(
-                point.min.is_none_or(|m| f >= m) && point.max.is_none_or(|m| f <= m),
-                "{} written outside [{:?}, {:?}] from {:?}",
-                f,
-                point.min,
-                point.max,
-                value
-            );
-        }
+        prop_assert!(
+            point.min.is_none_or(|m| f >= m) && point.max.is_none_or(|m| f <= m),
+            "{} written outside [{:?}, {:?}] from {:?}",
+            f,
+            point.min,
+            point.max,
+            value
+        );
     }
     Ok(())
 }

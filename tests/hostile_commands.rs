@@ -266,3 +266,39 @@ async fn without_a_synchronised_clock_timed_commands_are_refused() {
         .json();
     assert_eq!(r["ok"], json!(true), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_goes_stale_behind_a_poll_on_the_wire_is_not_written() {
+    // The executor takes the command at once, but the bus is in the middle of a 1.5 s poll:
+    // the command's max_age (1 s) passes in the bus's queue. It is checked again right before
+    // its transaction, not only when the executor took it.
+    let broker = Mosquitto::start();
+    let state = DeviceState::new(&[1]);
+    let device = TcpDevice::start(state.clone());
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let points = "      - { name: sp, address: 0, type: u16, writable: true, command: { max_age: 1s } }\n      - { name: level, address: 1, type: u16 }\n";
+    let yaml =
+        config(broker.port(), device.port(), points).replace("interval: 60s", "interval: 3s");
+    let _gateway = Gateway::start(&yaml);
+    probe.expect(|t| t == "t/plc/level", WAIT).await;
+    wait_ready(&mut probe).await;
+    state.set_delay(1, Some(Duration::from_millis(1500)));
+    state.clear_requests();
+    // A poll is on the wire.
+    state.wait_for_request(|q| !q.is_write(), WAIT).await;
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    probe
+        .publish(
+            "t/plc/sp/set",
+            format!(r#"{{"value": 2, "id": "late", "ts": "{now}"}}"#),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await;
+    let r = probe
+        .expect(|t| t == "t/plc/sp/set/result", WAIT)
+        .await
+        .json();
+    assert_eq!(r["reason"], json!("expired"), "{r}");
+    assert!(state.writes().is_empty(), "{:?}", state.writes());
+}

@@ -698,7 +698,7 @@ async fn execute(config: &Config, bus: &BusHandle, job: &Job) -> Result<Executed
     let device = &config.devices[job.device];
     let point = &device.points[job.point];
     let settings = &device.commands[job.point];
-    let ask = |op| request(bus, device.unit, device.timeout, op);
+    let ask = |op| request(bus, device.unit, device.timeout, job.deadline, op);
     match &job.plan.step {
         Step::Write(w) => {
             ask(Op::Write(w.clone())).await?;
@@ -781,6 +781,7 @@ async fn request(
     bus: &BusHandle,
     unit: u8,
     timeout: Duration,
+    not_after: Option<Instant>,
     op: Op,
 ) -> Result<Option<Data>, Refusal> {
     let (tx, rx) = oneshot::channel();
@@ -788,6 +789,7 @@ async fn request(
         unit,
         op,
         timeout,
+        not_after: not_after.map(Into::into),
         reply: tx,
     };
     let stopped = || Refusal::new("unavailable", "the bus task stopped");

@@ -353,6 +353,10 @@ impl LineTask {
     /// A command from the router: write its line, then wait for the reply if one is expected.
     async fn start_request(&mut self, request: BusRequest) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if request.is_stale() {
+            let _ = request.reply.send(Err(RequestError::Expired));
+            return;
+        }
         let BusRequest {
             op, timeout, reply, ..
         } = request;

@@ -42,6 +42,9 @@ pub enum RequestError {
     /// The connection is down and its back-off has not elapsed.
     #[error("not connected: {0}")]
     NotConnected(String),
+    /// The request's deadline passed while it waited for the bus: not sent.
+    #[error("the command expired while waiting for the bus")]
+    Expired,
 }
 
 impl RequestError {
@@ -56,6 +59,7 @@ impl RequestError {
             RequestError::Timeout(_) => "timeout".into(),
             RequestError::Protocol(_) => "protocol".into(),
             RequestError::Transport(_) | RequestError::NotConnected(_) => "transport".into(),
+            RequestError::Expired => "expired".into(),
         }
     }
 }

@@ -87,7 +87,18 @@ pub struct BusRequest {
     pub unit: u8,
     pub op: Op,
     pub timeout: Duration,
+    /// Not to be sent after this (a command's expiry): checked when the bus takes it, right
+    /// before the transaction, so a command that went stale in the queue never goes out.
+    pub not_after: Option<tokio::time::Instant>,
     pub reply: oneshot::Sender<Result<Option<Data>, RequestError>>,
+}
+
+impl BusRequest {
+    /// Past its `not_after`.
+    pub fn is_stale(&self) -> bool {
+        self.not_after
+            .is_some_and(|t| tokio::time::Instant::now() > t)
+    }
 }
 
 /// Counters of one bus, readable from any task.
@@ -289,6 +300,10 @@ impl BusTask {
     async fn serve(&mut self, request: BusRequest) {
         BusStats::add(&self.stats.requests, 1);
         self.stats.heartbeat.beat();
+        if request.is_stale() {
+            let _ = request.reply.send(Err(RequestError::Expired));
+            return;
+        }
         let result = match &request.op {
             Op::Read { kind, start, count } => self
                 .conn
