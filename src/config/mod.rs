@@ -2942,6 +2942,10 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("250us"), Some(Duration::from_micros(250)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(fmt_bound(Duration::from_secs(86_400)), "24h");
+        assert_eq!(fmt_bound(Duration::from_secs(90)), "90s");
+        assert_eq!(fmt_bound(Duration::from_secs(300)), "5m");
         assert_eq!(parse_duration("5 sec"), None);
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("1.5s"), None);
