@@ -78,15 +78,19 @@ pub fn main() -> i32 {
         | Command::Status { config }
         | Command::Read { config, .. } => config.clone(),
     };
-    let config = match config::load(&path) {
-        Ok(c) => c,
+    let (config, warnings) = match config::load_with_warnings(&path) {
+        Ok(l) => (l.config, l.warnings),
         Err(errors) => {
             eprintln!("{errors}");
             return EXIT_CONFIG;
         }
     };
+    let shown = path.display().to_string();
     match cli.command {
         Command::Check { sample, .. } => {
+            for w in &warnings {
+                eprintln!("{}", config::warning_line(&shown, w));
+            }
             print!("{}", check_report(&path, &config));
             match sample.as_deref() {
                 Some([device, line]) => match crate::lines::sample_report(&config, device, line) {
@@ -104,6 +108,9 @@ pub fn main() -> i32 {
         }
         Command::Run { journald, .. } => {
             crate::logging::init(&config.gateway.log_level, crate::logging::choose(journald));
+            for w in &warnings {
+                tracing::warn!("{}", config::warning_line(&shown, w));
+            }
             run(config, path)
         }
         Command::Status { .. } => status(&config),

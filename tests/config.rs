@@ -1,6 +1,9 @@
 //! Configuration loading through the public API: the shipped configs load, and each kind of
 //! mistake is reported with its path, line and a useful message.
 
+mod common;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fieldbridge::config::{self, ConfigError, ConfigErrors};
@@ -657,7 +660,7 @@ fn mqtt_limits_are_enforced() {
             "2s is shorter than the minimum 5s",
             "0 is outside 1..=65535",
             "reconnect.min 2s is longer than reconnect.max 1s",
-            "10 is outside 1024..=268435455",
+            "10 is outside 1024..=16777216",
         ]
     );
     let text = format!("{MQTT_ONLY}  url: mqtt://b\n  host: c\n");
@@ -721,4 +724,440 @@ fn device_deadband_is_not_inherited_by_bool_and_string_points() {
         msg_of("      - { name: a, address: 0, type: string, length: 2, publish: { mode: on_change, deadband: 1 } }\n"),
         "a deadband needs a numeric type, not string"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits and bounds (issue 10): nothing in the file can stall a task past the watchdog,
+// overflow a wire field or exhaust memory.
+
+/// HEAD on a given bus and device setting, with one point.
+fn bus_and_device(bus_line: &str, device_line: &str) -> String {
+    HEAD.replace(
+        "    port: /dev/ttyUSB0\n",
+        &format!("    port: /dev/ttyUSB0\n{bus_line}"),
+    )
+    .replace("    unit: 1\n", &format!("    unit: 1\n{device_line}"))
+        + "      - { name: a, address: 0 }\n"
+}
+
+#[test]
+fn frame_gap_above_one_second_is_refused() {
+    // The 3.5-character gap at 1200 baud is about 32 ms: a second is far above any real line.
+    let e = one_error(&bus_and_device("    frame_gap: 2s\n", ""));
+    assert_eq!(e.path, "buses[0].frame_gap");
+    assert_eq!(e.line, Some(9));
+    assert_eq!(e.message, "2s is longer than the maximum 1s");
+    assert!(e.hint.as_deref().unwrap().contains("watchdog"), "{e:?}");
+    config::parse(&bus_and_device("    frame_gap: 1s\n", ""), "t").unwrap();
+    // rtu_over_tcp takes the gap the user gives: bounded the same way.
+    let text = "gateway: { id: gw }\nmqtt: { url: 'mqtt://localhost' }\nbuses: [ { name: b, type: rtu_over_tcp, host: 10.0.0.1, frame_gap: 1h } ]\ndevices: [ { name: d, bus: b, unit: 1, points: [ { name: p, address: 0 } ] } ]\n";
+    assert_eq!(one_error(text).message, "1h is longer than the maximum 1s");
+}
+
+#[test]
+fn every_duration_and_count_has_an_upper_bound() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        // (bus line, device line, path, message)
+        (
+            "    connect_delay: 11s\n",
+            "",
+            "buses[0].connect_delay",
+            "11s is longer than the maximum 10s",
+        ),
+        (
+            "    reconnect_max: 6m\n",
+            "",
+            "buses[0].reconnect_max",
+            "6m is longer than the maximum 5m",
+        ),
+        (
+            "",
+            "    interval: 25h\n",
+            "devices[0].interval",
+            "25h is longer than the maximum 24h",
+        ),
+        (
+            "",
+            "    groups: { slow: 2d }\n",
+            "devices[0].groups.slow",
+            "2d is longer than the maximum 24h",
+        ),
+        (
+            "",
+            "    timeout: 61s\n",
+            "devices[0].timeout",
+            "61s is longer than the maximum 1m",
+        ),
+        (
+            "",
+            "    backoff_max: 2h\n",
+            "devices[0].backoff_max",
+            "2h is longer than the maximum 1h",
+        ),
+        (
+            "",
+            "    publish: { mode: on_change, heartbeat: 25h }\n",
+            "devices[0].publish.heartbeat",
+            "25h is longer than the maximum 24h",
+        ),
+        (
+            "",
+            "    command: { max_age: 25h }\n",
+            "devices[0].command.max_age",
+            "25h is longer than the maximum 24h",
+        ),
+    ];
+    for (bus, device, path, message) in cases {
+        let e = one_error(&bus_and_device(bus, device));
+        assert_eq!((e.path.as_str(), e.message.as_str()), (*path, *message));
+        assert!(e.line.is_some(), "{e:?}");
+    }
+
+    let gateway = HEAD.replace("  id: gw\n", "  id: gw\n  stats_interval: 25h\n")
+        + "      - { name: a, address: 0 }\n";
+    assert_eq!(
+        one_error(&gateway).message,
+        "25h is longer than the maximum 24h"
+    );
+    let mqtt_cases = [
+        (
+            "  max_packet_size: 16777217\n",
+            "mqtt.max_packet_size",
+            "16777217 is outside 1024..=16777216",
+        ),
+        (
+            "  queue: { capacity: 200001 }\n",
+            "mqtt.queue.capacity",
+            "200001 is outside 1..=200000",
+        ),
+    ];
+    for (line, path, message) in mqtt_cases {
+        let text = HEAD.replace("mqtt:\n", &format!("mqtt:\n{line}"))
+            + "      - { name: a, address: 0 }\n";
+        let e = one_error(&text);
+        assert_eq!((e.path.as_str(), e.message.as_str()), (path, message));
+        assert!(e.hint.is_some(), "{e:?}");
+    }
+    let store_cases = [
+        (
+            "  spill_threshold: 100001\n",
+            "store.spill_threshold",
+            "100001 is outside 1..=100000",
+        ),
+        (
+            "  max_age: 87601h\n",
+            "store.max_age",
+            "87601h is longer than the maximum 87600h",
+        ),
+    ];
+    for (line, path, message) in store_cases {
+        let text = with_points("      - { name: a, address: 0 }\n") + "store:\n" + line;
+        let e = one_error(&text);
+        assert_eq!((e.path.as_str(), e.message.as_str()), (path, message));
+    }
+    // A sum of many huge terms must not overflow into a panic (Instant + Duration).
+    let huge = "4294967295h".repeat(4);
+    let e = one_error(&bus_and_device("", &format!("    interval: {huge}\n")));
+    assert_eq!(e.path, "devices[0].interval");
+}
+
+#[test]
+fn names_sent_in_a_length_prefixed_mqtt_string_fit_65535_bytes() {
+    let long = "u".repeat(65_536);
+    let text = format!("{MQTT_ONLY}  url: mqtt://localhost\n  username: {long}\n");
+    let e = one_error(&text);
+    assert_eq!(e.path, "mqtt.username");
+    assert_eq!(e.message, "the username is longer than 65535 bytes");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.pass");
+    std::fs::write(&file, "p".repeat(70_000)).unwrap();
+    let text = format!(
+        "{MQTT_ONLY}  url: mqtt://localhost\n  username: u\n  password_file: {}\n",
+        file.display()
+    );
+    let e = one_error(&text);
+    assert_eq!(e.path, "mqtt.password_file");
+    assert!(
+        e.message.contains("longer than 65535 bytes"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn writable_string_wider_than_one_fc16_write_is_refused() {
+    // Modbus Application Protocol v1.1b3 §6.12: one Write Multiple Registers carries at most
+    // 123 registers (0x7B); a read may be 125 (§6.3).
+    let e = one_error(&with_points(
+        "      - { name: s, address: 0, type: string, length: 124, writable: true }\n",
+    ));
+    assert_eq!(e.path, "devices[0].points[0].length");
+    assert_eq!(e.line, Some(14));
+    assert_eq!(
+        e.message,
+        "a writable string of 124 registers does not fit one write of at most 123 (FC16)"
+    );
+    config::parse(
+        &with_points(
+            "      - { name: s, address: 0, type: string, length: 123, writable: true }\n",
+        ),
+        "t",
+    )
+    .unwrap();
+    config::parse(
+        &with_points("      - { name: s, address: 0, type: string, length: 125 }\n"),
+        "t",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_file_above_4_mib_is_refused_before_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.yaml");
+    // A valid config padded with comments: only its size is wrong.
+    let mut text = with_points("      - { name: a, address: 0 }\n");
+    let pad = format!("# {}\n", "x".repeat(1021));
+    while text.len() <= config::MAX_FILE_BYTES {
+        text.push_str(&pad);
+    }
+    std::fs::write(&path, &text).unwrap();
+    let e = config::load(&path).unwrap_err();
+    assert_eq!(e.errors.len(), 1, "{e}");
+    assert_eq!(
+        e.errors[0].message,
+        format!(
+            "the file is larger than 4 MiB ({} bytes)",
+            std::fs::metadata(&path).unwrap().len()
+        )
+    );
+    assert!(config::parse(&text, "t").is_err());
+}
+
+#[test]
+fn aliases_expanding_past_the_node_bound_are_refused_at_the_alias() {
+    // 2000 points behind one anchor, aliased by 120 devices: 240 000 points once expanded
+    // (before the bound, `check` took 25 s and 300 MiB on it).
+    let mut text = String::from(
+        "gateway: { id: gw }\nmqtt: { url: 'mqtt://localhost' }\nbuses: [ { name: b, type: tcp, host: 10.0.0.1 } ]\ndevices:\n  - name: d0\n    bus: b\n    points: &p\n",
+    );
+    for i in 0..2000 {
+        text.push_str(&format!("      - {{ name: p{i}, address: {i} }}\n"));
+    }
+    let first_alias_line = text.lines().count() + 1;
+    for d in 1..120 {
+        text.push_str(&format!("  - {{ name: d{d}, bus: b, points: *p }}\n"));
+    }
+    let started = std::time::Instant::now();
+    let e = config::parse(&text, "t").unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(e.errors.len(), 1, "{e}");
+    let e = &e.errors[0];
+    assert!(
+        e.message
+            .starts_with("aliases expand the file to more than 250000 YAML nodes"),
+        "{}",
+        e.message
+    );
+    let line = e.line.unwrap();
+    assert!(line > first_alias_line, "{e:?}");
+    assert!(e.hint.as_deref().unwrap().contains("alias"), "{e:?}");
+
+    // A few aliases are fine.
+    let mut small = String::from(
+        "gateway: { id: gw }\nmqtt: { url: 'mqtt://localhost' }\nbuses: [ { name: b, type: tcp, host: 10.0.0.1 } ]\ndevices:\n  - { name: d0, bus: b, unit: 1, points: &p [ { name: v, address: 0 } ] }\n",
+    );
+    for d in 1..5 {
+        small.push_str(&format!(
+            "  - {{ name: d{d}, bus: b, unit: {}, points: *p }}\n",
+            d + 1
+        ));
+    }
+    let c = config::parse(&small, "t").unwrap();
+    assert_eq!(c.devices.len(), 5);
+}
+
+#[test]
+fn billion_laughs_is_refused() {
+    let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let p = i - 1;
+        text.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    let e = one_error(&text);
+    assert!(
+        e.message.starts_with("aliases expand the file"),
+        "{}",
+        e.message
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets: warnings at load (printed by `check`, logged by `run`), never with the secret.
+
+fn warnings(text: &str) -> Vec<ConfigError> {
+    match config::parse_with_warnings(text, "t.yaml") {
+        Ok(loaded) => loaded.warnings,
+        Err(e) => panic!("expected the config to load: {e}"),
+    }
+}
+
+/// A password file with `mode`, and the `mqtt:` lines that use it with `url`.
+fn password_file_config(dir: &std::path::Path, mode: u32, url: &str) -> (PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let file = dir.join("mqtt.pass");
+    std::fs::write(&file, "hunter2-secret\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    let text = format!(
+        "{MQTT_ONLY}  url: {url}\n  username: u\n  password_file: {}\n",
+        file.display()
+    );
+    (file, text)
+}
+
+#[test]
+fn a_password_in_clear_text_is_warned_except_to_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in ["mqtt://broker.example.com", "ws://10.0.0.5:8080/mqtt"] {
+        let (_, text) = password_file_config(dir.path(), 0o600, url);
+        let w = warnings(&text);
+        assert_eq!(w.len(), 1, "{url}: {w:#?}");
+        assert_eq!(w[0].path, "mqtt.url");
+        assert_eq!(w[0].line, Some(5));
+        assert!(
+            w[0].message.contains("without TLS"),
+            "{url}: {}",
+            w[0].message
+        );
+        assert!(w[0].hint.as_deref().unwrap().contains("mqtts://"), "{w:?}");
+        assert!(!format!("{w:?}").contains("hunter2"));
+    }
+    for url in [
+        "mqtt://localhost",
+        "mqtt://127.0.0.1:1884",
+        "mqtt://[::1]",
+        "ws://127.0.0.2/mqtt",
+    ] {
+        let (_, text) = password_file_config(dir.path(), 0o600, url);
+        assert_eq!(warnings(&text), [], "{url}");
+    }
+    // No password, nothing to warn about.
+    let text = format!("{MQTT_ONLY}  url: mqtt://broker.example.com\n  username: u\n");
+    assert_eq!(warnings(&text), []);
+}
+
+#[test]
+fn a_password_file_readable_by_others_is_warned_with_chmod_600() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [0o644, 0o640, 0o604, 0o660] {
+        let (file, text) = password_file_config(dir.path(), mode, "mqtt://localhost");
+        let w = warnings(&text);
+        assert_eq!(w.len(), 1, "{mode:o}: {w:#?}");
+        assert_eq!(w[0].path, "mqtt.password_file");
+        assert_eq!(
+            w[0].message,
+            format!(
+                "`{}` is accessible by group or others (mode {mode:03o})",
+                file.display()
+            )
+        );
+        assert!(
+            w[0].hint
+                .as_deref()
+                .unwrap()
+                .contains(&format!("chmod 600 {}", file.display())),
+            "{w:?}"
+        );
+    }
+    for mode in [0o600, 0o400] {
+        let (_, text) = password_file_config(dir.path(), mode, "mqtt://localhost");
+        assert_eq!(warnings(&text), [], "{mode:o}");
+    }
+}
+
+#[test]
+fn password_credential_reads_the_systemd_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mqtt-password"), "hunter2-secret\n").unwrap();
+    let text = format!(
+        "{MQTT_ONLY}  url: mqtt://localhost\n  username: u\n  password_credential: mqtt-password\n"
+    );
+    // The only test that touches CREDENTIALS_DIRECTORY.
+    std::env::remove_var("CREDENTIALS_DIRECTORY");
+    let e = one_error(&text);
+    assert_eq!(e.path, "mqtt.password_credential");
+    assert_eq!(
+        e.message,
+        "$CREDENTIALS_DIRECTORY is not set: credential `mqtt-password` is not available"
+    );
+    assert!(
+        e.hint
+            .as_deref()
+            .unwrap()
+            .contains("LoadCredential=mqtt-password:"),
+        "{e:?}"
+    );
+
+    std::env::set_var("CREDENTIALS_DIRECTORY", dir.path());
+    let c = config::parse(&text, "t").unwrap();
+    assert_eq!(c.mqtt.password.as_ref().unwrap().0, "hunter2-secret");
+    let missing = text.replace("mqtt-password", "other");
+    let e = one_error(&missing);
+    assert!(
+        e.message.starts_with("cannot read credential `other`"),
+        "{e:?}"
+    );
+    let bad = text.replace("mqtt-password", "../etc/passwd");
+    let e = one_error(&bad);
+    assert_eq!(e.path, "mqtt.password_credential");
+    assert!(e.message.contains("not a credential name"), "{e:?}");
+    std::env::remove_var("CREDENTIALS_DIRECTORY");
+}
+
+#[test]
+fn no_hint_recommends_environment_for_secrets() {
+    let text = format!("{MQTT_ONLY}  url: mqtt://localhost\n  username: u\n  password_env: FIELDBRIDGE_TEST_SURELY_UNSET_2\n");
+    let hint = one_error(&text).hint.unwrap();
+    assert!(!hint.contains("Environment="), "{hint}");
+    assert!(hint.contains("LoadCredential="), "{hint}");
+    let text =
+        format!("{MQTT_ONLY}  url: mqtt://localhost\n  username: u\n  password: hunter2-secret\n");
+    let hint = one_error(&text).hint.unwrap();
+    assert!(hint.contains("password_credential"), "{hint}");
+}
+
+#[test]
+fn check_prints_the_warnings_and_passes_without_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mqtt) = password_file_config(dir.path(), 0o644, "mqtt://broker.example.com");
+    let path = dir.path().join("fieldbridge.yaml");
+    std::fs::write(&path, mqtt).unwrap();
+    let out = common::gateway::run_cli(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("warning:"), "{out:?}");
+    assert!(out.stderr.contains("without TLS"), "{out:?}");
+    assert!(out.stderr.contains("chmod 600"), "{out:?}");
+    assert!(!format!("{out:?}").contains("hunter2"), "{out:?}");
+}
+
+/// The same warnings are logged when the gateway starts (here: a real mosquitto on loopback,
+/// which takes any username and password).
+#[test]
+fn run_logs_the_warnings_at_start_without_the_secret() {
+    let broker = common::Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mqtt) = password_file_config(
+        dir.path(),
+        0o644,
+        &format!("mqtt://127.0.0.1:{}", broker.port()),
+    );
+    let gateway = common::Gateway::start(&mqtt.replace(
+        "buses: [ { name: b, type: tcp, host: 10.0.0.1 } ]",
+        "buses: [ { name: b, type: tcp, host: 127.0.0.1, port: 1 } ]",
+    ));
+    gateway.expect_log("chmod 600", Duration::from_secs(10));
+    assert!(!gateway.logs().contains("hunter2"), "{}", gateway.logs());
 }

@@ -251,3 +251,62 @@ fn unit_file_passes_systemd_analyze_verify() {
         .collect();
     assert!(problems.is_empty(), "systemd-analyze verify: {stderr}");
 }
+
+/// The value of `key=` in the unit's [Service] section (the last one given wins, as in systemd).
+fn service_setting(unit: &str, key: &str) -> Option<String> {
+    let mut in_service = false;
+    let mut value = None;
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if let Some(v) = line.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+            if in_service {
+                value = Some(v.trim().to_string());
+            }
+        }
+    }
+    value
+}
+
+/// `64M` → bytes (the systemd.resource-control(5) suffixes K, M, G, base 1024).
+fn bytes(v: &str) -> u64 {
+    let (n, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("not a size: {v}"));
+    n * match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => panic!("unit of {v}"),
+    }
+}
+
+/// A leak or an unbounded queue ends in a restart (the outbox survives it), not in the OOM
+/// killer choosing another process on the Pi. The cap leaves headroom over the measured peak
+/// (W1: 7.6 MiB resident for 10 devices x 50 registers, benches/README.md) and over the
+/// largest in-memory queue the config allows.
+#[test]
+fn unit_caps_memory_with_headroom_over_the_measured_peak() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/fieldbridge.service"),
+    )
+    .unwrap();
+    let max = service_setting(&unit, "MemoryMax").expect("MemoryMax= in [Service]");
+    let high = service_setting(&unit, "MemoryHigh").expect("MemoryHigh= in [Service]");
+    let (max, high) = (bytes(&max), bytes(&high));
+    let w1_peak = 7.6 * 1024.0 * 1024.0;
+    assert!(
+        max as f64 >= 8.0 * w1_peak,
+        "MemoryMax {max} leaves little headroom"
+    );
+    assert!(max <= 512 << 20, "MemoryMax {max} is no cap on a Pi");
+    assert!(
+        high < max && high as f64 >= 4.0 * w1_peak,
+        "MemoryHigh {high}"
+    );
+    // Swap would only make a leak slower to notice.
+    assert_eq!(
+        service_setting(&unit, "MemorySwapMax").as_deref(),
+        Some("0")
+    );
+}

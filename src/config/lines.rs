@@ -116,17 +116,7 @@ impl Validator {
                 );
             }
         }
-        let connect_delay = self.duration(
-            &p("connect_delay"),
-            b.connect_delay.as_ref(),
-            Duration::ZERO,
-        );
-        let reconnect_max = self.duration_min(
-            &p("reconnect_max"),
-            b.reconnect_max.as_ref(),
-            Duration::from_secs(5),
-            Duration::from_millis(1),
-        );
+        let (connect_delay, reconnect_max) = self.bus_timing(path, &b);
         let port = match &b.port {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(_) => {

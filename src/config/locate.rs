@@ -3,6 +3,11 @@
 //! serde_yaml only knows positions while it parses; validation errors found later need them
 //! too, so the text is walked once more with yaml_rust2's event parser, recording where every
 //! node starts. Positions are 1-based.
+//!
+//! The same walk counts the nodes the document has once its aliases are expanded, without
+//! expanding them (an alias adds the size of its anchor's node), so that a file whose aliases
+//! would multiply it (`points: *p` on many devices, or "billion laughs") is refused before
+//! serde_yaml expands it.
 
 use std::collections::HashMap;
 
@@ -25,12 +30,27 @@ impl Pos {
     }
 }
 
+/// Most YAML nodes a configuration may have with its aliases expanded. A large real file
+/// (thousands of points, 5 to 15 nodes each) has well under 100 000; `check` needs a few
+/// hundred bytes per node.
+pub const MAX_NODES: u64 = 250_000;
+
+/// Where the expanded document first grew past [`MAX_NODES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyNodes {
+    pub pos: Pos,
+    /// Whether an alias took it past the bound (else the file itself is that large).
+    pub by_alias: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct Locator {
     /// Path → position of the node's value (for a mapping entry) or of the item.
     values: HashMap<String, Pos>,
     /// Path → position of the key, for mapping entries.
     keys: HashMap<String, Pos>,
+    /// Set when the document has more than [`MAX_NODES`] nodes once expanded.
+    pub too_many_nodes: Option<TooManyNodes>,
 }
 
 impl Locator {
@@ -42,6 +62,7 @@ impl Locator {
         Locator {
             values: walker.values,
             keys: walker.keys,
+            too_many_nodes: walker.count.over,
         }
     }
 
@@ -104,6 +125,60 @@ struct Walker {
     stack: Vec<Frame>,
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
+    count: NodeCount,
+}
+
+/// Counts nodes as serde_yaml would see them, aliases replaced by what they name.
+#[derive(Default)]
+struct NodeCount {
+    /// Nodes so far, expanded (saturating: a billion laughs stays a number).
+    total: u64,
+    /// Anchor id → expanded node count of its node, once the node is complete.
+    sizes: HashMap<usize, u64>,
+    /// Open containers: their anchor id (0: none) and `total` before them.
+    open: Vec<(usize, u64)>,
+    over: Option<TooManyNodes>,
+}
+
+impl NodeCount {
+    fn add(&mut self, n: u64, mark: Marker, by_alias: bool) {
+        self.total = self.total.saturating_add(n);
+        if self.total > MAX_NODES && self.over.is_none() {
+            self.over = Some(TooManyNodes {
+                pos: Pos::from_marker(mark),
+                by_alias,
+            });
+        }
+    }
+
+    fn on_event(&mut self, ev: &Event, mark: Marker) {
+        match ev {
+            Event::Scalar(_, _, anchor, _) => {
+                self.add(1, mark, false);
+                if *anchor != 0 {
+                    self.sizes.insert(*anchor, 1);
+                }
+            }
+            // An alias to a node still open (a recursive alias) counts as one node; serde_yaml
+            // refuses it anyway.
+            Event::Alias(id) => {
+                let n = self.sizes.get(id).copied().unwrap_or(1);
+                self.add(n, mark, true);
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                self.open.push((*anchor, self.total));
+                self.add(1, mark, false);
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((anchor, before)) = self.open.pop() {
+                    if anchor != 0 {
+                        self.sizes.insert(anchor, self.total - before);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Walker {
@@ -148,6 +223,11 @@ impl Walker {
 
 impl MarkedEventReceiver for Walker {
     fn on_event(&mut self, ev: Event, mark: Marker) {
+        self.count.on_event(&ev, mark);
+        if self.count.over.is_some() {
+            // Refused anyway: stop spending memory on positions.
+            return;
+        }
         match ev {
             Event::Scalar(..) | Event::Alias(_) => {
                 self.node(&ev, mark);
@@ -193,6 +273,30 @@ mod tests {
         );
         assert_eq!(l.value("devices[0].points[1].address").unwrap().line, 8);
         assert_eq!(l.value("devices[0].points[0]").unwrap().line, 6);
+    }
+
+    #[test]
+    fn aliases_count_as_the_size_of_their_anchor() {
+        let mut w = Walker::default();
+        let mut parser = Parser::new_from_str("a: &x [1, 2, 3]\nb: *x\nc: [*x, *x]\n");
+        parser.load(&mut w, false).unwrap();
+        // map(1) + a(1) + seq(4) + b(1) + 4 + c(1) + seq(1) + 8
+        assert_eq!(w.count.total, 21);
+        assert_eq!(w.count.over, None);
+    }
+
+    #[test]
+    fn nested_aliases_multiply_without_being_expanded() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            let p = i - 1;
+            text.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+        }
+        let l = Locator::new(&text);
+        let over = l.too_many_nodes.unwrap();
+        assert!(over.by_alias);
+        // a5 holds 10^6 scalars: its second alias of a4 crosses the bound, on line 6.
+        assert_eq!(over.pos.line, 6);
     }
 
     #[test]

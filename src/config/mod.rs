@@ -89,31 +89,99 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// `warning: file:line:col: path: message (hint: ...)`, as `check` prints it.
+pub fn warning_line(file: &str, w: &ConfigError) -> String {
+    if w.line.is_some() {
+        format!("warning: {file}:{w}")
+    } else {
+        format!("warning: {file}: {w}")
+    }
+}
+
+/// Largest configuration file read, checked before parsing.
+pub const MAX_FILE_BYTES: usize = 4 * 1024 * 1024;
+
+/// A configuration that loaded, with what is worth a warning (printed by `check`, logged at
+/// start). A warning never contains a secret.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<ConfigError>,
+}
+
 /// Reads and validates the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_warnings(path).map(|l| l.config)
+}
+
+/// As [`load`], with the warnings.
+pub fn load_with_warnings(path: &Path) -> Result<Loaded, ConfigErrors> {
     let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &file),
-        Err(e) => Err(ConfigErrors {
-            file,
-            errors: vec![ConfigError {
-                path: String::new(),
-                line: None,
-                column: None,
-                message: format!("cannot read the file: {e}"),
-                hint: None,
-            }],
-        }),
+    let whole = |message: String| ConfigErrors {
+        file: file.clone(),
+        errors: vec![ConfigError {
+            path: String::new(),
+            line: None,
+            column: None,
+            message,
+            hint: None,
+        }],
+    };
+    // Read at most one byte past the cap, whatever the path is (a FIFO, /dev/zero).
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| {
+        use std::io::Read;
+        f.take(MAX_FILE_BYTES as u64 + 1).read_to_end(&mut bytes)
+    });
+    if let Err(e) = read {
+        return Err(whole(format!("cannot read the file: {e}")));
+    }
+    if bytes.len() > MAX_FILE_BYTES {
+        let size = std::fs::metadata(path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map_or_else(|| "or more".to_string(), |m| format!("{} bytes", m.len()));
+        return Err(too_large(&file, &size));
+    }
+    match String::from_utf8(bytes) {
+        Ok(text) => parse_with_warnings(&text, &file),
+        Err(e) => Err(whole(format!("cannot read the file: {e}"))),
+    }
+}
+
+fn too_large(file: &str, size: &str) -> ConfigErrors {
+    ConfigErrors {
+        file: file.to_string(),
+        errors: vec![ConfigError {
+            path: String::new(),
+            line: None,
+            column: None,
+            message: format!(
+                "the file is larger than {} MiB ({size})",
+                MAX_FILE_BYTES >> 20
+            ),
+            hint: Some(
+                "a configuration is a few hundred KiB at most: is this the right file?".into(),
+            ),
+        }],
     }
 }
 
 /// Validates configuration text. `file_name` is only used in messages; relative paths in the
 /// text (`password_file`, TLS files) are resolved against the current directory.
 pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
+    parse_with_warnings(text, file_name).map(|l| l.config)
+}
+
+/// As [`parse`], with the warnings.
+pub fn parse_with_warnings(text: &str, file_name: &str) -> Result<Loaded, ConfigErrors> {
     let fail = |errors| ConfigErrors {
         file: file_name.to_string(),
         errors,
     };
+    if text.len() > MAX_FILE_BYTES {
+        return Err(too_large(file_name, &format!("{} bytes", text.len())));
+    }
     if text.trim().is_empty() {
         return Err(fail(vec![ConfigError {
             path: String::new(),
@@ -123,17 +191,43 @@ pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
             hint: Some("start from the commented reference config/fieldbridge.yaml".into()),
         }]));
     }
+    // Before serde_yaml, which would expand every alias.
+    let loc = Locator::new(text);
+    if let Some(over) = loc.too_many_nodes {
+        let (message, hint) = if over.by_alias {
+            (
+                format!("aliases expand the file to more than {} YAML nodes", locate::MAX_NODES),
+                "each alias (`*name`) repeats the whole node of its anchor: alias smaller nodes, or write the repeated parts out",
+            )
+        } else {
+            (
+                format!("the file has more than {} YAML nodes", locate::MAX_NODES),
+                "a configuration has a few thousand points at most: is this the right file?",
+            )
+        };
+        return Err(fail(vec![ConfigError {
+            path: String::new(),
+            line: Some(over.pos.line),
+            column: Some(over.pos.column),
+            message,
+            hint: Some(hint.into()),
+        }]));
+    }
     let raw: RawConfig = match serde_yaml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => return Err(fail(vec![from_serde(&e)])),
     };
     let mut v = Validator {
-        loc: Locator::new(text),
+        loc,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
     let config = v.config(raw);
     if v.errors.is_empty() {
-        Ok(config)
+        Ok(Loaded {
+            config,
+            warnings: v.warnings,
+        })
     } else {
         let mut errors = v.errors;
         errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
@@ -250,9 +344,30 @@ fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
 // ---------------------------------------------------------------------------------------------
 // small validators
 
+/// Upper bounds of config values (README "Limits and bounds"): nothing in the file may stall
+/// a task past the watchdog, overflow a wire field, or make the gateway hold unbounded memory.
+const MAX_FRAME_GAP: Duration = Duration::from_secs(1);
+/// Poll intervals, heartbeats, the stats period and command `max_age`.
+const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+const INTERVAL_WHY: &str = "poll at least once a day (a slower device's status would go stale)";
+/// Modbus request timeout (line devices: 1h, see `lines.rs`).
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bus reconnect back-off cap (a device's poll back-off: 12 times this).
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+pub const MAX_PACKET_SIZE: i64 = 16 * 1024 * 1024;
+pub const MAX_QUEUE_CAPACITY: i64 = 200_000;
+pub const MAX_SPILL_THRESHOLD: i64 = 100_000;
+/// Write Multiple Registers (0x10) carries at most 123 registers (Modbus Application Protocol
+/// v1.1b3 §6.12); a read (0x03/0x04) up to 125 (§6.3, §6.4).
+pub const MAX_WRITE_REGISTERS: u16 = 123;
+/// MQTT strings and binary data have a 2-byte length (MQTT 3.1.1 §1.5.3, §3.1.3.5).
+const MAX_MQTT_STRING: usize = 65_535;
+/// TLS files (CA bundle, certificate, key), read whole when connecting.
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
 const DURATION_HINT: &str = "use a number and a unit without spaces: 500ms, 1s, 2m";
 
-/// `500ms`, `1s`, `2m`, `1h`, `250us`, or a sum like `1m30s`. No spaces, no fractions.
+/// `500ms`, `1s`, `2m`, `1h`, `7d`, `250us`, or a sum like `1m30s`. No spaces, no fractions.
 fn parse_duration(s: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = s;
@@ -277,6 +392,7 @@ fn parse_duration(s: &str) -> Option<Duration> {
             "s" => Duration::from_secs(1),
             "m" => Duration::from_secs(60),
             "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
             _ => return None,
         };
         total = total.checked_add(one.checked_mul(u32::try_from(n).ok()?)?)?;
@@ -296,6 +412,19 @@ fn fmt_duration(d: Duration) -> String {
     } else {
         format!("{}s", us / 1_000_000)
     }
+}
+
+/// A bound in the largest unit that states it exactly (`24h`, `5m`, `1s`, `1750us`).
+fn fmt_bound(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_nanos() == 0 && s > 0 {
+        for (unit, n) in [("h", 3600), ("m", 60)] {
+            if s.is_multiple_of(n) {
+                return format!("{}{unit}", s / n);
+            }
+        }
+    }
+    fmt_duration(d)
 }
 
 /// A name used as one topic level (gateway id, device and point names).
@@ -420,6 +549,7 @@ fn render(template: &str, vars: &[(&str, &str)]) -> Result<String, (String, Stri
 struct Validator {
     loc: Locator,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 /// How the collision table names command topics (the wildcard check skips them).
@@ -521,6 +651,90 @@ impl Validator {
         d
     }
 
+    /// A duration between `min` and `max`; `why` says what a longer one would break.
+    fn duration_range(
+        &mut self,
+        path: &str,
+        v: Option<&Value>,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+        why: &str,
+    ) -> Duration {
+        let d = self.duration_min(path, v, default, min);
+        self.check_max(path, v, d, max, why).unwrap_or(default)
+    }
+
+    /// `Some(d)` if `d` is at most `max`, else reported (naming the value as written).
+    fn check_max(
+        &mut self,
+        path: &str,
+        v: Option<&Value>,
+        d: Duration,
+        max: Duration,
+        why: &str,
+    ) -> Option<Duration> {
+        if d <= max {
+            return Some(d);
+        }
+        let shown = match v {
+            Some(Value::String(s)) => s.clone(),
+            _ => fmt_bound(d),
+        };
+        self.err(
+            path,
+            format!("{shown} is longer than the maximum {}", fmt_bound(max)),
+            Some(why.to_string()),
+        );
+        None
+    }
+
+    /// An optional duration of at most `max`.
+    fn opt_duration_max(
+        &mut self,
+        path: &str,
+        v: Option<&Value>,
+        max: Duration,
+        why: &str,
+    ) -> Option<Duration> {
+        let d = self.opt_duration(path, v)?;
+        self.check_max(path, v, d, max, why)
+    }
+
+    /// An integer in `lo..=hi`, with a hint when it is not.
+    fn int_why(
+        &mut self,
+        path: &str,
+        v: Option<i64>,
+        default: i64,
+        lo: i64,
+        hi: i64,
+        why: &str,
+    ) -> i64 {
+        match v {
+            Some(n) if !(lo..=hi).contains(&n) => {
+                self.err(
+                    path,
+                    format!("{n} is outside {lo}..={hi}"),
+                    Some(why.into()),
+                );
+                default
+            }
+            _ => self.int(path, v, default, lo, hi),
+        }
+    }
+
+    fn warn(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
+        let pos = self.loc.value(path);
+        self.warnings.push(ConfigError {
+            path: path.to_string(),
+            line: pos.map(|p| p.line),
+            column: pos.map(|p| p.column),
+            message: message.into(),
+            hint,
+        });
+    }
+
     fn choice<T: Copy>(
         &mut self,
         path: &str,
@@ -615,11 +829,13 @@ impl Validator {
         }
         let stats_interval = match &g.stats_interval {
             Some(Value::String(s)) if s == "none" => None,
-            v => Some(self.duration_min(
+            v => Some(self.duration_range(
                 "gateway.stats_interval",
                 v.as_ref(),
                 Duration::from_secs(60),
                 Duration::from_secs(1),
+                MAX_INTERVAL,
+                "the stats topic would go stale for more than a day; `none` turns it off",
             )),
         };
         let clock = match g.clock.as_deref() {
@@ -811,7 +1027,12 @@ impl Validator {
         ) as u64;
         let max_age = match &raw.max_age {
             Some(Value::String(s)) if s == "none" => None,
-            v => self.opt_duration("store.max_age", v.as_ref()),
+            v => self.opt_duration_max(
+                "store.max_age",
+                v.as_ref(),
+                Duration::from_secs(87_600 * 3600),
+                "ten years at most; `none` keeps messages until the size cap drops them",
+            ),
         };
         let durability = self.choice(
             "store.durability",
@@ -819,12 +1040,13 @@ impl Validator {
             Durability::Auto,
             &[("auto", Durability::Auto), ("always", Durability::Always)],
         );
-        let spill_threshold = self.int(
+        let spill_threshold = self.int_why(
             "store.spill_threshold",
             raw.spill_threshold,
             256,
             1,
-            1_000_000,
+            MAX_SPILL_THRESHOLD,
+            "messages below the threshold are held in memory only; a few hundred is plenty",
         ) as usize;
         let commit_every =
             self.int("store.commit_every", raw.commit_every, 1000, 1, 1_000_000) as usize;
@@ -1067,9 +1289,18 @@ impl Validator {
                     "the username is empty",
                     Some("leave `username` out for none".into()),
                 );
+            } else if u.len() > MAX_MQTT_STRING {
+                self.err(
+                    "mqtt.username",
+                    "the username is longer than 65535 bytes",
+                    Some("MQTT sends it with a 2-byte length (MQTT 3.1.1 §1.5.3)".into()),
+                );
             }
         }
         let password = self.password(&m);
+        if password.is_some() {
+            self.clear_text_warning(&m, transport, &host);
+        }
         if password.is_some() && m.username.is_none() {
             self.err(
                 "mqtt",
@@ -1082,17 +1313,25 @@ impl Validator {
         }
         let tls = self.tls(&m, transport);
 
-        let max_packet_size = self.int(
+        let max_packet_size = self.int_why(
             "mqtt.max_packet_size",
             m.max_packet_size,
             262_144,
             1024,
-            268_435_455,
+            MAX_PACKET_SIZE,
+            "a packet this large from the broker is held in memory whole; readings and commands are a few KiB",
         ) as usize;
         let (queue_capacity, when_full) = match &m.queue {
             None => (100_000, WhenFull::DropOldest),
             Some(q) => (
-                self.int("mqtt.queue.capacity", q.capacity, 100_000, 1, 10_000_000) as usize,
+                self.int_why(
+                    "mqtt.queue.capacity",
+                    q.capacity,
+                    100_000,
+                    1,
+                    MAX_QUEUE_CAPACITY,
+                    "the queue is held in memory (a few hundred bytes per message, under the unit's MemoryMax); the store keeps long outages on disk",
+                ) as usize,
                 self.choice(
                     "mqtt.queue.when_full",
                     q.when_full.as_deref(),
@@ -1187,70 +1426,170 @@ impl Validator {
         let given = [
             m.password_file.is_some(),
             m.password_env.is_some(),
+            m.password_credential.is_some(),
             m.password.is_some(),
         ];
         if given.iter().filter(|g| **g).count() > 1 {
             self.err(
                 "mqtt",
-                "more than one of password_file, password_env and password is given",
+                "more than one of password_file, password_env, password_credential and password is given",
                 Some("keep one".into()),
             );
             return None;
         }
-        if let Some(file) = &m.password_file {
-            return match std::fs::read_to_string(file) {
-                Ok(text) => {
-                    let pw = text.strip_suffix('\n').unwrap_or(&text);
-                    let pw = pw.strip_suffix('\r').unwrap_or(pw);
-                    if pw.is_empty() {
-                        self.err("mqtt.password_file", format!("`{file}` is empty"), None);
-                        return None;
-                    }
-                    Some(Secret(pw.to_string()))
-                }
-                Err(e) => {
-                    self.err(
-                        "mqtt.password_file",
-                        format!("cannot read `{file}`: {e}"),
-                        Some("the file must exist and be readable by the fieldbridge user".into()),
-                    );
-                    None
-                }
-            };
-        }
-        if let Some(var) = &m.password_env {
-            return match std::env::var(var) {
-                Ok(pw) if !pw.is_empty() => Some(Secret(pw)),
+        let (path, pw) = if let Some(file) = &m.password_file {
+            let pw =
+                self.secret_file("mqtt.password_file", Path::new(file), &format!("`{file}`"))?;
+            self.mode_warning(file);
+            ("mqtt.password_file", pw)
+        } else if let Some(name) = &m.password_credential {
+            ("mqtt.password_credential", self.credential(name)?)
+        } else if let Some(var) = &m.password_env {
+            let pw = match std::env::var(var) {
+                Ok(pw) if !pw.is_empty() => pw,
                 Ok(_) => {
                     self.err(
                         "mqtt.password_env",
                         format!("environment variable `{var}` is empty"),
                         None,
                     );
-                    None
+                    return None;
                 }
                 Err(_) => {
                     self.err(
                         "mqtt.password_env",
                         format!("environment variable `{var}` is not set"),
-                        Some("under systemd set it with Environment= or EnvironmentFile= in the unit".into()),
+                        Some(CREDENTIAL_HINT.into()),
                     );
-                    None
+                    return None;
                 }
             };
-        }
-        if let Some(pw) = &m.password {
+            ("mqtt.password_env", pw)
+        } else if let Some(pw) = &m.password {
             if m.allow_inline_password != Some(true) {
                 self.err(
                     "mqtt.password",
                     "an inline password is refused",
-                    Some("put it in a file readable only by fieldbridge (password_file) or in the environment (password_env); or set allow_inline_password: true".into()),
+                    Some("put it in a file readable only by fieldbridge (password_file) or in a systemd credential (password_credential with LoadCredential=); or set allow_inline_password: true".into()),
                 );
                 return None;
             }
-            return Some(Secret(pw.clone()));
+            ("mqtt.password", pw.clone())
+        } else {
+            return None;
+        };
+        if pw.len() > MAX_MQTT_STRING {
+            self.err(
+                path,
+                "the password is longer than 65535 bytes",
+                Some("MQTT sends it with a 2-byte length (MQTT 3.1.1 §3.1.3.5)".into()),
+            );
+            return None;
         }
-        None
+        Some(Secret(pw))
+    }
+
+    /// A password kept in a file: read with a bound (the path may be anything, /dev/zero
+    /// included), one trailing newline removed. `shown` names it in messages.
+    fn secret_file(&mut self, path: &str, file: &Path, shown: &str) -> Option<String> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(file)
+            .and_then(|f| f.take(MAX_MQTT_STRING as u64 + 3).read_to_end(&mut bytes));
+        if let Err(e) = read {
+            self.err(
+                path,
+                format!("cannot read {shown}: {e}"),
+                Some("the file must exist and be readable by the fieldbridge user".into()),
+            );
+            return None;
+        }
+        let Ok(text) = String::from_utf8(bytes) else {
+            self.err(path, format!("{shown} is not UTF-8 text"), None);
+            return None;
+        };
+        let pw = text.strip_suffix('\n').unwrap_or(&text);
+        let pw = pw.strip_suffix('\r').unwrap_or(pw);
+        if pw.is_empty() {
+            self.err(path, format!("{shown} is empty"), None);
+            return None;
+        }
+        if pw.len() > MAX_MQTT_STRING {
+            self.err(
+                path,
+                format!("{shown} is longer than 65535 bytes"),
+                Some("MQTT sends a password with a 2-byte length (MQTT 3.1.1 §3.1.3.5)".into()),
+            );
+            return None;
+        }
+        Some(pw.to_string())
+    }
+
+    /// `$CREDENTIALS_DIRECTORY/NAME`, as systemd's `LoadCredential=NAME:/path` provides it
+    /// (a private, read-only directory only the service can read).
+    fn credential(&mut self, name: &str) -> Option<String> {
+        const AT: &str = "mqtt.password_credential";
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            self.err(
+                AT,
+                format!("`{name}` is not a credential name"),
+                Some("the NAME of LoadCredential=NAME:/path, without `/`".into()),
+            );
+            return None;
+        }
+        let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+            self.err(
+                AT,
+                format!("$CREDENTIALS_DIRECTORY is not set: credential `{name}` is not available"),
+                Some(format!("systemd sets it for a unit with LoadCredential={name}:/etc/fieldbridge/mqtt.pass (systemctl edit fieldbridge); outside systemd use password_file")),
+            );
+            return None;
+        };
+        self.secret_file(
+            AT,
+            &Path::new(&dir).join(name),
+            &format!("credential `{name}`"),
+        )
+    }
+
+    /// Warns when a password file can be read (or written) by others than its owner.
+    fn mode_warning(&mut self, file: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(meta) = std::fs::metadata(file) else {
+            return;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            self.warn(
+                "mqtt.password_file",
+                format!("`{file}` is accessible by group or others (mode {mode:03o})"),
+                Some(format!("chmod 600 {file} (owned by the fieldbridge user), or use password_credential with systemd LoadCredential=")),
+            );
+        }
+    }
+
+    /// Warns when the password would cross the network in clear text. A loopback broker is
+    /// exempt: the connection never leaves the machine (and reading loopback traffic needs
+    /// root).
+    fn clear_text_warning(&mut self, m: &RawMqtt, transport: MqttTransport, host: &str) {
+        let scheme = match transport {
+            MqttTransport::Tcp => "mqtt://",
+            MqttTransport::Ws => "ws://",
+            MqttTransport::Tls | MqttTransport::Wss => return,
+        };
+        if is_loopback(host) {
+            return;
+        }
+        let at = if m.url.is_some() {
+            "mqtt.url"
+        } else {
+            "mqtt.transport"
+        };
+        self.warn(
+            at,
+            format!("the password is sent to `{host}` without TLS ({scheme}): anyone on the path can read it"),
+            Some("use mqtts:// or wss:// with `tls.ca`, or a broker on this machine".into()),
+        );
     }
 
     fn tls(&mut self, m: &RawMqtt, transport: MqttTransport) -> Option<TlsFiles> {
@@ -1281,12 +1620,18 @@ impl Validator {
         let file = |v: &mut Self, key: &str, p: &Option<String>| -> Option<PathBuf> {
             let p = p.as_ref()?;
             let path = format!("mqtt.tls.{key}");
-            if !Path::new(p).is_file() {
-                v.err(
+            match std::fs::metadata(p) {
+                Ok(m) if m.is_file() && m.len() > MAX_PEM_BYTES => v.err(
+                    &path,
+                    format!("`{p}` is larger than 1 MiB"),
+                    Some("a PEM certificate, key or CA bundle is a few KiB".into()),
+                ),
+                Ok(m) if m.is_file() => {}
+                _ => v.err(
                     &path,
                     format!("`{p}` does not exist or is not a file"),
                     None,
-                );
+                ),
             }
             Some(PathBuf::from(p))
         };
@@ -1345,18 +1690,13 @@ impl Validator {
                 ("lines", K::Rtu),
             ],
         );
-        let connect_delay = self.duration(
-            &p("connect_delay"),
-            b.connect_delay.as_ref(),
-            Duration::ZERO,
+        let (connect_delay, reconnect_max) = self.bus_timing(path, &b);
+        let user_gap = self.opt_duration_max(
+            &p("frame_gap"),
+            b.frame_gap.as_ref(),
+            MAX_FRAME_GAP,
+            "the bus is silent this long before every request (3.5 characters are 32ms even at 1200 baud); a long gap stalls the bus past the watchdog",
         );
-        let reconnect_max = self.duration_min(
-            &p("reconnect_max"),
-            b.reconnect_max.as_ref(),
-            Duration::from_secs(5),
-            Duration::from_millis(1),
-        );
-        let user_gap = self.opt_duration(&p("frame_gap"), b.frame_gap.as_ref());
         let rtu_only = |v: &mut Self, key: &str, present: bool, also_rtu_over_tcp: bool| {
             let ok = kind == K::Rtu || (also_rtu_over_tcp && kind == K::RtuOverTcp);
             if present && !ok {
@@ -1504,6 +1844,27 @@ impl Validator {
         }
     }
 
+    /// `connect_delay` and `reconnect_max` of any bus.
+    pub(super) fn bus_timing(&mut self, path: &str, b: &RawBus) -> (Duration, Duration) {
+        let connect_delay = self.duration_range(
+            &format!("{path}.connect_delay"),
+            b.connect_delay.as_ref(),
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::from_secs(10),
+            "the bus waits this long after every (re)connect before its first request, and so do all its devices",
+        );
+        let reconnect_max = self.duration_range(
+            &format!("{path}.reconnect_max"),
+            b.reconnect_max.as_ref(),
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+            MAX_BACKOFF,
+            "a long back-off delays polling after the line or device comes back",
+        );
+        (connect_delay, reconnect_max)
+    }
+
     fn publish(
         &mut self,
         path: &str,
@@ -1538,7 +1899,12 @@ impl Validator {
             None => inh_deadband,
         };
         let heartbeat = self
-            .opt_duration(&format!("{path}.heartbeat"), p.heartbeat.as_ref())
+            .opt_duration_max(
+                &format!("{path}.heartbeat"),
+                p.heartbeat.as_ref(),
+                MAX_INTERVAL,
+                "an unchanged value is republished at least once a day",
+            )
             .or(inh_heartbeat);
         if heartbeat == Some(Duration::ZERO) {
             self.err(
@@ -1647,17 +2013,23 @@ impl Validator {
         // Line devices have no unit: never checked for uniqueness.
         let unit_ok = self.errors.len() == errors_before && !line_bus;
         let min_interval = Duration::from_millis(10);
-        let interval = self.duration_min(
+        let interval = self.duration_range(
             &p("interval"),
             d.interval.as_ref(),
             Duration::from_secs(1),
             min_interval,
+            MAX_INTERVAL,
+            INTERVAL_WHY,
         );
-        let mut timeout = self.duration_min(
+        // Line devices have their own bound (`lines.rs`).
+        let max_timeout = if line_bus { Duration::MAX } else { MAX_TIMEOUT };
+        let mut timeout = self.duration_range(
             &p("timeout"),
             d.timeout.as_ref(),
             Duration::from_secs(1),
             Duration::from_millis(1),
+            max_timeout,
+            "a silent device holds the whole bus for its timeout on every poll; Modbus devices answer in well under a second",
         );
         let offline_after = self.int(
             &p("offline_after"),
@@ -1666,11 +2038,13 @@ impl Validator {
             1,
             i64::from(u32::MAX),
         ) as u32;
-        let backoff_max = self.duration_min(
+        let backoff_max = self.duration_range(
             &p("backoff_max"),
             d.backoff_max.as_ref(),
             Duration::from_secs(30),
             Duration::from_millis(1),
+            MAX_BACKOFF * 12,
+            "a failing device is tried again at least every hour",
         );
         let max_gap = self.int(&p("max_gap"), d.max_gap, 10, 0, 2000) as u16;
         let max_registers = self.int(&p("max_registers"), d.max_registers, 125, 1, 125) as u16;
@@ -1697,7 +2071,14 @@ impl Validator {
             if let Err(e) = check_level(name) {
                 self.err_at_key(&gp, format!("group name {e}"), None);
             }
-            let iv = self.duration_min(&gp, Some(v), interval, min_interval);
+            let iv = self.duration_range(
+                &gp,
+                Some(v),
+                interval,
+                min_interval,
+                MAX_INTERVAL,
+                INTERVAL_WHY,
+            );
             groups.push(PollGroup {
                 name: name.clone(),
                 interval: iv,
@@ -2235,6 +2616,15 @@ impl Validator {
         let qos = self.qos(&p("qos"), r.qos, dflt.qos);
         let retain = r.retain.unwrap_or(dflt.retain);
         let writable = r.writable.unwrap_or(false);
+        if let (true, DataType::Ascii(n)) = (writable, data_type) {
+            if n > MAX_WRITE_REGISTERS {
+                self.err(
+                    &p("length"),
+                    format!("a writable string of {n} registers does not fit one write of at most {MAX_WRITE_REGISTERS} (FC16)"),
+                    Some("Write Multiple Registers carries 1..=123 registers (Modbus Application Protocol v1.1b3 §6.12): shorten `length` or make the point read-only".into()),
+                );
+            }
+        }
         if writable && matches!(kind, RegisterKind::Input | RegisterKind::DiscreteInput) {
             self.err(
                 &p("writable"),
@@ -2303,6 +2693,17 @@ fn scalar_text(v: &Value) -> String {
         _ => "?".into(),
     }
 }
+
+/// `localhost`, 127.0.0.0/8 or ::1.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+const CREDENTIAL_HINT: &str = "under systemd prefer password_credential with LoadCredential= (variables set in a unit can be read by any local user through systemctl show)";
 
 /// Transport, host, port and path of a broker URL.
 type BrokerUrl = (MqttTransport, String, Option<u16>, Option<String>);
@@ -2440,7 +2841,14 @@ impl Validator {
     fn max_age(&mut self, path: &str, v: Option<&Value>) -> Option<Option<Duration>> {
         match v? {
             Value::String(s) if s == "none" => Some(None),
-            v => self.opt_duration(path, Some(v)).map(Some),
+            v => self
+                .opt_duration_max(
+                    path,
+                    Some(v),
+                    MAX_INTERVAL,
+                    "a command a day old is not fresh; `none` for no age check",
+                )
+                .map(Some),
         }
     }
 
@@ -2583,6 +2991,10 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("250us"), Some(Duration::from_micros(250)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(fmt_bound(Duration::from_secs(86_400)), "24h");
+        assert_eq!(fmt_bound(Duration::from_secs(90)), "90s");
+        assert_eq!(fmt_bound(Duration::from_secs(300)), "5m");
         assert_eq!(parse_duration("5 sec"), None);
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("1.5s"), None);

@@ -56,6 +56,9 @@ pub struct RawMqtt {
     pub username: Option<String>,
     pub password_file: Option<String>,
     pub password_env: Option<String>,
+    /// A systemd credential (`LoadCredential=NAME:/path`): read from
+    /// `$CREDENTIALS_DIRECTORY/NAME`.
+    pub password_credential: Option<String>,
     pub password: Option<String>,
     pub allow_inline_password: Option<bool>,
     pub tls: Option<RawTls>,
