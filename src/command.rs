@@ -9,13 +9,16 @@
 //!    writable point's command topic, plus the default-template wildcard
 //!    `{prefix}/+/+/set`, so that a command for an unknown or read-only point still gets a
 //!    result (configuration refuses any published topic that the wildcard would match).
-//! 2. Refusals, each with a result and no bus traffic, in this order: payload larger than
-//!    [`MAX_PAYLOAD`] (`too_large`); unknown topic or point (`unknown_point`); point not
-//!    writable (`not_writable`); payload not understood (`bad_payload`); an `id` already seen
-//!    for this point (the remembered result is published again with `"duplicate": true`);
-//!    expired (`expired`, or `missing_timestamp` when the point has `max_age` and the command
-//!    carries neither `ts` nor `expires`); value refused by the schema (`wrong_type`,
-//!    `out_of_range`, `unknown_label`, `not_representable`); rate limit (`rate_limited`).
+//! 2. The router refuses, with no bus traffic, a topic over [`MAX_TOPIC`] (no result: its
+//!    result topic would be built from it), an unknown topic or point (`unknown_point`) and
+//!    a point that is not writable (`not_writable`). Then [`decide`] (pure) goes, in this order:
+//!    the point's rate limit (`rate_limited`; first, so refused and repeated commands count
+//!    too); a retained message (`retained`); the payload (`too_large`, `bad_payload`); an `id`
+//!    already seen for this point (the remembered result is published again with
+//!    `"duplicate": true`; a delivery while it executes waits for its result); expiry and the
+//!    clock (`expired`, `missing_timestamp`, `clock_skew`, `clock_unsynchronised`); the schema
+//!    (`wrong_type`, `out_of_range`, `unknown_label`, `not_representable`). Every refusal's
+//!    result and log line share [`REFUSAL_BUDGET`].
 //! 3. The plan ([`plan`]) goes to the bus's command executor, which runs it through the bus
 //!    task's request queue (served ahead of polls): FC5/FC15 for coils, FC6/FC16 for registers,
 //!    and for a bit of a register FC22 or read (FC3) + write.
@@ -751,6 +754,154 @@ impl RecentIds {
     }
 }
 
+/// What the command path remembers of one point: the outcome of recent command ids and its
+/// rate limiter.
+#[derive(Debug, Default)]
+pub struct PointState {
+    pub ids: RecentIds,
+    pub limiter: Option<RateLimiter>,
+}
+
+/// A command for a known point, as far as the decision needs it.
+#[derive(Debug, Clone)]
+pub struct Arrival<'a> {
+    pub payload: &'a [u8],
+    /// Sent by the broker as a retained message.
+    pub retain: bool,
+    /// The MQTT 5 message expiry, on the monotonic clock.
+    pub mqtt_expiry: Option<Instant>,
+    /// Where an MQTT 5 request wants its answer (already checked).
+    pub reply: Option<Reply>,
+    pub received: Instant,
+    pub clock: Clock,
+}
+
+/// What to do with a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Refused (the refusal is remembered under `id` when there is one): answer it.
+    Refuse {
+        refusal: Refusal,
+        id: Option<String>,
+    },
+    /// This id was answered before: publish that result again, marked as a duplicate.
+    Duplicate(Map<String, Json>),
+    /// This id is executing: the delivery waits for its result (`kept`), or is ignored
+    /// because [`MAX_WAITING`] deliveries already wait.
+    Waiting { kept: bool },
+    /// Valid: run `plan` on the bus, not after `deadline` (the id is marked executing).
+    Execute {
+        plan: Plan,
+        id: Option<String>,
+        deadline: Option<Instant>,
+    },
+}
+
+/// The whole decision on a command for point `p` of device `d`, in order: the point's rate
+/// limit (first, so that refused and repeated commands count too), retained, payload, a
+/// remembered id, expiry and the clock, then the schema. Updates `state` (rate tokens, the id's
+/// outcome); does no I/O.
+pub fn decide(
+    config: &Config,
+    d: usize,
+    p: usize,
+    state: &mut PointState,
+    arrival: Arrival<'_>,
+) -> Verdict {
+    let device = &config.devices[d];
+    let point = &device.points[p];
+    let settings = &device.commands[p];
+    let refuse = |reason: &str, error: &str| Verdict::Refuse {
+        refusal: Refusal::new(reason, error),
+        id: None,
+    };
+    if let Some(rate) = settings.rate {
+        let limiter = state
+            .limiter
+            .get_or_insert_with(|| RateLimiter::new(rate, arrival.received));
+        if !limiter.allow(arrival.received) {
+            return refuse(
+                "rate_limited",
+                "too many commands for this point: see its command.rate",
+            );
+        }
+    }
+    if arrival.retain {
+        // The broker replays a retained message on every subscribe: after each reconnect
+        // and restart it would write its value again.
+        return refuse(
+            "retained",
+            "retained commands are never executed (they come back after every reconnect): publish commands without the retain flag, and clear this one with an empty retained message",
+        );
+    }
+    let cmd = match parse_payload(arrival.payload) {
+        Ok(c) => c,
+        Err(refusal) => return Verdict::Refuse { refusal, id: None },
+    };
+    if let Some(id) = &cmd.id {
+        match state.ids.get_mut(id) {
+            Some(Seen::Pending { waiting }) => {
+                let kept = waiting.len() < MAX_WAITING;
+                if kept {
+                    waiting.push(arrival.reply);
+                }
+                return Verdict::Waiting { kept };
+            }
+            Some(Seen::Done(body)) => {
+                let mut body = body.clone();
+                body.insert("duplicate".into(), Json::Bool(true));
+                return Verdict::Duplicate(body);
+            }
+            None => {}
+        }
+    }
+    let checked = match arrival.mqtt_expiry {
+        Some(t) if arrival.received > t => Err(Refusal::new(
+            "expired",
+            "the MQTT 5 message expiry interval had passed when the command arrived",
+        )),
+        _ => Ok(()),
+    }
+    .and_then(|()| check_expiry(&cmd, settings.max_age, arrival.clock))
+    .and_then(|()| match device.line {
+        Some(_) => crate::lines::command_plan(config, d, p, &cmd.value),
+        None => plan(point, settings, &cmd.value),
+    });
+    match checked {
+        Ok(plan) => {
+            if let Some(id) = &cmd.id {
+                state.ids.put(
+                    id,
+                    Seen::Pending {
+                        waiting: Vec::new(),
+                    },
+                );
+            }
+            Verdict::Execute {
+                plan,
+                deadline: deadline(
+                    &cmd,
+                    settings.max_age,
+                    arrival.mqtt_expiry,
+                    arrival.clock,
+                    arrival.received,
+                ),
+                id: cmd.id,
+            }
+        }
+        Err(refusal) => {
+            if let Some(id) = &cmd.id {
+                let body = err_result(Some(&device.name), Some(&point.name), Some(id), &refusal);
+                state.ids.put(id, Seen::Done(body));
+            }
+            Verdict::Refuse {
+                refusal,
+                id: cmd.id,
+            }
+        }
+    }
+}
+
 /// A topic shortened for a log line (a received one can be 64 KiB).
 pub fn log_topic(topic: &str) -> String {
     log_text(topic.as_bytes())
@@ -1237,6 +1388,96 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn one_point_config(command: &str) -> Config {
+        crate::config::parse(
+            &format!("gateway: {{ id: gw, prefix: t }}\nmqtt: {{ host: 127.0.0.1 }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: 502 }}\ndevices:\n  - name: d\n    bus: b\n    points:\n      - {{ name: p, address: 0, writable: true, command: {{ {command} }} }}\n"),
+            "t.yaml",
+        )
+        .unwrap()
+    }
+
+    fn arrival(payload: &[u8]) -> Arrival<'_> {
+        Arrival {
+            payload,
+            retain: false,
+            mqtt_expiry: None,
+            reply: None,
+            received: Instant::now(),
+            clock: Clock {
+                now: SystemTime::now(),
+                synchronised: true,
+            },
+        }
+    }
+
+    fn reason(v: &Verdict) -> &str {
+        match v {
+            Verdict::Refuse { refusal, .. } => &refusal.reason,
+            Verdict::Execute { .. } => "execute",
+            Verdict::Duplicate(_) => "duplicate",
+            Verdict::Waiting { .. } => "waiting",
+        }
+    }
+
+    #[test]
+    fn the_decision_refuses_retained_and_counts_refusals_against_the_rate() {
+        let config = one_point_config("rate: 2/m");
+        let mut state = PointState::default();
+        let retained = Arrival {
+            retain: true,
+            ..arrival(b"1")
+        };
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, retained)),
+            "retained"
+        );
+        // The refusal above took a token: one good command, then the rate limit.
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, arrival(b"1"))),
+            "execute"
+        );
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, arrival(b"junk{"))),
+            "rate_limited"
+        );
+    }
+
+    #[test]
+    fn the_decision_remembers_ids_and_bounds_the_waiting_deliveries() {
+        let config = one_point_config("rate: none");
+        let mut state = PointState::default();
+        let cmd = br#"{"value": 1, "id": "a"}"#;
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, arrival(cmd))),
+            "execute"
+        );
+        for _ in 0..MAX_WAITING {
+            assert_eq!(
+                decide(&config, 0, 0, &mut state, arrival(cmd)),
+                Verdict::Waiting { kept: true }
+            );
+        }
+        assert_eq!(
+            decide(&config, 0, 0, &mut state, arrival(cmd)),
+            Verdict::Waiting { kept: false }
+        );
+        state.ids.put("a", Seen::Done(Map::new()));
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, arrival(cmd))),
+            "duplicate"
+        );
+        // A refused id is remembered as refused.
+        let bad = br#"{"value": 70000, "id": "b"}"#;
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, arrival(bad))),
+            "out_of_range"
+        );
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, arrival(bad))),
+            "duplicate"
+        );
     }
 
     #[test]

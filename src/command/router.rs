@@ -21,9 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    check_expiry, deadline, err_result, log_text, log_topic, ok_result, parse_default_topic,
-    parse_payload, plan, set_bit_write, Clock, CommandStats, Plan, RateLimiter, RecentIds, Refusal,
-    Reply, ResponseTopics, Seen, Step, MAX_CORRELATION, MAX_TOPIC, MAX_WAITING, REFUSAL_BUDGET,
+    decide, err_result, log_text, log_topic, ok_result, parse_default_topic, set_bit_write,
+    Arrival, Clock, CommandStats, Plan, PointState, RateLimiter, RecentIds, Refusal, Reply,
+    ResponseTopics, Seen, Step, Verdict, MAX_CORRELATION, MAX_TOPIC, REFUSAL_BUDGET,
 };
 use crate::codec::{self, Raw};
 use crate::link::{InMessage, OutMessage};
@@ -146,12 +146,6 @@ struct Executed {
     written_at: SystemTime,
     read_back: bool,
     read_back_error: Option<Refusal>,
-}
-
-#[derive(Default)]
-struct PointState {
-    ids: RecentIds,
-    limiter: Option<RateLimiter>,
 }
 
 struct Router {
@@ -333,115 +327,60 @@ impl Router {
                 None
             }
         };
-        // The point's rate limit comes first: refused and duplicate commands count too, so a
-        // flood of them costs no more than good ones.
+        let arrival = Arrival {
+            payload: &msg.payload,
+            retain: msg.retain,
+            mqtt_expiry: msg.expires_at,
+            reply: reply.clone(),
+            received,
+            clock: Clock::system(config.gateway.clock),
+        };
         let state = self.points.entry((d, p)).or_default();
-        if let Some(rate) = settings.rate {
-            let limiter = state
-                .limiter
-                .get_or_insert_with(|| RateLimiter::new(rate, received));
-            if !limiter.allow(received) {
-                let r = Refusal::new(
-                    "rate_limited",
-                    "too many commands for this point: see its command.rate",
-                );
+        let (plan, id, deadline) = match decide(&config, d, p, state, arrival) {
+            Verdict::Execute { plan, id, deadline } => (plan, id, deadline),
+            Verdict::Refuse { refusal, id } => {
                 return self
-                    .refuse(&target, &msg.topic, &text, None, &r, reply.as_ref())
-                    .1;
-            }
-        }
-        if msg.retain {
-            // A retained command is an old one the broker replays on every subscribe: after
-            // each reconnect and restart it would write its value again.
-            let r = Refusal::new(
-                "retained",
-                "retained commands are never executed (they come back after every reconnect): publish commands without the retain flag, and clear this one with an empty retained message",
-            );
-            return self
-                .refuse(&target, &msg.topic, &text, None, &r, reply.as_ref())
-                .1;
-        }
-        let cmd = match parse_payload(&msg.payload) {
-            Ok(c) => c,
-            Err(r) => {
-                return self
-                    .refuse(&target, &msg.topic, &text, None, &r, reply.as_ref())
+                    .refuse(
+                        &target,
+                        &msg.topic,
+                        &text,
+                        id.as_deref(),
+                        &refusal,
+                        reply.as_ref(),
+                    )
                     .1
             }
-        };
-        let id = cmd.id.clone();
-        if let Some(id) = &id {
-            let state = self.points.entry((d, p)).or_default();
-            match state.ids.get_mut(id) {
-                Some(Seen::Pending { waiting }) => {
-                    if waiting.len() < MAX_WAITING {
-                        waiting.push(reply);
-                        tracing::debug!(device = %device.name, point = %point.name, id = %id, "command: duplicate id while executing; result follows");
-                    } else {
-                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+            Verdict::Waiting { kept } => {
+                if !kept {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                return Vec::new();
+            }
+            Verdict::Duplicate(body) => {
+                if !self.budget.allow(received) {
+                    self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
                     return Vec::new();
                 }
-                Some(Seen::Done(body)) => {
-                    let mut body = body.clone();
-                    body.insert("duplicate".into(), Json::Bool(true));
-                    if !self.budget.allow(received) {
-                        self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
-                        return Vec::new();
-                    }
-                    tracing::info!(device = %device.name, point = %point.name, id = %id, outcome = "duplicate", "command not executed again: same id");
-                    return results(settings.result_topic.clone(), &body, reply.as_ref());
-                }
-                None => {}
-            }
-        }
-        let clock = Clock::system(config.gateway.clock);
-        let checked = match msg.expires_at {
-            Some(t) if received > t => Err(Refusal::new(
-                "expired",
-                "the MQTT 5 message expiry interval had passed when the command arrived",
-            )),
-            _ => Ok(()),
-        }
-        .and_then(|()| check_expiry(&cmd, settings.max_age, clock))
-        .and_then(|()| match device.line {
-            Some(_) => crate::lines::command_plan(&config, d, p, &cmd.value),
-            None => plan(point, settings, &cmd.value),
-        })
-        .and_then(|plan| match self.buses.get(device.bus).cloned().flatten() {
-            Some(handle) => Ok((plan, handle)),
-            None => Err(Refusal::new(
-                "unavailable",
-                "the device's bus is not running",
-            )),
-        });
-        let (plan, handle) = match checked {
-            Ok(planned) => planned,
-            Err(r) => {
-                let (body, out) = self.refuse(
-                    &target,
-                    &msg.topic,
-                    &text,
-                    id.as_deref(),
-                    &r,
-                    reply.as_ref(),
-                );
-                if let Some(id) = &id {
-                    let state = self.points.entry((d, p)).or_default();
-                    state.ids.put(id, Seen::Done(body));
-                }
-                return out;
+                tracing::info!(device = %device.name, point = %point.name, id = %body["id"], outcome = "duplicate", "command not executed again: same id");
+                return results(settings.result_topic.clone(), &body, reply.as_ref());
             }
         };
-        if let Some(id) = &id {
-            let state = self.points.entry((d, p)).or_default();
-            state.ids.put(
-                id,
-                Seen::Pending {
-                    waiting: Vec::new(),
-                },
+        let Some(handle) = self.buses.get(device.bus).cloned().flatten() else {
+            let r = Refusal::new("unavailable", "the device's bus is not running");
+            let (body, out) = self.refuse(
+                &target,
+                &msg.topic,
+                &text,
+                id.as_deref(),
+                &r,
+                reply.as_ref(),
             );
-        }
+            if let Some(id) = &id {
+                let state = self.points.entry((d, p)).or_default();
+                state.ids.put(id, Seen::Done(body));
+            }
+            return out;
+        };
         let job = Job {
             device: d,
             point: p,
@@ -450,7 +389,7 @@ impl Router {
             text: text.clone(),
             plan,
             received,
-            deadline: deadline(&cmd, settings.max_age, msg.expires_at, clock, received),
+            deadline,
             reply,
         };
         let bus = device.bus;
