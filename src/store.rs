@@ -46,10 +46,53 @@
 //!   `<name>.corrupt-<unix seconds>` (with its `-wal`/`-shm`), a fresh one is created, and the
 //!   event is logged as an error. If even a fresh store cannot be opened, the link runs on
 //!   its memory queue alone, loudly.
-//! - A write that fails (disk full) rolls back; the messages of that transaction are handed
-//!   back to the link ([`StoreEvent::WriteFailed`]), which keeps them in memory.
+//! - **A row that cannot be delivered** is taken out of the outbox when a read meets it,
+//!   counted in [`StoreStats::unreadable`], with one error line per read: a topic that is not
+//!   UTF-8, empty, longer than 65535 bytes, or holds NUL or a wildcard; a topic and payload
+//!   longer than MQTT carries; a `qos` other than 0, 1, 2; a `retain` other than 0, 1; a
+//!   `created` that is not an integer. What rows hold is never trusted: another program, an
+//!   older version or a flipped bit may have written them. A negative `bytes` counts as 0.
+//! - **A damaged page found after the start-up check** (a read answers "malformed"): the read
+//!   goes on around it (the first cursor after which a row can be read again is found by
+//!   doubling the step, then halving it), so the link gets every readable row and nothing
+//!   waits. After that read, the file is rebuilt: every readable row, under its id, is copied
+//!   to `<name>.rebuild`, the damaged file is moved aside as `<name>.corrupt-<unix seconds>`
+//!   and the copy takes its place; the rows lost (those on the damaged pages) are counted as
+//!   unreadable and logged with the count kept. A rebuild needs room for the copy; if it
+//!   fails, the store goes on reading around the damage and tries again after an hour.
+//! - **A write that fails** (disk full, I/O error) rolls back. The messages of that
+//!   transaction, and every one appended after it until writing works again, stay in the
+//!   store thread's memory under the ids they were given, in order: reads return them merged
+//!   with the rows (so delivery order is the order they came in, behind every older row),
+//!   deletes remove them, and they are written, with any deletes that were rolled back, after
+//!   a back-off of 1 s doubling to 30 s. That memory holds at most [`UNSAVED_MAX_BYTES`] (or
+//!   `max_bytes` if smaller); beyond it the oldest of those messages are dropped (policy
+//!   drop_oldest, counted in `dropped`, logged once per episode). They are lost on kill -9
+//!   or power loss (not on SIGTERM if the disk has room again by then). The link is told
+//!   once per episode ([`StoreEvent::WriteFailed`]); it hands nothing back and keeps nothing.
 //! - When the stored bytes pass `max_bytes`, the oldest rows are dropped, counted, and logged
 //!   once per episode.
+//! - The store thread beats [`StoreStats::heartbeat`] on every turn (at least every second);
+//!   the watchdog withholds its ping while it is older than `health::STORE_STALL_LIMIT`.
+//!
+//! # Bounds
+//! - Requests: the channel to the thread holds [`REQUEST_QUEUE`] requests and
+//!   [`QUEUED_BYTES_MAX`] bytes of appends. The link only uses [`StoreHandle::try_send`], which
+//!   hands the request back when full: the link keeps the messages (at most
+//!   `mqtt.queue.capacity` of them, dropping the oldest beyond, counted) and deletes, and
+//!   sends them on a later turn. Nothing in the link's event loop waits for the store.
+//! - Events to the link: a channel of 16; an event that does not fit is dropped.
+//! - Sweeps (cap, `max_age`) delete at most [`SWEEP_BATCH`] rows per transaction and go on
+//!   in the next turns, so a large sweep never becomes one transaction that a nearly full
+//!   card refuses again and again.
+//!
+//! # Disk space
+//! Rows count against `max_bytes` by topic + payload + [`ROW_OVERHEAD`]. The WAL: SQLite
+//! checkpoints it every 1000 pages (4 MiB at the default page size) and starts it over;
+//! `journal_size_limit` cuts the file back to [`WAL_SIZE_LIMIT`] (4 MiB) when it does, and
+//! it is truncated to zero every minute, at every flush and at shutdown. So the WAL holds at
+//! most 4 MiB plus one transaction: `commit_every` messages or one sweep batch. A checkpoint
+//! the disk refuses leaves the WAL as it is until one succeeds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,7 +124,7 @@ const WRITE_RETRY_MIN: Duration = Duration::from_secs(1);
 const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Rows a cap or `max_age` sweep deletes in one transaction.
-const SWEEP_BATCH: usize = 1000;
+pub const SWEEP_BATCH: usize = 1000;
 
 /// The WAL is truncated to zero this often (and after every flush).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
@@ -643,12 +686,22 @@ impl Worker {
                 (Some(a), Some(&b)) => Some(a.min(b)),
                 (a, b) => a.or(b.copied()),
             };
-            lowest.map_or(self.next_id, |l| l - n)
+            // Ids a damaged or foreign file left at the bottom of the range: at the end then.
+            lowest.map_or(self.next_id, |l| l.checked_sub(n).unwrap_or(self.next_id))
         } else {
             self.next_id
         };
         if first == self.next_id {
-            self.next_id += n;
+            let Some(next) = self.next_id.checked_add(n) else {
+                // Only a damaged or foreign file has ids up there; never wrap around.
+                tracing::error!(
+                    dropped = n,
+                    "store: row ids exhausted (a row near id 2^63 in the file): messages dropped; move the store file aside"
+                );
+                self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
+                return;
+            };
+            self.next_id = next;
         }
         let rows: Vec<StoredMessage> = messages
             .into_iter()
@@ -1874,6 +1927,35 @@ mod tests {
             h.try_send(StoreRequest::Delete(vec![1])),
             Err(TrySendError::Gone(_))
         ));
+    }
+
+    #[test]
+    fn ids_at_the_ends_of_the_range_neither_wrap_nor_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let (h, _e) = open(&config(1 << 30), &path).unwrap();
+        h.close();
+        let other = Connection::open(&path).unwrap();
+        for id in [i64::MIN + 1, i64::MAX - 1] {
+            other
+                .execute(
+                    "INSERT INTO outbox (id, topic, payload, qos, retain, created, bytes)
+                     VALUES (?1, 't/x', x'', 1, 0, ?2, 45)",
+                    params![id, i64::MIN],
+                )
+                .unwrap();
+        }
+        drop(other);
+        let (h, _e) = open(&config(1 << 30), &path).unwrap();
+        h.send(StoreRequest::Prepend(vec![msg(1), msg(2)]));
+        h.send(StoreRequest::Append(vec![msg(3), msg(4)]));
+        let rows = read_all(&h);
+        // No id is left above the top row: the messages are dropped, counted, not wrapped
+        // around to the bottom (where they would overtake everything).
+        assert_eq!(rows.len(), 2);
+        assert!(rows.windows(2).all(|w| w[0].id < w[1].id));
+        assert_eq!(h.stats.dropped.load(Ordering::Relaxed), 4);
+        h.close();
     }
 
     #[test]
