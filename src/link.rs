@@ -513,6 +513,12 @@ struct Manager {
 /// before it is dropped.
 const POISON_SESSIONS: u32 = 5;
 
+/// How long the link waits at shutdown for the store thread to take what memory holds
+/// (`STORE_PARK_TIMEOUT`), then to commit and stop: with the flush timeout (5 s) within the
+/// unit's `TimeoutStopSec=20s`.
+const STORE_PARK_TIMEOUT: Duration = Duration::from_secs(3);
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
 /// How long a failed store is left alone before new messages are tried on it again.
 const STORE_RETRY: Duration = Duration::from_secs(30);
 
@@ -596,8 +602,22 @@ impl Manager {
         self.goodbye(&mut events).await;
         stop.cancel();
         if let Some(store) = self.store.take() {
-            // Joining the store thread blocks; it has already committed (park).
-            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+            // Joining the store thread blocks, on a thread of its own: a store stuck in I/O
+            // must not keep the gateway from exiting (what it did not commit is lost then).
+            let (done_tx, done_rx) = oneshot::channel();
+            std::thread::spawn(move || {
+                store.close();
+                let _ = done_tx.send(());
+            });
+            if tokio::time::timeout(STORE_CLOSE_TIMEOUT, done_rx)
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    timeout_s = STORE_CLOSE_TIMEOUT.as_secs(),
+                    "store thread did not stop in time (stuck in I/O?): exiting without it; its last uncommitted writes are lost"
+                );
+            }
         }
         LinkReport {
             delivered: self.stats.delivered.load(Ordering::Relaxed),
@@ -660,11 +680,20 @@ impl Manager {
         }
         back.append(&mut self.to_store);
         let kept = front.len() + back.len();
+        // Waits (bounded) for room: the event loop is done, and these must not be lost.
         if !self.to_delete.is_empty() {
-            store.send(StoreRequest::Delete(std::mem::take(&mut self.to_delete)));
+            let deletes = std::mem::take(&mut self.to_delete);
+            store.send_within(StoreRequest::Delete(deletes), STORE_PARK_TIMEOUT);
         }
-        store.send(StoreRequest::Prepend(front));
-        store.send(StoreRequest::Append(back));
+        let sent = store.send_within(StoreRequest::Prepend(front), STORE_PARK_TIMEOUT)
+            && store.send_within(StoreRequest::Append(back), STORE_PARK_TIMEOUT);
+        if !sent {
+            tracing::error!(
+                undelivered = kept,
+                "store thread not taking requests (stuck in I/O?): messages held in memory are lost"
+            );
+            return kept as u64;
+        }
         if kept > 0 {
             tracing::info!(kept, "messages not yet delivered written to the store");
         }

@@ -254,6 +254,28 @@ impl StoreHandle {
         })
     }
 
+    /// Sends a request, waiting at most `timeout` for room (the byte budget does not apply:
+    /// for what must not be lost, at shutdown); `false` if it could not be sent. Blocks.
+    pub fn send_within(&self, request: StoreRequest, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let bytes = append_bytes(&request);
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let mut request = request;
+        loop {
+            match self.requests.try_send(request) {
+                Ok(()) => return true,
+                Err(std_mpsc::TrySendError::Full(r)) if Instant::now() < deadline => {
+                    request = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => {
+                    sub(&self.queued_bytes, bytes);
+                    return false;
+                }
+            }
+        }
+    }
+
     /// Stops the thread after it committed everything. Blocks: call from a blocking context
     /// or at the very end.
     pub fn close(mut self) {

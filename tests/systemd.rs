@@ -179,7 +179,7 @@ fn no_watchdog_ping_while_the_store_thread_is_stuck() {
     let notify = NotifySocket::bind();
     let yaml = yaml(broker.port(), device.port())
         .replace("buses:\n", "store:\n  path: \"{dir}/outbox.db\"\nbuses:\n");
-    let gateway = Gateway::start_with_env(
+    let mut gateway = Gateway::start_with_env(
         &yaml,
         &[
             ("NOTIFY_SOCKET", &notify.path),
@@ -200,6 +200,14 @@ fn no_watchdog_ping_while_the_store_thread_is_stuck() {
     assert!(count(&lines, "WATCHDOG=1") >= 2, "{text:?}");
     let after = notify.collect(Duration::from_secs(2));
     assert_eq!(count(&after, "WATCHDOG=1"), 0, "{after:?}");
+    // A stop (systemctl restart) does not hang on the stuck thread.
+    gateway.terminate();
+    let status = gateway.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some(),
+        "still running 20 s after SIGTERM\n{}",
+        gateway.logs()
+    );
 }
 
 #[test]
