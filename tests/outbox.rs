@@ -506,3 +506,32 @@ async fn an_unreadable_row_does_not_stall_delivery() {
         "only the unreadable row is lost"
     );
 }
+
+/// A store that cannot be read at all (here its table is gone, as after an I/O error that
+/// no repair can read around): live readings are still delivered, from memory, while the
+/// read is retried; they do not queue behind the rows that cannot be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_read_does_not_stop_live_readings() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let gateway = Gateway::start(&config(relay.port(), device.port(), "50ms", ""));
+    probe.expect(|t| t == TOPIC, WAIT).await;
+    relay.cut();
+    let config_path = gateway.config_path().to_str().unwrap().to_string();
+    assert!(
+        common::wait_until(WAIT, || stored_backlog(&config_path) >= 10),
+        "the outage's readings were never committed"
+    );
+    let db = rusqlite::Connection::open(gateway.dir().join("outbox.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch("DROP TABLE outbox").unwrap();
+    drop(db);
+    wait_for_reads(&device, 5).await;
+    probe.drain();
+    relay.restore();
+    let after = served(&device) + 20;
+    let mut msgs = Vec::new();
+    collect_until(&mut probe, &mut msgs, after).await;
+}
