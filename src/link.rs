@@ -334,7 +334,7 @@ pub fn spawn(
         read_limit: 0,
         appends_since_read: 0,
         last_read_short: false,
-        to_store: Vec::new(),
+        to_store: VecDeque::new(),
         to_delete: Vec::new(),
         suspect: None,
         attempted: false,
@@ -497,7 +497,7 @@ struct Manager {
     appends_since_read: u64,
     /// The last read returned fewer rows than asked: the store had nothing more then.
     last_read_short: bool,
-    to_store: Vec<NewMessage>,
+    to_store: VecDeque<NewMessage>,
     to_delete: Vec<i64>,
     /// The oldest written-but-unacknowledged message when the last connections died, and how
     /// many in a row: a message that kills every session (a broker rejecting its topic or size)
@@ -678,7 +678,7 @@ impl Manager {
                 None => back.push(m),
             }
         }
-        back.append(&mut self.to_store);
+        back.extend(self.to_store.drain(..));
         let kept = front.len() + back.len();
         // Waits (bounded) for room: the event loop is done, and these must not be lost.
         if !self.to_delete.is_empty() {
@@ -825,7 +825,7 @@ impl Manager {
             if e.volatile || !e.msg.storable() {
                 self.queue.push_back(e);
             } else {
-                self.to_store.push(new_message(&e.msg));
+                self.to_store.push_back(new_message(&e.msg));
                 self.appends_since_read += 1;
             }
         }
@@ -838,11 +838,12 @@ impl Manager {
         let Some(store) = &self.store else { return };
         let mut gone = false;
         if !self.to_store.is_empty() && self.store_usable() {
-            match store.try_send(StoreRequest::Append(std::mem::take(&mut self.to_store))) {
+            let batch = Vec::from(std::mem::take(&mut self.to_store));
+            match store.try_send(StoreRequest::Append(batch)) {
                 Ok(()) => {}
-                Err(TrySendError::Full(StoreRequest::Append(back))) => self.to_store = back,
+                Err(TrySendError::Full(StoreRequest::Append(back))) => self.to_store = back.into(),
                 Err(TrySendError::Gone(StoreRequest::Append(back))) => {
-                    self.to_store = back;
+                    self.to_store = back.into();
                     gone = true;
                 }
                 Err(_) => unreachable!("the request handed back is the one sent"),
@@ -900,26 +901,24 @@ impl Manager {
     /// A message for the store; while the store thread cannot take them, at most
     /// `queue_capacity` wait here (policy drop_oldest, counted as dropped by the link).
     fn push_to_store(&mut self, m: NewMessage) {
-        if self.to_store.len() >= self.settings.queue_capacity {
-            self.to_store.remove(0);
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if self.to_store_dropped == 0 {
-                tracing::warn!(
-                    capacity = self.settings.queue_capacity,
-                    "store is not taking messages: dropping the oldest waiting for it (policy drop_oldest)"
-                );
-            }
-            self.to_store_dropped += 1;
-        } else if self.to_store_dropped > 0
-            && self.to_store.len() < self.settings.queue_capacity / 2
-        {
+        let capacity = self.settings.queue_capacity;
+        if self.to_store_dropped > 0 && self.to_store.len() < capacity / 2 {
             tracing::warn!(
                 dropped = self.to_store_dropped,
                 "store taking messages again"
             );
             self.to_store_dropped = 0;
         }
-        self.to_store.push(m);
+        if push_bounded(&mut self.to_store, m, capacity) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.to_store_dropped == 0 {
+                tracing::warn!(
+                    capacity,
+                    "store is not taking messages: dropping the oldest waiting for it (policy drop_oldest)"
+                );
+            }
+            self.to_store_dropped += 1;
+        }
         self.appends_since_read += 1;
     }
 
@@ -1374,9 +1373,30 @@ impl LatencyHistogram {
     }
 }
 
+/// Appends `item`, dropping the oldest first when `queue` already holds `capacity`; whether
+/// one was dropped.
+fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, capacity: usize) -> bool {
+    let full = queue.len() >= capacity.max(1);
+    if full {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+    full
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_waiting_for_a_store_that_takes_none_stay_within_the_queue_capacity() {
+        let mut q = VecDeque::new();
+        let dropped = (0..1000).filter(|&i| push_bounded(&mut q, i, 100)).count();
+        assert_eq!(dropped, 900);
+        assert_eq!(q.len(), 100);
+        assert_eq!(q.front(), Some(&900), "the oldest go first");
+        assert_eq!(q.back(), Some(&999));
+    }
 
     #[test]
     fn histogram_quantiles_are_within_five_percent() {
