@@ -650,7 +650,8 @@ impl Manager {
         // Responses to MQTT 5 requests are not kept: the store has no room for their
         // correlation data, and without it a response answers nobody.
         held.retain(|e| !e.volatile && e.msg.storable());
-        if !self.store_usable() {
+        // A store whose reads failed may still write (and keeps in memory what it cannot).
+        if self.store.is_none() {
             let lost = held.iter().filter(|e| e.store_id.is_none()).count() as u64
                 + self.to_store.len() as u64;
             if lost > 0 {
@@ -661,7 +662,7 @@ impl Manager {
             }
             return lost;
         }
-        let store = self.store.as_ref().expect("usable");
+        let store = self.store.as_ref().expect("checked above");
         // Messages older than every stored row (before the first one that has a row) go in
         // front of the store; the rest after it.
         let first_stored = held.iter().position(|e| e.store_id.is_some());
