@@ -25,7 +25,9 @@
 //!
 //! # Invariants
 //! - Rows are delivered in id order; the link reads them with `id > cursor ORDER BY id`.
-//! - A row is deleted only on PUBACK (or by the cap / `max_age` policy, counted as dropped).
+//!   Messages a failed write left in memory have ids too and are read in the same order.
+//! - A row is deleted only on PUBACK, by the cap / `max_age` policy (counted as dropped), or
+//!   when it cannot be delivered at all (counted as unreadable; see "Faults").
 //! - One thread owns the connection; everything else sends it requests. Reads see rows not
 //!   yet committed (same connection), so draining never waits for a commit.
 //!
