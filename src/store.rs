@@ -377,6 +377,7 @@ pub fn open(
         damaged: false,
         last_rebuild: None,
         last_checkpoint: Instant::now(),
+        wal_dirty: false,
     };
     if !worker.load_levels() {
         tracing::warn!(store = %path.display(), "store levels unreadable at start");
@@ -568,6 +569,9 @@ struct Worker {
     damaged: bool,
     last_rebuild: Option<Instant>,
     last_checkpoint: Instant,
+    /// Something was committed since the last checkpoint (an idle store is not touched: no
+    /// SD-card writes while online).
+    wal_dirty: bool,
 }
 
 /// How a read ended.
@@ -635,7 +639,7 @@ impl Worker {
                 last_sweep = Instant::now();
                 self.sweep_age();
             }
-            if !self.in_tx && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            if self.wal_dirty && !self.in_tx && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 self.checkpoint();
             }
         }
@@ -1282,6 +1286,7 @@ impl Worker {
                 self.tx_messages.clear();
                 self.tx_deletes.clear();
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.wal_dirty = true;
                 self.refresh_oldest();
                 if !self.has_unwritten() && self.write_retry_at.take().is_some() {
                     tracing::warn!(
@@ -1298,6 +1303,7 @@ impl Worker {
 
     fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
+        self.wal_dirty = false;
         if let Err(e) = self
             .db
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
