@@ -207,6 +207,7 @@ impl Sidecars {
             config,
             handles,
             link_stats.clone(),
+            store_stats.clone(),
             stop.clone(),
             health_retire.clone(),
         );

@@ -1,15 +1,16 @@
 //! Liveness of the gateway's tasks, and the supervisor that reports it to systemd.
 //!
 //! # Heartbeats
-//! Each bus task and the MQTT link's manager task own a [`Heartbeat`] (in `BusStats` and
-//! `LinkStats`) and beat it on every turn of their loop and after every bus transaction. Their
+//! Each bus task, the MQTT link's manager task and the store thread own a [`Heartbeat`] (in
+//! `BusStats`, `LinkStats` and `StoreStats`) and beat it on every turn of their loop and after
+//! every bus transaction. Their
 //! loops wake at least every [`TICK`] even when idle, so a heartbeat older than a few ticks
 //! means the task is stuck inside an await, not merely waiting for its next poll.
 //!
 //! # Watchdog
 //! A task is *stalled* when its heartbeat is older than its limit: for a bus, the longest a
 //! transaction may legitimately take (connect timeout, connect delay, request timeout of its
-//! slowest device) plus slack; for the link, a few ticks. While any task is stalled the
+//! slowest device) plus slack; for the link, a few ticks; for the store, [`STORE_STALL_LIMIT`]. While any task is stalled the
 //! supervisor withholds `WATCHDOG=1`, so systemd restarts the service after `WatchdogSec=`.
 //! If the runtime thread itself is blocked, the supervisor does not run and no ping is sent
 //! either. `WatchdogSec=` should exceed the longest bus limit; see systemd/fieldbridge.service.
@@ -30,6 +31,7 @@ use crate::link::LinkStats;
 use crate::modbus::{BusHandle, BusStats};
 use crate::model::{Bus, Config, Device};
 use crate::notify::{self, Notifier};
+use crate::store::StoreStats;
 
 /// Longest an idle task loop sleeps before it beats its heartbeat again.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -39,6 +41,11 @@ const SLACK: Duration = Duration::from_secs(5);
 
 /// The link's manager does no I/O of its own; it only waits for events and ticks.
 pub const LINK_STALL_LIMIT: Duration = Duration::from_secs(7);
+
+/// The store thread waits at most a tick between turns; a turn is one request, a commit or
+/// a sweep batch, which an SD card busy with its own garbage collection can hold for seconds
+/// (a rebuild beats on every page). Stuck longer, it is in I/O that does not come back.
+pub const STORE_STALL_LIMIT: Duration = Duration::from_secs(20);
 
 /// How often a summary of poll failures is logged.
 pub const FAILURE_SUMMARY_EVERY: Duration = Duration::from_secs(600);
@@ -142,6 +149,7 @@ pub fn spawn(
     config: &Config,
     buses: &[BusHandle],
     link: Arc<LinkStats>,
+    store: Option<Arc<StoreStats>>,
     cancel: CancellationToken,
     retire: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -182,19 +190,32 @@ pub fn spawn(
         }
     }
     tokio::spawn(supervise(
-        notifier, watchdog, watched, link, devices, cancel, retire,
+        notifier,
+        watchdog,
+        watched,
+        Delivery { link, store },
+        devices,
+        cancel,
+        retire,
     ))
+}
+
+/// The tasks of the delivery path the supervisor watches besides the buses.
+struct Delivery {
+    link: Arc<LinkStats>,
+    store: Option<Arc<StoreStats>>,
 }
 
 async fn supervise(
     notifier: Option<Notifier>,
     watchdog: Option<Duration>,
     mut buses: Vec<WatchedBus>,
-    link: Arc<LinkStats>,
+    delivery: Delivery,
     devices: usize,
     cancel: CancellationToken,
     retire: CancellationToken,
 ) {
+    let Delivery { link, store } = delivery;
     let send = |state: &str| {
         if let Some(n) = &notifier {
             if let Err(e) = n.send(state) {
@@ -224,6 +245,13 @@ async fn supervise(
             age: link.heartbeat.age(),
             limit: LINK_STALL_LIMIT,
         });
+        if let Some(store) = &store {
+            ages.push(TaskAge {
+                name: "store".to_string(),
+                age: store.heartbeat.age(),
+                limit: STORE_STALL_LIMIT,
+            });
+        }
         let stalled_now = stalled(&ages);
         for name in stalled_now.iter().filter(|n| !was_stalled.contains(n)) {
             let age = ages.iter().find(|t| &t.name == name).map(|t| t.age);

@@ -47,7 +47,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{Durability, Mqtt, MqttTransport, Qos};
-use crate::store::{NewMessage, StoreEvent, StoreHandle, StoreRequest, StoredMessage};
+use crate::store::{
+    NewMessage, StoreEvent, StoreHandle, StoreRequest, StoredMessage, TrySendError,
+};
 
 mod proto;
 mod quickack;
@@ -269,7 +271,7 @@ enum LinkEvent {
 /// The store the link spills to, with its event channel.
 pub struct Outbox {
     pub store: StoreHandle,
-    pub events: mpsc::UnboundedReceiver<StoreEvent>,
+    pub events: mpsc::Receiver<StoreEvent>,
 }
 
 /// Starts the link. `commands` receives publishes on subscribed topics; `outbox` is the
@@ -326,10 +328,13 @@ pub fn spawn(
         cursor: i64::MIN,
         read_pending: None,
         read_retry_at: None,
+        read_failures: 0,
+        unread_in_store: false,
+        to_store_dropped: 0,
         read_limit: 0,
         appends_since_read: 0,
         last_read_short: false,
-        to_store: Vec::new(),
+        to_store: VecDeque::new(),
         to_delete: Vec::new(),
         suspect: None,
         attempted: false,
@@ -472,19 +477,27 @@ struct Manager {
     spill: bool,
     /// `durability: always`: spilling never ends.
     always: bool,
-    /// The last store write failed; new messages stay in memory until a retry.
+    /// The store could not be read, or could not take requests: new messages stay in memory
+    /// (bounded by `queue_capacity`) until [`STORE_RETRY`] has passed.
     store_failed_at: Option<Instant>,
     /// Largest row id read back so far.
     cursor: i64,
     read_pending: Option<oneshot::Receiver<Result<Vec<StoredMessage>, String>>>,
     /// After a failed read, no new one before this.
     read_retry_at: Option<Instant>,
+    /// Reads that failed in a row (their back-off doubles, up to [`STORE_RETRY`]).
+    read_failures: u32,
+    /// Rows after `cursor` wait in the store although spilling ended (a read failed): they are
+    /// read, and delivered behind what memory holds, once reading works again.
+    unread_in_store: bool,
+    /// Messages dropped from `to_store` while the store thread could not take them (episode).
+    to_store_dropped: u64,
     read_limit: usize,
     /// Messages sent to the store since the pending read was asked for.
     appends_since_read: u64,
     /// The last read returned fewer rows than asked: the store had nothing more then.
     last_read_short: bool,
-    to_store: Vec<NewMessage>,
+    to_store: VecDeque<NewMessage>,
     to_delete: Vec<i64>,
     /// The oldest written-but-unacknowledged message when the last connections died, and how
     /// many in a row: a message that kills every session (a broker rejecting its topic or size)
@@ -500,6 +513,12 @@ struct Manager {
 /// before it is dropped.
 const POISON_SESSIONS: u32 = 5;
 
+/// How long the link waits at shutdown for the store thread to take what memory holds
+/// (`STORE_PARK_TIMEOUT`), then to commit and stop: with the flush timeout (5 s) within the
+/// unit's `TimeoutStopSec=20s`.
+const STORE_PARK_TIMEOUT: Duration = Duration::from_secs(3);
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
 /// How long a failed store is left alone before new messages are tried on it again.
 const STORE_RETRY: Duration = Duration::from_secs(30);
 
@@ -508,7 +527,7 @@ impl Manager {
         mut self,
         mut inbound: mpsc::Receiver<OutMessage>,
         mut events: mpsc::UnboundedReceiver<LinkEvent>,
-        mut store_events: Option<mpsc::UnboundedReceiver<StoreEvent>>,
+        mut store_events: Option<mpsc::Receiver<StoreEvent>>,
         stop: CancellationToken,
     ) -> LinkReport {
         let mut inbound_open = true;
@@ -552,21 +571,15 @@ impl Manager {
                     self.read_pending = None;
                     match rows {
                         Ok(Ok(rows)) => self.on_rows(rows),
-                        Ok(Err(e)) => {
-                            // Not "drained": the rows are still there; try again shortly.
-                            tracing::error!(error = %e, "store read failed; retrying in 1 s");
-                            self.read_retry_at = Some(Instant::now() + Duration::from_secs(1));
-                        }
-                        Err(_) => tracing::error!("store thread gone"),
+                        Ok(Err(e)) => self.on_read_failed(&e),
+                        Err(_) => self.on_store_gone(),
                     }
                 }
                 event = async { store_events.as_mut().expect("guarded").recv().await },
                     if store_events.is_some() =>
                 {
                     match event {
-                        Some(StoreEvent::WriteFailed { returned, error }) => {
-                            self.on_store_failed(returned, &error)
-                        }
+                        Some(StoreEvent::WriteFailed { error }) => self.on_store_failed(&error),
                         None => store_events = None,
                     }
                 }
@@ -589,8 +602,22 @@ impl Manager {
         self.goodbye(&mut events).await;
         stop.cancel();
         if let Some(store) = self.store.take() {
-            // Joining the store thread blocks; it has already committed (park).
-            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+            // Joining the store thread blocks, on a thread of its own: a store stuck in I/O
+            // must not keep the gateway from exiting (what it did not commit is lost then).
+            let (done_tx, done_rx) = oneshot::channel();
+            std::thread::spawn(move || {
+                store.close();
+                let _ = done_tx.send(());
+            });
+            if tokio::time::timeout(STORE_CLOSE_TIMEOUT, done_rx)
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    timeout_s = STORE_CLOSE_TIMEOUT.as_secs(),
+                    "store thread did not stop in time (stuck in I/O?): exiting without it; its last uncommitted writes are lost"
+                );
+            }
         }
         LinkReport {
             delivered: self.stats.delivered.load(Ordering::Relaxed),
@@ -623,7 +650,8 @@ impl Manager {
         // Responses to MQTT 5 requests are not kept: the store has no room for their
         // correlation data, and without it a response answers nobody.
         held.retain(|e| !e.volatile && e.msg.storable());
-        if !self.store_usable() {
+        // A store whose reads failed may still write (and keeps in memory what it cannot).
+        if self.store.is_none() {
             let lost = held.iter().filter(|e| e.store_id.is_none()).count() as u64
                 + self.to_store.len() as u64;
             if lost > 0 {
@@ -634,7 +662,7 @@ impl Manager {
             }
             return lost;
         }
-        let store = self.store.as_ref().expect("usable");
+        let store = self.store.as_ref().expect("checked above");
         // Messages older than every stored row (before the first one that has a row) go in
         // front of the store; the rest after it.
         let first_stored = held.iter().position(|e| e.store_id.is_some());
@@ -651,13 +679,22 @@ impl Manager {
                 None => back.push(m),
             }
         }
-        back.append(&mut self.to_store);
+        back.extend(self.to_store.drain(..));
         let kept = front.len() + back.len();
+        // Waits (bounded) for room: the event loop is done, and these must not be lost.
         if !self.to_delete.is_empty() {
-            store.send(StoreRequest::Delete(std::mem::take(&mut self.to_delete)));
+            let deletes = std::mem::take(&mut self.to_delete);
+            store.send_within(StoreRequest::Delete(deletes), STORE_PARK_TIMEOUT);
         }
-        store.send(StoreRequest::Prepend(front));
-        store.send(StoreRequest::Append(back));
+        let sent = store.send_within(StoreRequest::Prepend(front), STORE_PARK_TIMEOUT)
+            && store.send_within(StoreRequest::Append(back), STORE_PARK_TIMEOUT);
+        if !sent {
+            tracing::error!(
+                undelivered = kept,
+                "store thread not taking requests (stuck in I/O?): messages held in memory are lost"
+            );
+            return kept as u64;
+        }
         if kept > 0 {
             tracing::info!(kept, "messages not yet delivered written to the store");
         }
@@ -739,8 +776,7 @@ impl Manager {
             if !self.spill {
                 self.start_spill();
             }
-            self.to_store.push(new_message(&msg));
-            self.appends_since_read += 1;
+            self.push_to_store(new_message(&msg));
             return;
         }
         if self.pending() >= self.settings.queue_capacity {
@@ -790,7 +826,7 @@ impl Manager {
             if e.volatile || !e.msg.storable() {
                 self.queue.push_back(e);
             } else {
-                self.to_store.push(new_message(&e.msg));
+                self.to_store.push_back(new_message(&e.msg));
                 self.appends_since_read += 1;
             }
         }
@@ -798,25 +834,45 @@ impl Manager {
     }
 
     /// Sends batched appends and deletes to the store, and asks for more rows when draining.
+    /// Never waits: what the store thread cannot take now stays here and goes next turn.
     fn sync_store(&mut self) {
         let Some(store) = &self.store else { return };
+        let mut gone = false;
         if !self.to_store.is_empty() && self.store_usable() {
-            store.send(StoreRequest::Append(std::mem::take(&mut self.to_store)));
+            let batch = Vec::from(std::mem::take(&mut self.to_store));
+            match store.try_send(StoreRequest::Append(batch)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(StoreRequest::Append(back))) => self.to_store = back.into(),
+                Err(TrySendError::Gone(StoreRequest::Append(back))) => {
+                    self.to_store = back.into();
+                    gone = true;
+                }
+                Err(_) => unreachable!("the request handed back is the one sent"),
+            }
         }
         // Deletes are batched (a few per second, or when many are waiting, or when idle):
         // one request per acknowledgement would wake the store thread for every message.
         let idle = self.handed.is_empty() && self.inflight.is_empty();
-        if !self.to_delete.is_empty()
+        if !gone
+            && !self.to_delete.is_empty()
             && (self.to_delete.len() >= 256
                 || idle
                 || self.deletes_sent.elapsed() >= Duration::from_millis(100))
         {
-            store.send(StoreRequest::Delete(std::mem::take(&mut self.to_delete)));
-            self.deletes_sent = Instant::now();
+            match store.try_send(StoreRequest::Delete(std::mem::take(&mut self.to_delete))) {
+                Ok(()) => self.deletes_sent = Instant::now(),
+                Err(TrySendError::Full(StoreRequest::Delete(back))) => self.to_delete = back,
+                Err(TrySendError::Gone(StoreRequest::Delete(back))) => {
+                    self.to_delete = back;
+                    gone = true;
+                }
+                Err(_) => unreachable!("the request handed back is the one sent"),
+            }
         }
         let drained = self.last_read_short && self.appends_since_read == 0;
         let room = (self.window * 4).saturating_sub(self.queue.len());
-        if self.spill
+        if !gone
+            && (self.spill || self.unread_in_store)
             && self.read_pending.is_none()
             && self.read_retry_at.is_none_or(|t| Instant::now() >= t)
             && self.generation.is_some()
@@ -824,64 +880,166 @@ impl Manager {
             && room >= self.window
         {
             let (tx, rx) = oneshot::channel();
-            if store.send(StoreRequest::Read {
+            match store.try_send(StoreRequest::Read {
                 after: self.cursor,
                 limit: room,
                 reply: tx,
             }) {
-                self.read_pending = Some(rx);
-                self.read_limit = room;
-                self.appends_since_read = 0;
+                Ok(()) => {
+                    self.read_pending = Some(rx);
+                    self.read_limit = room;
+                    self.appends_since_read = 0;
+                }
+                Err(TrySendError::Full(_)) => {}
+                Err(TrySendError::Gone(_)) => gone = true,
             }
+        }
+        if gone {
+            self.on_store_gone();
+        }
+    }
+
+    /// A message for the store; while the store thread cannot take them, at most
+    /// `queue_capacity` wait here (policy drop_oldest, counted as dropped by the link).
+    fn push_to_store(&mut self, m: NewMessage) {
+        let capacity = self.settings.queue_capacity;
+        if self.to_store_dropped > 0 && self.to_store.len() < capacity / 2 {
+            tracing::warn!(
+                dropped = self.to_store_dropped,
+                "store taking messages again"
+            );
+            self.to_store_dropped = 0;
+        }
+        if push_bounded(&mut self.to_store, m, capacity) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.to_store_dropped == 0 {
+                tracing::warn!(
+                    capacity,
+                    "store is not taking messages: dropping the oldest waiting for it (policy drop_oldest)"
+                );
+            }
+            self.to_store_dropped += 1;
+        }
+        self.appends_since_read += 1;
+    }
+
+    /// A read failed although the store repairs what it can (bad rows, damaged pages): an I/O
+    /// error. New messages must not queue behind rows that cannot be read: they stay in
+    /// memory and are delivered; the read is retried with a back-off, and what it returns is
+    /// delivered behind them.
+    fn on_read_failed(&mut self, error: &str) {
+        self.read_failures = self.read_failures.saturating_add(1);
+        let backoff =
+            Duration::from_secs(1 << self.read_failures.min(5).saturating_sub(1)).min(STORE_RETRY);
+        if self.read_failures == 1 {
+            tracing::error!(
+                error,
+                "store read failed: new messages are delivered from memory meanwhile (bounded by mqtt.queue.capacity); retrying the read"
+            );
+        } else {
+            tracing::debug!(
+                error,
+                failures = self.read_failures,
+                "store read failed again"
+            );
+        }
+        self.read_retry_at = Some(Instant::now() + backoff);
+        self.store_failed_at = Some(Instant::now());
+        self.unread_in_store = true;
+        if self.spill {
+            self.spill = false;
+            // What was bound for the store is newer than everything in it: keep it in order.
+            let now_ms = crate::store::now_ms();
+            for m in std::mem::take(&mut self.to_store) {
+                let entry = self.entry(m, None, now_ms);
+                self.queue.push_back(entry);
+            }
+            self.trim_queue();
+        }
+    }
+
+    /// The store thread ended (it panicked): from now on the link runs on memory alone.
+    fn on_store_gone(&mut self) {
+        if self.store.take().is_none() {
+            return;
+        }
+        tracing::error!(
+            "store thread gone: running WITHOUT store-and-forward (memory queue only) until restart"
+        );
+        self.spill = false;
+        self.unread_in_store = false;
+        self.read_pending = None;
+        self.to_delete.clear();
+        let now_ms = crate::store::now_ms();
+        for m in std::mem::take(&mut self.to_store) {
+            let entry = self.entry(m, None, now_ms);
+            self.queue.push_back(entry);
+        }
+        self.trim_queue();
+    }
+
+    /// Drops the oldest messages not on the wire beyond `queue_capacity`.
+    fn trim_queue(&mut self) {
+        while self.pending() > self.settings.queue_capacity {
+            let Some(i) = self.queue.iter().position(|e| e.store_id.is_none()) else {
+                break;
+            };
+            self.queue.remove(i);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropping += 1;
         }
     }
 
     /// Rows read back from the store join the queue, in order.
     fn on_rows(&mut self, rows: Vec<StoredMessage>) {
+        self.read_failures = 0;
+        if self.always {
+            // A failed read paused it (`on_read_failed`).
+            self.spill = true;
+        }
         self.last_read_short = rows.len() < self.read_limit;
         let now_ms = crate::store::now_ms();
+        let mut too_large = 0u64;
         for row in rows {
             self.cursor = self.cursor.max(row.id);
+            // Stored under another configuration (a larger mqtt.max_packet_size): it could
+            // never be delivered now, and would stop every session that tried.
+            let size = row.message.topic.len() + row.message.payload.len() + 9;
+            if size > self.settings.max_packet_size {
+                too_large += 1;
+                self.to_delete.push(row.id);
+                continue;
+            }
             let entry = self.entry(row.message, Some(row.id), now_ms);
             self.queue.push_back(entry);
         }
-        if self.last_read_short && self.appends_since_read == 0 && !self.always {
-            // Everything stored is in memory now: new messages can go straight to the queue,
-            // behind it.
-            self.spill = false;
-            tracing::debug!("store drained; back to direct delivery");
+        if too_large > 0 {
+            let n = self.stats.dropped.fetch_add(too_large, Ordering::Relaxed);
+            tracing::error!(
+                rows = too_large,
+                max = self.settings.max_packet_size,
+                dropped_total = n + too_large,
+                "stored messages larger than mqtt.max_packet_size: dropped (they could never be delivered)"
+            );
+        }
+        if self.last_read_short && self.appends_since_read == 0 {
+            self.unread_in_store = false;
+            if !self.always {
+                // Everything stored is in memory now: new messages can go straight to the
+                // queue, behind it.
+                self.spill = false;
+                tracing::debug!("store drained; back to direct delivery");
+            }
         }
     }
 
-    fn on_store_failed(&mut self, returned: Vec<StoredMessage>, error: &str) {
-        tracing::error!(
+    /// The store keeps what it could not write, in order, and retries by itself (see
+    /// `store`'s "Faults"); it has logged the failure.
+    fn on_store_failed(&mut self, error: &str) {
+        tracing::debug!(
             error,
-            kept_in_memory = returned.len(),
-            "store write failed: keeping messages in memory (bounded by mqtt.queue.capacity); retrying the store in 30 s"
+            "store write failed; the store keeps the messages in order"
         );
-        self.store_failed_at = Some(Instant::now());
-        // Rows already read back are in memory: they become memory-only (their ids are gone
-        // with the rollback); the others are queued again.
-        let lost_ids: std::collections::HashSet<i64> = returned.iter().map(|r| r.id).collect();
-        let mut in_memory = std::collections::HashSet::new();
-        for e in self
-            .queue
-            .iter_mut()
-            .chain(self.handed.iter_mut())
-            .chain(self.inflight.values_mut())
-        {
-            if let Some(id) = e.store_id.filter(|id| lost_ids.contains(id)) {
-                e.store_id = None;
-                in_memory.insert(id);
-            }
-        }
-        let now_ms = crate::store::now_ms();
-        for r in returned {
-            if !in_memory.contains(&r.id) {
-                let entry = self.entry(r.message, None, now_ms);
-                self.queue.push_back(entry);
-            }
-        }
     }
 
     /// A queue entry for a message that was (or was meant to be) stored; its age is kept, so
@@ -1216,9 +1374,30 @@ impl LatencyHistogram {
     }
 }
 
+/// Appends `item`, dropping the oldest first when `queue` already holds `capacity`; whether
+/// one was dropped.
+fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, capacity: usize) -> bool {
+    let full = queue.len() >= capacity.max(1);
+    if full {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+    full
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_waiting_for_a_store_that_takes_none_stay_within_the_queue_capacity() {
+        let mut q = VecDeque::new();
+        let dropped = (0..1000).filter(|&i| push_bounded(&mut q, i, 100)).count();
+        assert_eq!(dropped, 900);
+        assert_eq!(q.len(), 100);
+        assert_eq!(q.front(), Some(&900), "the oldest go first");
+        assert_eq!(q.back(), Some(&999));
+    }
 
     #[test]
     fn histogram_quantiles_are_within_five_percent() {

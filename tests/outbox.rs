@@ -362,3 +362,176 @@ async fn status_reports_the_backlog_of_the_store() {
     let backlog = stored_backlog(&config_path);
     assert!(backlog >= 40, "{}", out.stdout);
 }
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None` (with a line
+/// saying so) when this process may not mount (the suite runs as root).
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: cannot mount a tmpfs (not root?): the disk-full case needs it");
+            return None;
+        }
+        Some(SmallFs { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem to its last byte; returns the filler.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(&[0]).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The store on a real filesystem that fills up (a tmpfs with `size=`): readings stored
+/// while the broker is down, then the disk full, more readings, space back, broker back.
+/// Every reading arrives, oldest first: those the disk refused were kept in memory behind
+/// the stored ones (far below the 8 MiB that memory holds before dropping the oldest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_keeps_delivery_order_and_loses_nothing_once_space_returns() {
+    let Some(fs) = SmallFs::mount("4m") else {
+        return;
+    };
+    let mut broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let yaml = config(
+        relay.port(),
+        device.port(),
+        "50ms",
+        "  commit_interval: 50ms\n",
+    )
+    .replace(
+        "  path: \"{dir}/outbox.db\"",
+        &format!("  path: \"{}/outbox.db\"", fs.path().display()),
+    );
+    let gateway = Gateway::start(&yaml);
+    let mut msgs = vec![probe.expect(|t| t == TOPIC, WAIT).await];
+
+    relay.cut();
+    broker.stop();
+    let config_path = gateway.config_path().to_str().unwrap().to_string();
+    assert!(
+        common::wait_until(WAIT, || stored_backlog(&config_path) >= 20),
+        "the outage's first readings were never committed"
+    );
+    let filler = fs.fill();
+    wait_for_reads(&device, 40).await;
+    assert!(
+        gateway.logs().contains("store write failed"),
+        "the disk never refused a write: {}",
+        gateway.logs()
+    );
+    std::fs::remove_file(filler).unwrap();
+    wait_for_reads(&device, 20).await;
+    broker.restart();
+    probe.wait_resubscribed(WAIT).await;
+    relay.restore();
+    let last = served(&device) - 1;
+    collect_until(&mut probe, &mut msgs, last).await;
+    assert_in_order(&values(&msgs));
+    assert_complete_in_order(&values(&msgs), last);
+    drop(gateway);
+}
+
+/// A row whose topic is not UTF-8 (written by another program, or a flipped bit) in the
+/// middle of the backlog: it is taken out, everything else is delivered in order, and the
+/// readings that follow are delivered too (they used to queue behind it for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_does_not_stall_delivery() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let mut gateway = Gateway::start(&config(relay.port(), device.port(), "50ms", ""));
+    let mut msgs = vec![probe.expect(|t| t == TOPIC, WAIT).await];
+    relay.cut();
+    wait_for_reads(&device, 30).await;
+    gateway.terminate();
+    assert!(gateway.wait_exit(WAIT).is_some_and(|s| s.success()));
+    let db = rusqlite::Connection::open(gateway.dir().join("outbox.db")).unwrap();
+    let (bad_id, bad_value): (i64, String) = db
+        .query_row(
+            "SELECT id, CAST(payload AS TEXT) FROM outbox WHERE topic = ?1 ORDER BY id LIMIT 1 OFFSET 10",
+            [TOPIC],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE outbox SET topic = CAST(x'74ff2f64' AS TEXT) WHERE id = ?1",
+        [bad_id],
+    )
+    .unwrap();
+    drop(db);
+    let bad_value = serde_json::from_str::<serde_json::Value>(&bad_value).unwrap()["value"]
+        .as_u64()
+        .unwrap();
+    gateway.restart();
+    wait_for_reads(&device, 5).await;
+    relay.restore();
+    wait_for_reads(&device, 10).await;
+    let last = served(&device) - 1;
+    collect_until(&mut probe, &mut msgs, last).await;
+    let seen = values(&msgs);
+    assert_in_order(&seen);
+    assert_eq!(
+        missing(&seen, last),
+        [bad_value],
+        "only the unreadable row is lost"
+    );
+}
+
+/// A store that cannot be read at all (here its table is gone, as after an I/O error that
+/// no repair can read around): live readings are still delivered, from memory, while the
+/// read is retried; they do not queue behind the rows that cannot be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_read_does_not_stop_live_readings() {
+    let broker = Mosquitto::start();
+    let relay = Relay::start(broker.port()).await;
+    let device = counter_device();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let gateway = Gateway::start(&config(relay.port(), device.port(), "50ms", ""));
+    probe.expect(|t| t == TOPIC, WAIT).await;
+    relay.cut();
+    let config_path = gateway.config_path().to_str().unwrap().to_string();
+    assert!(
+        common::wait_until(WAIT, || stored_backlog(&config_path) >= 10),
+        "the outage's readings were never committed"
+    );
+    let db = rusqlite::Connection::open(gateway.dir().join("outbox.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch("DROP TABLE outbox").unwrap();
+    drop(db);
+    wait_for_reads(&device, 5).await;
+    probe.drain();
+    relay.restore();
+    let after = served(&device) + 20;
+    let mut msgs = Vec::new();
+    collect_until(&mut probe, &mut msgs, after).await;
+}

@@ -1,6 +1,6 @@
 //! systemd integration: the notify protocol of the real binary against a NOTIFY_SOCKET this test
-//! binds (READY, STATUS, WATCHDOG, STOPPING), the watchdog withheld while a poll loop is stuck,
-//! and `systemd-analyze verify` of the unit where systemd-analyze exists.
+//! binds (READY, STATUS, WATCHDOG, STOPPING), the watchdog withheld while a poll loop or the
+//! store thread is stuck, and `systemd-analyze verify` of the unit where systemd-analyze exists.
 
 mod common;
 
@@ -166,6 +166,46 @@ fn no_watchdog_ping_while_a_poll_loop_is_stuck() {
     assert!(
         gateway.logs().contains("withholding the watchdog ping"),
         "{}",
+        gateway.logs()
+    );
+}
+
+/// A store thread stuck in I/O (a dying SD card) stops its heartbeat; no real file does it on
+/// demand, so the debug-build hook `FIELDBRIDGE_TEST_STALL_STORE` makes the thread hang.
+#[test]
+fn no_watchdog_ping_while_the_store_thread_is_stuck() {
+    let broker = Mosquitto::start();
+    let device = device();
+    let notify = NotifySocket::bind();
+    let yaml = yaml(broker.port(), device.port())
+        .replace("buses:\n", "store:\n  path: \"{dir}/outbox.db\"\nbuses:\n");
+    let mut gateway = Gateway::start_with_env(
+        &yaml,
+        &[
+            ("NOTIFY_SOCKET", &notify.path),
+            ("WATCHDOG_USEC", "500000"),
+            ("FIELDBRIDGE_TEST_STALL_STORE", "1"),
+        ],
+    );
+    // The store's limit is 20 s.
+    let lines = notify.collect_until(Duration::from_secs(40), |l| {
+        l.iter().any(|(_, s)| s.contains("stalled: store"))
+    });
+    let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(
+        text.iter().any(|s| s.contains("stalled: store")),
+        "{text:?}\n{}",
+        gateway.logs()
+    );
+    assert!(count(&lines, "WATCHDOG=1") >= 2, "{text:?}");
+    let after = notify.collect(Duration::from_secs(2));
+    assert_eq!(count(&after, "WATCHDOG=1"), 0, "{after:?}");
+    // A stop (systemctl restart) does not hang on the stuck thread.
+    gateway.terminate();
+    let status = gateway.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some(),
+        "still running 20 s after SIGTERM\n{}",
         gateway.logs()
     );
 }
