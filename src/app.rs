@@ -469,13 +469,15 @@ async fn publish_stats(
             continue;
         }
         let online: u64 = buses.iter().map(|b| b.devices_online.load(Relaxed)).sum();
-        let (stored, stored_bytes, oldest, store_dropped) =
-            store.as_ref().map_or((0, 0, 0, 0), |s| {
+        let (stored, stored_bytes, oldest, store_dropped, unreadable, write_failures) =
+            store.as_ref().map_or((0, 0, 0, 0, 0, 0), |s| {
                 (
                     s.backlog.load(Relaxed),
                     s.backlog_bytes.load(Relaxed),
                     s.oldest_created.load(Relaxed),
                     s.dropped.load(Relaxed),
+                    s.unreadable.load(Relaxed),
+                    s.write_failures.load(Relaxed),
                 )
             });
         let oldest_age_s = if stored > 0 && oldest > 0 {
@@ -491,6 +493,8 @@ async fn publish_stats(
             "store_messages": stored,
             "store_bytes": stored_bytes,
             "oldest_age_s": oldest_age_s,
+            "store_unreadable": unreadable,
+            "store_write_failures": write_failures,
             "dropped": link_stats.dropped.load(Relaxed) + store_dropped,
             "delivered": delivered,
             "delivery_rate": (rate * 10.0).round() / 10.0,
