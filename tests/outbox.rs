@@ -235,10 +235,13 @@ async fn kill_9_during_the_drain_loses_nothing() {
     let last = served(&device) - 1;
     collect_until(&mut probe, &mut msgs, last).await;
     // Nothing acknowledged was lost and nothing unacknowledged was deleted: every value but
-    // those read in the kill's commit window arrived.
+    // those read in the kill's window (polled since the last commit, not yet acknowledged)
+    // arrived. That window is one run of consecutive values; its length is the time from the
+    // relay's return to the kill, a few polls, up to a second of them on a loaded machine.
     let missing = missing(&values(&msgs), last);
+    let contiguous = missing.windows(2).all(|w| w[1] == w[0] + 1);
     assert!(
-        missing.len() <= 8,
+        contiguous && missing.len() <= 50,
         "lost {} values: {missing:?}",
         missing.len()
     );
