@@ -1,0 +1,268 @@
+//! The MQTT link against hostile and faulty brokers (issue 10): nothing a broker sends may
+//! put the link into a reconnect loop, silence it, make it mis-acknowledge or lose a reading.
+//!
+//! The link is driven directly (`link::spawn`, as `benches/outbox.rs` does) so that each test
+//! sees its counters. Tests marked "fake" use `common::fake_broker`, a scripted MQTT server,
+//! because no real broker misbehaves on demand; everything else runs against mosquitto.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::fake_broker::{self, FakeBroker, Script};
+use common::{Mosquitto, MqttProbe};
+use fieldbridge::link::{self, InMessage, Link, LinkSettings, OutMessage, Outbox};
+use fieldbridge::model::{Config, Qos};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// `protocol`: 4 (3.1.1) or 5; `extra`: more `mqtt` keys, each line indented by two spaces.
+fn config(port: u16, protocol: u8, extra: &str) -> Config {
+    let protocol = if protocol == 5 { "  protocol: 5\n" } else { "" };
+    let yaml = format!(
+        "gateway:\n  id: gw\n  prefix: t\nmqtt:\n  url: mqtt://127.0.0.1:{port}\n{protocol}  reconnect: {{ min: 50ms, max: 200ms }}\n{extra}store:\n  path: none\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: 1502 }}\ndevices:\n  - {{ name: d, bus: b, points: [ {{ name: n, address: 0 }} ] }}\n"
+    );
+    fieldbridge::config::parse(&yaml, "test.yaml").expect("test config")
+}
+
+struct Running {
+    link: Link,
+    commands: mpsc::Receiver<InMessage>,
+}
+
+fn start(cfg: &Config, subscriptions: &[&str], outbox: Option<Outbox>) -> Running {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut settings = LinkSettings::from_config(&cfg.mqtt);
+    if outbox.is_some() {
+        settings = settings.with_store(&cfg.store);
+    }
+    settings.subscriptions = subscriptions.iter().map(ToString::to_string).collect();
+    let (tx, commands) = mpsc::channel(16);
+    let link = link::spawn(&cfg.mqtt, settings, outbox, Some(tx), 1024).expect("link");
+    Running { link, commands }
+}
+
+fn msg(topic: &str, payload: &str) -> OutMessage {
+    OutMessage {
+        topic: topic.to_string(),
+        payload: payload.as_bytes().to_vec(),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        created: Instant::now(),
+        correlation: None,
+    }
+}
+
+async fn send_readings(link: &Link, n: usize) {
+    for i in 0..n {
+        link.sender
+            .send(msg(&format!("t/d/r{i}"), &i.to_string()))
+            .await
+            .expect("link running");
+    }
+}
+
+/// Waits until `cond` holds on the link's counters, at most `within`.
+async fn wait_stats(
+    link: &Link,
+    within: Duration,
+    cond: impl Fn(&link::LinkStats) -> bool,
+) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond(&link.stats) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond(&link.stats)
+}
+
+fn stat(link: &Link, f: impl Fn(&link::LinkStats) -> &std::sync::atomic::AtomicU64) -> u64 {
+    f(&link.stats).load(Ordering::Relaxed)
+}
+
+/// The readings `t/d/r0..n` the fake received on connection `conn`, in order.
+fn readings_on(fake: &FakeBroker, conn: usize) -> Vec<String> {
+    fake.received()
+        .into_iter()
+        .filter(|r| r.conn == conn && r.topic.starts_with("t/d/"))
+        .map(|r| r.text())
+        .collect()
+}
+
+fn all(n: usize) -> Vec<String> {
+    (0..n).map(|i| i.to_string()).collect()
+}
+
+// --- Item 6: every topic we publish is bounded ---------------------------------------------
+
+/// A topic the wire cannot carry (over 65535 bytes: rumqttc would write its length as
+/// `len as u16`), an empty one, one with wildcards or a NUL: each is refused by the link
+/// before rumqttc sees it, counted in `dropped`, and the session lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_the_wire_cannot_carry_are_refused_and_the_session_lives_on() {
+    let broker = Mosquitto::start();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let run = start(&config(broker.port(), 4, ""), &[], None);
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s.connected.load(Ordering::Relaxed)
+            == 1)
+        .await
+    );
+    let long = format!("t/{}", "x".repeat(70_000));
+    for bad in [long.as_str(), "", "t/+/x", "t/#", "t/a\0b"] {
+        run.link.sender.send(msg(bad, "bad")).await.unwrap();
+    }
+    send_readings(&run.link, 5).await;
+    for i in 0..5 {
+        let topic = format!("t/d/r{i}");
+        probe.expect(|t| t == topic, WAIT).await;
+    }
+    assert!(wait_stats(&run.link, WAIT, |s| s.dropped.load(Ordering::Relaxed) == 5).await);
+    // Still the first session.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stat(&run.link, |s| &s.connects), 1, "{}", broker.log());
+    assert!(probe.drain().iter().all(|m| m.text() != "bad"));
+}
+
+// --- Item 10: protocol errors of the broker (fake) ---------------------------------------
+
+/// Fake: a CONNACK with `session_present = 1` on our clean session made rumqttc replay the
+/// publishes of the dead session while the link re-sent them too, so PUBACKs completed the
+/// wrong entries. Now it is a protocol error: counted, the connection reset, and a later good
+/// session receives every reading once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_present_on_a_clean_session_is_a_protocol_error() {
+    let fake = FakeBroker::start(|n| match n {
+        // Takes the readings, acknowledges none, then dies.
+        0 => Script {
+            ack: false,
+            ..Script::default()
+        },
+        1 => Script {
+            session_present: true,
+            ..Script::default()
+        },
+        _ => Script::default(),
+    })
+    .await;
+    let run = start(&config(fake.port(), 4, ""), &[], None);
+    send_readings(&run.link, 5).await;
+    assert!(fake.wait(WAIT, |f| readings_on(f, 0).len() == 5).await);
+    // End session 0 by stopping the fake's side: restart a fake on... the same one: the link
+    // reconnects when its connection drops, which the fake's script does not do; so make it.
+    drop_connections(&fake).await;
+    assert!(
+        fake.wait(WAIT, |f| readings_on(f, 2) == all(5)).await,
+        "session 2 got {:?}; all: {:?}",
+        readings_on(&fake, 2),
+        fake.received()
+    );
+    assert!(stat(&run.link, |s| &s.protocol_errors) >= 1);
+    // Nothing was taken as delivered in session 1: its acks do not count.
+    assert!(readings_on(&fake, 1).is_empty(), "{:?}", fake.received());
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s.delivered.load(Ordering::Relaxed)
+            >= 6)
+        .await
+    );
+}
+
+/// Ends every open connection of the fake (a network blip).
+async fn drop_connections(fake: &FakeBroker) {
+    fake.close_all();
+    assert!(fake.wait(WAIT, |f| f.connections() >= 2).await);
+}
+
+/// Fake, MQTT 5: Receive Maximum 0 (forbidden, §3.2.2.3.3) left the link silent for good.
+/// Now the session is reset and the next one delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_maximum_zero_is_a_protocol_error() {
+    let fake = FakeBroker::start(|n| match n {
+        0 => Script {
+            receive_max: Some(0),
+            ..Script::default()
+        },
+        _ => Script::default(),
+    })
+    .await;
+    let run = start(&config(fake.port(), 5, ""), &[], None);
+    send_readings(&run.link, 5).await;
+    assert!(
+        fake.wait(WAIT, |f| readings_on(f, 1) == all(5)).await,
+        "{} connections, {} protocol errors, received {:?}",
+        fake.connections(),
+        stat(&run.link, |s| &s.protocol_errors),
+        fake.received()
+    );
+    assert!(stat(&run.link, |s| &s.protocol_errors) >= 1);
+    assert_eq!(fake.levels()[0], 5);
+}
+
+/// Fake: a PUBACK for a packet id not in flight (3.1.1 and 5), and a SUBSCRIBE sent by the
+/// server. Each resets the connection; nothing is taken as delivered before its real PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsolicited_acks_and_unexpected_packets_reset_the_connection() {
+    for protocol in [4, 5] {
+        for bad in [
+            fake_broker::puback(77),
+            fake_broker::subscribe_from_server(9, "x/#"),
+        ] {
+            let fake = FakeBroker::start(move |n| match n {
+                0 => Script {
+                    ack: false,
+                    after_connack: vec![bad.clone()],
+                    ..Script::default()
+                },
+                _ => Script::default(),
+            })
+            .await;
+            let run = start(&config(fake.port(), protocol, ""), &[], None);
+            send_readings(&run.link, 5).await;
+            assert!(
+                fake.wait(WAIT, |f| readings_on(f, 1) == all(5)).await,
+                "v{protocol}: {:?}",
+                fake.received()
+            );
+            assert!(stat(&run.link, |s| &s.protocol_errors) >= 1, "v{protocol}");
+            assert!(
+                wait_stats(&run.link, WAIT, |s| s.delivered.load(Ordering::Relaxed)
+                    == 6)
+                .await
+            );
+        }
+    }
+}
+
+/// Fake, MQTT 5: a PUBLISH with a Topic Alias although we advertised Topic Alias Maximum 0
+/// (§3.3.2.3.4: a protocol error). rumqttc accepts it; the link never hands it on as a
+/// command and resets the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_with_an_unadvertised_topic_alias_is_never_executed() {
+    let fake = FakeBroker::start(|n| match n {
+        0 => Script {
+            after_suback: vec![fake_broker::publish_v5_with_alias("t/d/n/set", b"1", 1, 3)],
+            ..Script::default()
+        },
+        _ => Script::default(),
+    })
+    .await;
+    let mut run = start(&config(fake.port(), 5, ""), &["t/+/+/set"], None);
+    assert!(fake.wait(WAIT, |f| f.connections() >= 2).await);
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s
+            .protocol_errors
+            .load(Ordering::Relaxed)
+            >= 1)
+        .await
+    );
+    send_readings(&run.link, 3).await;
+    assert!(fake.wait(WAIT, |f| readings_on(f, 1) == all(3)).await);
+    assert!(
+        run.commands.try_recv().is_err(),
+        "an aliased publish was handed on"
+    );
+}
