@@ -537,8 +537,13 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                     // the gate, so that rumqttc holds nothing the manager will re-send.
                     session.reset();
                 }
+                // SUBACKs read in the batch that ended with the error came before it.
+                let now = Instant::now();
+                for _ in 0..forward_stale(&mut session, &d.events) {
+                    d.subscriptions.on_suback(now);
+                }
                 let too_large = ended.cause == proto::Cause::TooLarge;
-                if let Some(filter) = d.subscriptions.on_session_end(too_large, Instant::now()) {
+                if let Some(filter) = d.subscriptions.on_session_end(too_large, now) {
                     tracing::error!(
                         filter = %filter,
                         max_packet_size = d.max_packet_size,
@@ -552,7 +557,6 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                         "the broker sent a packet larger than mqtt.max_packet_size; the next sessions subscribe to command topics one at a time to find a retained one"
                     );
                 }
-                forward_stale(&mut session, &d.events);
                 let event = LinkEvent::Disconnected {
                     error: ended.error,
                     cause: ended.cause,
@@ -576,10 +580,13 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
 
 /// Drops the events rumqttc still buffers from a session that ended (they refer to packet
 /// ids of that session), forwarding received publishes, which are still valid commands.
-fn forward_stale(session: &mut Session, events: &mpsc::UnboundedSender<LinkEvent>) {
-    for msg in session.take_stale() {
+/// Returns how many SUBACKs were among them.
+fn forward_stale(session: &mut Session, events: &mpsc::UnboundedSender<LinkEvent>) -> usize {
+    let (received, subacks) = session.take_stale();
+    for msg in received {
         let _ = events.send(LinkEvent::Incoming(msg));
     }
+    subacks
 }
 
 struct Entry {

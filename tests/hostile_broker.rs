@@ -34,6 +34,10 @@ struct Running {
 
 fn start(cfg: &Config, subscriptions: &[&str], outbox: Option<Outbox>) -> Running {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("fieldbridge=debug")
+        .with_test_writer()
+        .try_init();
     let mut settings = LinkSettings::from_config(&cfg.mqtt);
     if outbox.is_some() {
         settings = settings.with_store(&cfg.store);
@@ -265,4 +269,81 @@ async fn a_publish_with_an_unadvertised_topic_alias_is_never_executed() {
         run.commands.try_recv().is_err(),
         "an aliased publish was handed on"
     );
+}
+
+// --- Item 7: an oversized retained command never puts the link into a reconnect loop ------
+
+/// Publishes `payload` retained at QoS 1 on `topic` with a client of our own and returns once
+/// the broker acknowledged it (so it holds the message).
+async fn publish_retained(port: u16, topic: &str, payload: Vec<u8>) {
+    let mut options = rumqttc::MqttOptions::new("retainer", "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("retained publish: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("retained publish acknowledged");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+}
+
+/// A retained message twice our incoming limit on a command topic, there before the link
+/// starts (MQTT 3.1.1 cannot tell the broker our limit; MQTT 5 does, in CONNECT). Readings
+/// keep flowing, the link settles in a session that lasts, the filter that brings the message
+/// is no longer subscribed (3.1.1), commands on the other filters still arrive, and nothing is
+/// dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_retained_command_never_makes_the_link_reconnect_for_ever() {
+    for protocol in [4, 5] {
+        let broker = Mosquitto::start();
+        publish_retained(broker.port(), "t/d/n/set", vec![b'x'; 8192]).await;
+        let mut probe = MqttProbe::connect(broker.port(), "t/d/#").await;
+        let cfg = config(broker.port(), protocol, "  max_packet_size: 4096\n");
+        let mut run = start(&cfg, &["t/+/+/set", "t/other/cmd"], None);
+        send_readings(&run.link, 5).await;
+        for i in 0..5 {
+            let topic = format!("t/d/r{i}");
+            probe.expect(|t| t == topic, WAIT).await;
+        }
+        // Settles in a session that lives, subscribed to the other filter.
+        let expected_drops = u64::from(protocol == 4);
+        assert!(
+            wait_stats(&run.link, WAIT, |s| s
+                .filters_dropped
+                .load(Ordering::Relaxed)
+                == expected_drops
+                && s.connected.load(Ordering::Relaxed) == 1)
+            .await,
+            "v{protocol}: {} filters dropped",
+            stat(&run.link, |s| &s.filters_dropped)
+        );
+        let connects = stat(&run.link, |s| &s.connects);
+        assert!(connects <= 4, "v{protocol}: {connects} sessions");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            stat(&run.link, |s| &s.connects),
+            connects,
+            "v{protocol}: still reconnecting"
+        );
+        probe
+            .publish("t/other/cmd", "1", rumqttc::QoS::AtLeastOnce, false)
+            .await;
+        let cmd = tokio::time::timeout(WAIT, run.commands.recv())
+            .await
+            .expect("command on the other filter")
+            .expect("link running");
+        assert_eq!(cmd.topic, "t/other/cmd");
+        assert_eq!(stat(&run.link, |s| &s.dropped), 0, "v{protocol}");
+    }
 }

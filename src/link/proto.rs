@@ -273,29 +273,36 @@ impl Session {
     }
 
     /// Events rumqttc queued in a session that ended: their packet ids mean nothing in the
-    /// next one. Received publishes among them are still valid commands and are returned.
-    pub(super) fn take_stale(&mut self) -> Vec<InMessage> {
+    /// next one. Received publishes among them are still valid commands and are returned,
+    /// with the number of SUBACKs among them (read in the same batch as the packet that
+    /// ended the session, before it).
+    pub(super) fn take_stale(&mut self) -> (Vec<InMessage>, usize) {
+        let mut received = Vec::new();
+        let mut subacks = 0;
         match self {
-            Session::V3(e) => e
-                .state
-                .events
-                .drain(..)
-                .filter_map(|event| match event {
-                    Event::Incoming(Incoming::Publish(p)) => Some(received_v3(&p)),
-                    _ => None,
-                })
-                .collect(),
-            Session::V5(e) => e
-                .state
-                .events
-                .drain(..)
-                .filter_map(|event| match event {
-                    // An aliased one is a protocol error already reported: never handed on.
-                    v5::Event::Incoming(Packet::Publish(p)) => received_v5(&p).ok(),
-                    _ => None,
-                })
-                .collect(),
+            Session::V3(e) => {
+                for event in e.state.events.drain(..) {
+                    match event {
+                        Event::Incoming(Incoming::Publish(p)) => received.push(received_v3(&p)),
+                        Event::Incoming(Incoming::SubAck(_)) => subacks += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Session::V5(e) => {
+                for event in e.state.events.drain(..) {
+                    match event {
+                        // An aliased one is a protocol error already reported: never handed on.
+                        v5::Event::Incoming(Packet::Publish(p)) => {
+                            received.extend(received_v5(&p).ok());
+                        }
+                        v5::Event::Incoming(Packet::SubAck(_)) => subacks += 1,
+                        _ => {}
+                    }
+                }
+            }
         }
+        (received, subacks)
     }
 }
 
