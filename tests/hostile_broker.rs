@@ -20,9 +20,14 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// `protocol`: 4 (3.1.1) or 5; `extra`: more `mqtt` keys, each line indented by two spaces.
 fn config(port: u16, protocol: u8, extra: &str) -> Config {
+    config_with_store(port, protocol, extra, "none")
+}
+
+/// As `config`, with the store at `store` (a path, or `none`).
+fn config_with_store(port: u16, protocol: u8, extra: &str, store: &str) -> Config {
     let protocol = if protocol == 5 { "  protocol: 5\n" } else { "" };
     let yaml = format!(
-        "gateway:\n  id: gw\n  prefix: t\nmqtt:\n  url: mqtt://127.0.0.1:{port}\n{protocol}  reconnect: {{ min: 50ms, max: 200ms }}\n{extra}store:\n  path: none\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: 1502 }}\ndevices:\n  - {{ name: d, bus: b, points: [ {{ name: n, address: 0 }} ] }}\n"
+        "gateway:\n  id: gw\n  prefix: t\nmqtt:\n  url: mqtt://127.0.0.1:{port}\n{protocol}  reconnect: {{ min: 50ms, max: 200ms }}\n{extra}store:\n  path: \"{store}\"\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: 1502 }}\ndevices:\n  - {{ name: d, bus: b, points: [ {{ name: n, address: 0 }} ] }}\n"
     );
     fieldbridge::config::parse(&yaml, "test.yaml").expect("test config")
 }
@@ -345,5 +350,90 @@ async fn an_oversized_retained_command_never_makes_the_link_reconnect_for_ever()
             .expect("link running");
         assert_eq!(cmd.topic, "t/other/cmd");
         assert_eq!(stat(&run.link, |s| &s.dropped), 0, "v{protocol}");
+    }
+}
+
+// --- Item 9: no reading is dropped on a guess; a client-id conflict is named ---------------
+
+/// A client with the gateway's client id that connects again as soon as its session is taken
+/// over (a second gateway from a cloned SD card), so that our sessions die right after their
+/// CONNACK, often before the PUBACK of what they re-sent.
+fn intruder(port: u16) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let options = rumqttc::MqttOptions::new("gw", "127.0.0.1", port);
+        let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::task::yield_now().await;
+            }
+        }
+    })
+}
+
+/// Real mosquitto: two clients with one client id take the session from each other again and
+/// again. The old poison rule dropped the oldest reading in flight (and deleted its row) after
+/// 5 such sessions. Now the link names the conflict (LinkStats.client_id_conflicts), drops
+/// nothing, and once the other client is gone every reading arrives and every row is deleted
+/// after its PUBACK only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_client_with_our_client_id_costs_no_reading() {
+    const N: usize = 60;
+    for protocol in [4, 5] {
+        let broker = Mosquitto::start();
+        let mut probe = MqttProbe::connect(broker.port(), "t/d/#").await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let cfg = config_with_store(broker.port(), protocol, "", &path.display().to_string());
+        let (store, events) = fieldbridge::store::open(&cfg.store, &path).expect("store");
+        let store_stats = store.stats.clone();
+        let run = start(&cfg, &[], Some(Outbox { store, events }));
+        assert!(
+            wait_stats(&run.link, WAIT, |s| s.connected.load(Ordering::Relaxed)
+                == 1)
+            .await
+        );
+        let other = intruder(broker.port());
+        for i in 0..N {
+            run.link
+                .sender
+                .send(msg(&format!("t/d/r{i}"), &i.to_string()))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            wait_stats(&run.link, WAIT, |s| s
+                .client_id_conflicts
+                .load(Ordering::Relaxed)
+                >= 1)
+            .await,
+            "v{protocol}: no conflict seen in {} sessions",
+            stat(&run.link, |s| &s.connects)
+        );
+        let sessions = stat(&run.link, |s| &s.connects);
+        other.abort();
+        let _ = other.await;
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = Instant::now() + WAIT;
+        while seen.len() < N && Instant::now() < deadline {
+            if let Some(m) = probe.next(Duration::from_millis(200)).await {
+                seen.insert(m.text().parse::<usize>().unwrap());
+            }
+        }
+        let missing: Vec<usize> = (0..N).filter(|i| !seen.contains(i)).collect();
+        assert!(
+            missing.is_empty(),
+            "v{protocol}: lost {missing:?} over {sessions} sessions"
+        );
+        assert_eq!(stat(&run.link, |s| &s.dropped), 0, "v{protocol}");
+        assert!(
+            wait_stats(&run.link, WAIT, |_| store_stats
+                .backlog
+                .load(Ordering::Relaxed)
+                == 0)
+            .await,
+            "v{protocol}: rows left"
+        );
+        drop(run);
     }
 }
