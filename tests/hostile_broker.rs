@@ -437,3 +437,81 @@ async fn a_second_client_with_our_client_id_costs_no_reading() {
         drop(run);
     }
 }
+
+// --- Item 8: what the broker sends is bounded, drops are counted ----------------------------
+
+/// Publishes `t/d/n/set` until the link hands one on: then it is subscribed.
+async fn wait_subscribed(probe: &common::Mqtt5Probe, run: &mut Running) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        probe.publish("t/d/n/set", "0", Default::default()).await;
+        if let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(200), run.commands.recv()).await
+        {
+            while run.commands.try_recv().is_ok() {}
+            return;
+        }
+        assert!(Instant::now() < deadline, "the link never subscribed");
+    }
+}
+
+/// MQTT 5 correlation data is sized by the sender (up to 65535 bytes per request, kept with
+/// every queued result): over 256 bytes, neither it nor the response topic is kept (no
+/// response copy), and that is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_correlation_data_is_not_kept() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let broker = Mosquitto::start();
+    let probe = common::Mqtt5Probe::connect(broker.port(), &["x/#"]).await;
+    let mut run = start(&config(broker.port(), 5, ""), &["t/+/+/set"], None);
+    wait_subscribed(&probe, &mut run).await;
+    let request = |len: usize| PublishProperties {
+        response_topic: Some("x/answer".into()),
+        correlation_data: Some(vec![7u8; len].into()),
+        ..PublishProperties::default()
+    };
+    probe.publish("t/d/n/set", "1", request(256)).await;
+    probe.publish("t/d/n/set", "2", request(257)).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(
+            tokio::time::timeout(WAIT, run.commands.recv())
+                .await
+                .expect("command")
+                .expect("link running"),
+        );
+    }
+    assert_eq!(got[0].correlation.as_ref().map(Vec::len), Some(256));
+    assert_eq!(got[0].response_topic.as_deref(), Some("x/answer"));
+    assert!(!got[0].correlation_refused);
+    assert_eq!(got[1].correlation, None);
+    assert_eq!(got[1].response_topic, None);
+    assert!(got[1].correlation_refused);
+    assert_eq!(stat(&run.link, |s| &s.correlation_refused), 1);
+}
+
+/// A flood of commands while the command queue is full: each dropped one is counted (the
+/// warning is rate-limited), and the link lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_dropped_on_a_full_queue_are_counted() {
+    let broker = Mosquitto::start();
+    let probe = common::Mqtt5Probe::connect(broker.port(), &["x/#"]).await;
+    let mut run = start(&config(broker.port(), 5, ""), &["t/+/+/set"], None);
+    wait_subscribed(&probe, &mut run).await;
+    // The queue holds 16; nobody reads it now.
+    for i in 0..40 {
+        probe
+            .publish("t/d/n/set", &i.to_string(), Default::default())
+            .await;
+    }
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s
+            .commands_dropped
+            .load(Ordering::Relaxed)
+            == 24)
+        .await,
+        "{} dropped",
+        stat(&run.link, |s| &s.commands_dropped)
+    );
+    assert_eq!(stat(&run.link, |s| &s.connects), 1);
+}
