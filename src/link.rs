@@ -149,6 +149,8 @@ pub struct LinkSettings {
     /// For logs (a client-id conflict names it).
     pub client_id: String,
     pub queue_capacity: usize,
+    /// Bytes (topic + payload) of the messages held in memory outside the store, at most.
+    pub queue_max_bytes: usize,
     pub window: usize,
     pub flush_timeout: Duration,
     pub reconnect_min: Duration,
@@ -169,6 +171,7 @@ impl LinkSettings {
             status_topic: mqtt.status_topic.clone(),
             client_id: mqtt.client_id.clone(),
             queue_capacity: mqtt.queue_capacity.max(1),
+            queue_max_bytes: mqtt.queue_max_bytes.max(1),
             window: usize::from(mqtt.inflight.max(1)),
             flush_timeout: Duration::from_secs(5),
             reconnect_min: mqtt.reconnect_min,
@@ -349,6 +352,7 @@ pub fn spawn(
         generation: None,
         next_seq: 1,
         dropping: 0,
+        held_bytes: 0,
         latency: LatencyHistogram::default(),
         commands,
         window,
@@ -596,6 +600,9 @@ struct Entry {
     store_id: Option<i64>,
     /// Not worth keeping across a restart (the `online` status).
     volatile: bool,
+    /// Bytes counted in `Manager::held_bytes` for it (messages that entered through
+    /// `enqueue`; rows read back from the store are bounded by the read size instead).
+    bytes: usize,
 }
 
 struct Manager {
@@ -611,6 +618,8 @@ struct Manager {
     next_seq: u64,
     /// Messages dropped in the current full-queue episode.
     dropping: u64,
+    /// Bytes of the entries that count against `settings.queue_max_bytes`.
+    held_bytes: usize,
     latency: LatencyHistogram,
     commands: Option<mpsc::Sender<InMessage>>,
     /// Messages on the wire at once in this session: `settings.window`, or less when the
@@ -912,11 +921,36 @@ impl Manager {
             self.appends_since_read += 1;
             return;
         }
+        let bytes = msg.topic.len() + msg.payload.len();
+        // The byte bound: the oldest messages not on the wire make room, as for the count.
+        while self.held_bytes + bytes > self.settings.queue_max_bytes {
+            let victim = self.queue.iter().position(|e| e.bytes > 0);
+            let dropped = match victim.and_then(|i| self.queue.remove(i)) {
+                Some(old) => {
+                    self.held_bytes = self.held_bytes.saturating_sub(old.bytes);
+                    false
+                }
+                None => true,
+            };
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.dropping == 0 {
+                tracing::warn!(
+                    max_bytes = self.settings.queue_max_bytes,
+                    "MQTT queue full (mqtt.queue.max_bytes): dropping the oldest messages (policy drop_oldest)"
+                );
+            }
+            self.dropping += 1;
+            if dropped {
+                return;
+            }
+        }
         if self.pending() >= self.settings.queue_capacity {
             // Only what is not on the wire can be dropped; the oldest goes first.
             let victim = self.queue.iter().position(|e| e.store_id.is_none());
             if let Some(i) = victim {
-                self.queue.remove(i);
+                if let Some(old) = self.queue.remove(i) {
+                    self.held_bytes = self.held_bytes.saturating_sub(old.bytes);
+                }
             }
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             if self.dropping == 0 {
@@ -934,11 +968,13 @@ impl Manager {
             self.dropping = 0;
         }
         let seq = self.next_seq();
+        self.held_bytes += bytes;
         self.queue.push_back(Entry {
             seq,
             msg,
             store_id: None,
             volatile: false,
+            bytes,
         });
     }
 
@@ -959,6 +995,7 @@ impl Manager {
             if e.volatile || !e.msg.storable() {
                 self.queue.push_back(e);
             } else {
+                self.held_bytes = self.held_bytes.saturating_sub(e.bytes);
                 self.to_store.push(new_message(&e.msg));
                 self.appends_since_read += 1;
             }
@@ -1069,6 +1106,7 @@ impl Manager {
             },
             store_id,
             volatile: false,
+            bytes: 0,
         }
     }
 
@@ -1127,6 +1165,7 @@ impl Manager {
                     },
                     store_id: None,
                     volatile: true,
+                    bytes: 0,
                 });
             }
             LinkEvent::Ready => {}
@@ -1335,6 +1374,7 @@ impl Manager {
 
     /// The broker answered for `entry` (either way): it is no suspect, and its row goes.
     fn finished(&mut self, entry: &Entry) {
+        self.held_bytes = self.held_bytes.saturating_sub(entry.bytes);
         if self.suspect.is_some_and(|(seq, _)| seq == entry.seq) {
             self.suspect = None;
         }

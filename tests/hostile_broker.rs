@@ -515,3 +515,40 @@ async fn commands_dropped_on_a_full_queue_are_counted() {
     );
     assert_eq!(stat(&run.link, |s| &s.connects), 1);
 }
+
+/// The memory queue is bounded in bytes too (`mqtt.queue.max_bytes`), not only in messages:
+/// with a broker that acknowledges nothing, 10 messages of 10 KiB against a 64 KiB bound keep
+/// 6 (the rest dropped and counted). Fake only to hold the messages unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_queue_is_bounded_in_bytes() {
+    let fake = FakeBroker::start(|_| Script {
+        ack: false,
+        ..Script::default()
+    })
+    .await;
+    let cfg = config(
+        fake.port(),
+        4,
+        "  queue: { capacity: 1000, max_bytes: 65536 }\n",
+    );
+    let run = start(&cfg, &[], None);
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s.connected.load(Ordering::Relaxed)
+            == 1)
+        .await
+    );
+    let big = "x".repeat(10_000);
+    for i in 0..10 {
+        run.link
+            .sender
+            .send(msg(&format!("t/d/r{i}"), &big))
+            .await
+            .unwrap();
+    }
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s.dropped.load(Ordering::Relaxed) == 4).await,
+        "{} dropped",
+        stat(&run.link, |s| &s.dropped)
+    );
+    assert!(fake.wait(WAIT, |f| readings_on(f, 0).len() == 6).await);
+}

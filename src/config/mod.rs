@@ -1052,10 +1052,18 @@ impl Validator {
             1024,
             268_435_455,
         ) as usize;
-        let (queue_capacity, when_full) = match &m.queue {
-            None => (100_000, WhenFull::DropOldest),
+        // 64 MiB: a Pi Zero has 512 MiB; readings are small, this bound is for large ones.
+        let (queue_capacity, queue_max_bytes, when_full) = match &m.queue {
+            None => (100_000, 64 << 20, WhenFull::DropOldest),
             Some(q) => (
                 self.int("mqtt.queue.capacity", q.capacity, 100_000, 1, 10_000_000) as usize,
+                self.int(
+                    "mqtt.queue.max_bytes",
+                    q.max_bytes,
+                    64 << 20,
+                    65_536,
+                    1 << 32,
+                ) as usize,
                 self.choice(
                     "mqtt.queue.when_full",
                     q.when_full.as_deref(),
@@ -1126,6 +1134,7 @@ impl Validator {
             tls,
             max_packet_size,
             queue_capacity,
+            queue_max_bytes,
             when_full,
             inflight,
             reconnect_min,
