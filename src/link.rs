@@ -67,6 +67,11 @@ pub struct OutMessage {
     /// MQTT 5 correlation data: the message answers a request that carried it. Such a
     /// message is kept in memory only (the store keeps no properties).
     pub correlation: Option<Vec<u8>>,
+    /// The payload is a JSON object built by the publisher, which the link may mark
+    /// `"buffered":true` when it is held back ([`mark_buffered`]). Never guessed from the
+    /// bytes: a bare string value or a line field may look like an object. The mark is applied
+    /// before a message goes to the store, so the store needs no such flag.
+    pub json_object: bool,
 }
 
 impl OutMessage {
@@ -330,6 +335,7 @@ pub fn spawn(
             client: client.clone(),
             subscriptions: subscribe::Subscriptions::new(settings.subscriptions.clone()),
             max_packet_size: settings.max_packet_size,
+            keep_alive: mqtt.keep_alive,
         },
     ));
     let (sender, inbound) = mpsc::channel(inbound_capacity.max(1));
@@ -402,6 +408,7 @@ struct Driver {
     client: Client,
     subscriptions: subscribe::Subscriptions,
     max_packet_size: usize,
+    keep_alive: Duration,
 }
 
 /// What a CONNACK may not say to us, and why (each is a protocol error that ends the session).
@@ -478,6 +485,12 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                 backoff = d.reconnect_min;
                 generation += 1;
                 connected = true;
+                if session.keep_own_keep_alive(d.keep_alive) {
+                    tracing::warn!(
+                        keep_alive_s = d.keep_alive.as_secs(),
+                        "the broker sent Server Keep Alive 0: keeping our own keep-alive interval"
+                    );
+                }
                 // Events rumqttc queued in the dead session (an `Outgoing::Publish` whose flush
                 // failed) would be matched against this session's messages.
                 forward_stale(&mut session, &d.events);
@@ -864,6 +877,7 @@ impl Manager {
             retain: true,
             created: Instant::now(),
             correlation: None,
+            json_object: false,
         };
         if self.client.try_publish(&offline).is_err() {
             return;
@@ -910,7 +924,7 @@ impl Manager {
         // which would write every start's first readings to the SD card), or backed up.
         let held_back = (self.generation.is_none() && self.attempted)
             || self.pending() >= self.settings.spill_threshold;
-        if held_back {
+        if held_back && msg.json_object {
             mark_buffered(&mut msg.payload);
         }
         if self.store_usable() && (self.spill || held_back) && msg.storable() {
@@ -1103,6 +1117,8 @@ impl Manager {
                 retain: m.retain,
                 created: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
                 correlation: None,
+                // Marked (or not) before it was stored.
+                json_object: false,
             },
             store_id,
             volatile: false,
@@ -1162,6 +1178,7 @@ impl Manager {
                         retain: true,
                         created: Instant::now(),
                         correlation: None,
+                        json_object: false,
                     },
                     store_id: None,
                     volatile: true,
@@ -1489,7 +1506,8 @@ fn new_message(m: &OutMessage) -> NewMessage {
 }
 
 /// Marks a JSON object payload as held back (`"buffered":true` as its first key) so that
-/// consumers can tell late readings; bare values are left as they are.
+/// consumers can tell late readings. Only for payloads the publisher says are JSON objects
+/// (`OutMessage::json_object`): the bytes alone do not tell (a string point `{x}`).
 pub fn mark_buffered(payload: &mut Vec<u8>) {
     const MARK: &[u8] = b"\"buffered\":true";
     if payload.len() >= 2 && payload[0] == b'{' && payload.last() == Some(&b'}') {

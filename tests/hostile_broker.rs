@@ -61,6 +61,7 @@ fn msg(topic: &str, payload: &str) -> OutMessage {
         retain: false,
         created: Instant::now(),
         correlation: None,
+        json_object: false,
     }
 }
 
@@ -438,6 +439,26 @@ async fn a_second_client_with_our_client_id_costs_no_reading() {
     }
 }
 
+/// Fake, MQTT 5: Server Keep Alive 0 in CONNACK. rumqttc took it as its keep-alive interval
+/// (and kept it for every later CONNECT): a PINGREQ at once, and again, and again, until
+/// its "last ping not acknowledged" error ended the session. The link keeps its own
+/// interval instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_keep_alive_zero_neither_floods_pings_nor_ends_the_session() {
+    let fake = FakeBroker::start(|_| Script {
+        server_keep_alive: Some(0),
+        ..Script::default()
+    })
+    .await;
+    let run = start(&config(fake.port(), 5, ""), &[], None);
+    send_readings(&run.link, 3).await;
+    assert!(fake.wait(WAIT, |f| readings_on(f, 0) == all(3)).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(fake.pings() <= 2, "{} PINGREQs in a second", fake.pings());
+    assert_eq!(fake.connections(), 1);
+    assert_eq!(stat(&run.link, |s| &s.connects), 1);
+}
+
 // --- Item 8: what the broker sends is bounded, drops are counted ----------------------------
 
 /// Publishes `t/d/n/set` until the link hands one on: then it is subscribed.
@@ -551,4 +572,45 @@ async fn the_memory_queue_is_bounded_in_bytes() {
         stat(&run.link, |s| &s.dropped)
     );
     assert!(fake.wait(WAIT, |f| readings_on(f, 0).len() == 6).await);
+}
+
+// --- The held-back mark goes on the publisher's JSON objects only ------------------------
+
+/// Readings held back while the broker is down get `"buffered":true` only when the publisher
+/// built a JSON object (`OutMessage::json_object`); a string point whose value is `{x}` (or a
+/// JSON line field) arrives as it was. The link used to guess from the first and last bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_held_back_mark_goes_on_json_objects_only() {
+    let mut broker = Mosquitto::start();
+    let mut probe = MqttProbe::connect(broker.port(), "t/d/#").await;
+    let run = start(&config(broker.port(), 4, ""), &[], None);
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s.connected.load(Ordering::Relaxed)
+            == 1)
+        .await
+    );
+    broker.stop();
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s.connected.load(Ordering::Relaxed)
+            == 0)
+        .await
+    );
+    // Retained: the probe sees them whenever it is subscribed again.
+    let string_point = OutMessage {
+        retain: true,
+        ..msg("t/d/s", "{x}")
+    };
+    let json = OutMessage {
+        retain: true,
+        json_object: true,
+        ..msg("t/d/j", r#"{"value":1}"#)
+    };
+    run.link.sender.send(string_point).await.unwrap();
+    run.link.sender.send(json).await.unwrap();
+    broker.restart();
+    probe.wait_resubscribed(WAIT).await;
+    let s = probe.expect(|t| t == "t/d/s", WAIT).await;
+    assert_eq!(s.text(), "{x}");
+    let j = probe.expect(|t| t == "t/d/j", WAIT).await;
+    assert_eq!(j.text(), r#"{"buffered":true,"value":1}"#);
 }

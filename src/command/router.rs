@@ -423,6 +423,7 @@ impl Router {
                         retain: point.retain,
                         created: Instant::now(),
                         correlation: None,
+                        json_object: point.payload == crate::model::PayloadFormat::Json,
                     });
                 }
                 body
@@ -488,6 +489,7 @@ fn result_message(topic: String, body: &Map<String, Json>) -> OutMessage {
         retain: false,
         created: Instant::now(),
         correlation: None,
+        json_object: true,
     }
 }
 

@@ -272,6 +272,27 @@ impl Session {
         }
     }
 
+    /// After a CONNACK. MQTT 5: a Server Keep Alive of 0 (the server turns keep-alive off,
+    /// §3.2.2.3.14) becomes rumqttc's ping interval as is: a PINGREQ on every turn of its
+    /// loop until "last ping not acknowledged" ends the session, and in its next CONNECT.
+    /// We keep our own interval then (a server answers PINGREQ in any case); returns whether
+    /// that happened.
+    pub(super) fn keep_own_keep_alive(&mut self, configured: Duration) -> bool {
+        match self {
+            Session::V3(_) => false,
+            Session::V5(e) => {
+                let zero = e.options.keep_alive().is_zero();
+                if zero {
+                    // Our configured interval is at least 5 s (the config says so), as
+                    // `set_keep_alive` asserts.
+                    e.options
+                        .set_keep_alive(configured.max(Duration::from_secs(5)));
+                }
+                zero
+            }
+        }
+    }
+
     /// Events rumqttc queued in a session that ended: their packet ids mean nothing in the
     /// next one. Received publishes among them are still valid commands and are returned,
     /// with the number of SUBACKs among them (read in the same batch as the packet that

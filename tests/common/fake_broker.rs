@@ -28,6 +28,8 @@ pub struct Script {
     pub session_present: bool,
     /// MQTT 5: the Receive Maximum property of the CONNACK.
     pub receive_max: Option<u16>,
+    /// MQTT 5: the Server Keep Alive property of the CONNACK (seconds).
+    pub server_keep_alive: Option<u16>,
     /// Raw packets written right after the CONNACK.
     pub after_connack: Vec<Vec<u8>>,
     /// Raw packets written right after the first SUBACK.
@@ -44,6 +46,7 @@ impl Default for Script {
         Script {
             session_present: false,
             receive_max: None,
+            server_keep_alive: None,
             after_connack: Vec::new(),
             after_suback: Vec::new(),
             ack: true,
@@ -78,6 +81,8 @@ struct State {
     received: Vec<Received>,
     /// Filters of every SUBSCRIBE, with the connection they came on.
     subscribed: Vec<(usize, String)>,
+    /// PINGREQs received.
+    pings: usize,
 }
 
 /// The running fake; dropping it stops the accept loop and every connection.
@@ -160,6 +165,11 @@ impl FakeBroker {
         self.state.lock().unwrap().received.clone()
     }
 
+    /// PINGREQs received so far.
+    pub fn pings(&self) -> usize {
+        self.state.lock().unwrap().pings
+    }
+
     /// Every filter subscribed so far, with its connection.
     pub fn subscribed(&self) -> Vec<(usize, String)> {
         self.state.lock().unwrap().subscribed.clone()
@@ -209,6 +219,10 @@ async fn serve(
         if let Some(r) = script.receive_max {
             props.push(0x21);
             props.extend_from_slice(&r.to_be_bytes());
+        }
+        if let Some(k) = script.server_keep_alive {
+            props.push(0x13);
+            props.extend_from_slice(&k.to_be_bytes());
         }
         connack.extend(varint(props.len()));
         connack.extend(props);
@@ -277,7 +291,10 @@ async fn serve(
                 }
                 continue;
             }
-            12 => vec![0xD0, 0],
+            12 => {
+                state.lock().unwrap().pings += 1;
+                vec![0xD0, 0]
+            }
             14 => break,
             _ => continue,
         };
