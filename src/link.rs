@@ -278,6 +278,8 @@ enum LinkEvent {
         receive_max: Option<u16>,
         /// MQTT 5: the largest packet the broker takes.
         max_packet: Option<u32>,
+        /// The highest QoS the broker takes (MQTT 5 Maximum QoS; 2 when it says nothing).
+        max_qos: Qos,
         quick: QuickAck,
     },
     /// Every SUBACK of a probing session came: publishes may go (see `subscribe`).
@@ -296,6 +298,7 @@ enum LinkEvent {
         refused: Option<String>,
     },
     SubscribeRefused {
+        refused: usize,
         codes: Vec<String>,
     },
     Incoming(InMessage),
@@ -380,6 +383,7 @@ pub fn spawn(
         reset,
         connected_at: None,
         broker_max_packet: None,
+        max_qos: Qos::ExactlyOnce,
         short_closes: 0,
         refused_locally: 0,
         protocol_errors: 0,
@@ -480,6 +484,7 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
             Ok(Polled::ConnAck {
                 receive_max,
                 max_packet,
+                max_qos,
                 ..
             }) => {
                 backoff = d.reconnect_min;
@@ -511,10 +516,15 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                     generation,
                     receive_max,
                     max_packet,
+                    max_qos: match max_qos {
+                        Some(0) => Qos::AtMostOnce,
+                        Some(1) => Qos::AtLeastOnce,
+                        _ => Qos::ExactlyOnce,
+                    },
                     quick: QuickAck::find(&d.broker.0, d.broker.1),
                 }
             }
-            Ok(Polled::SubAck { refused }) => {
+            Ok(Polled::SubAck { refused, codes }) => {
                 if let Some(next) = d.subscriptions.on_suback(Instant::now()) {
                     if d.client.try_subscribe(std::slice::from_ref(&next)).is_err() {
                         tracing::error!(filter = %next, "could not subscribe to a command topic in this session");
@@ -530,10 +540,10 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                         }
                     }
                 }
-                if refused.is_empty() {
+                if refused == 0 {
                     continue;
                 }
-                LinkEvent::SubscribeRefused { codes: refused }
+                LinkEvent::SubscribeRefused { refused, codes }
             }
             Ok(Polled::Written(pkid)) => LinkEvent::Written { pkid },
             Ok(Polled::Acked { pkid, refused }) => LinkEvent::Acked { pkid, refused },
@@ -673,6 +683,10 @@ struct Manager {
     connected_at: Option<Instant>,
     /// MQTT 5: the largest packet the broker takes in this session.
     broker_max_packet: Option<usize>,
+    /// The highest QoS the broker takes in this session: higher ones are sent at it (a QoS 2
+    /// publish to a broker without QoS 2, such as AWS IoT, is a protocol error that would end
+    /// every session).
+    max_qos: Qos,
     /// Sessions in a row the broker closed soon after their CONNACK.
     short_closes: u32,
     /// Messages refused before they were handed to rumqttc (topic or size).
@@ -879,7 +893,11 @@ impl Manager {
             correlation: None,
             json_object: false,
         };
-        if self.client.try_publish(&offline).is_err() {
+        if self
+            .client
+            .try_publish(&offline, offline.qos.min(self.max_qos))
+            .is_err()
+        {
             return;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -1137,8 +1155,15 @@ impl Manager {
                 generation,
                 receive_max,
                 max_packet,
+                max_qos,
                 quick,
             } => {
+                if max_qos < Qos::AtLeastOnce && self.max_qos >= Qos::AtLeastOnce {
+                    tracing::warn!(
+                        "the broker takes QoS 0 only (MQTT 5 Maximum QoS 0): messages are sent at QoS 0, without acknowledgement"
+                    );
+                }
+                self.max_qos = max_qos;
                 self.attempted = true;
                 if quick.is_empty() {
                     tracing::debug!("broker socket not found: no prompt ACKs in this session");
@@ -1259,9 +1284,9 @@ impl Manager {
                     self.quick.poke();
                 }
             }
-            LinkEvent::SubscribeRefused { codes } => tracing::error!(
-                refused = codes.len(),
-                codes = %codes.join(","),
+            LinkEvent::SubscribeRefused { refused, codes } => tracing::error!(
+                refused,
+                first_codes = %codes.join(","),
                 "the broker refused subscriptions to command topics: commands on them will not arrive (check the broker's ACL)"
             ),
             LinkEvent::Incoming(msg) => {
@@ -1446,7 +1471,10 @@ impl Manager {
                     continue;
                 }
             }
-            match self.client.try_publish(&entry.msg) {
+            match self
+                .client
+                .try_publish(&entry.msg, entry.msg.qos.min(self.max_qos))
+            {
                 Ok(()) => self.handed.push_back(entry),
                 Err(e) => {
                     tracing::debug!(error = %e, "rumqttc request channel full; retrying later");

@@ -459,6 +459,34 @@ async fn server_keep_alive_zero_neither_floods_pings_nor_ends_the_session() {
     assert_eq!(stat(&run.link, |s| &s.connects), 1);
 }
 
+/// Fake, MQTT 5: a broker with Maximum QoS 1 (AWS IoT has it) takes no QoS 2 publish
+/// (§3.2.2.3.4: a protocol error that ends the session, again in every session). The link
+/// sends QoS 2 messages at QoS 1 to it (still at least once), and delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_never_exceed_the_brokers_maximum_qos() {
+    let fake = FakeBroker::start(|_| Script {
+        max_qos: Some(1),
+        ..Script::default()
+    })
+    .await;
+    let run = start(&config(fake.port(), 5, ""), &[], None);
+    for i in 0..3 {
+        let m = OutMessage {
+            qos: Qos::ExactlyOnce,
+            ..msg(&format!("t/d/r{i}"), &i.to_string())
+        };
+        run.link.sender.send(m).await.unwrap();
+    }
+    assert!(fake.wait(WAIT, |f| readings_on(f, 0) == all(3)).await);
+    let qos: Vec<u8> = fake.received().iter().map(|r| r.qos).collect();
+    assert!(qos.iter().all(|&q| q <= 1), "{qos:?}");
+    assert!(
+        wait_stats(&run.link, WAIT, |s| s.delivered.load(Ordering::Relaxed)
+            == 4)
+        .await
+    );
+}
+
 // --- Item 8: what the broker sends is bounded, drops are counted ----------------------------
 
 /// Publishes `t/d/n/set` until the link hands one on: then it is subscribed.

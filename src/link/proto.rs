@@ -35,6 +35,8 @@ pub(super) enum Polled {
         session_present: bool,
         receive_max: Option<u16>,
         max_packet: Option<u32>,
+        /// MQTT 5: the highest QoS the broker takes (§3.2.2.3.4).
+        max_qos: Option<u8>,
     },
     /// A publish was written with this packet id (0 for QoS 0).
     Written(u16),
@@ -48,9 +50,9 @@ pub(super) enum Polled {
     /// follows), so after as many refusals as the broker's Receive Maximum it would take no
     /// more requests: the session has to be reset after this one.
     RefusedAtPubRec { pkid: u16, reason: String },
-    /// A SUBACK; `refused` holds the codes of the filters it refused (their positions in
-    /// the SUBSCRIBE), empty when all were granted.
-    SubAck { refused: Vec<String> },
+    /// A SUBACK; `refused` counts the filters it refused, `codes` holds the first few of
+    /// their codes.
+    SubAck { refused: usize, codes: Vec<String> },
     /// Our DISCONNECT was written: the session ended on our request.
     Disconnected,
     /// Nothing the link acts on.
@@ -181,19 +183,20 @@ fn qos5(q: Qos) -> v5::mqttbytes::QoS {
 }
 
 impl Client {
-    /// Hands a publish over without waiting; fails when rumqttc's request channel is full.
-    pub(super) fn try_publish(&self, m: &OutMessage) -> Result<(), String> {
+    /// Hands a publish over at `qos` without waiting; fails when rumqttc's request channel is
+    /// full.
+    pub(super) fn try_publish(&self, m: &OutMessage, qos: Qos) -> Result<(), String> {
         match self {
             // 3.1.1 has no properties: correlation data cannot be carried (and is never set,
             // since no 3.1.1 command carries any).
             Client::V3(c) => c
-                .try_publish(&m.topic, qos3(m.qos), m.retain, m.payload.clone())
+                .try_publish(&m.topic, qos3(qos), m.retain, m.payload.clone())
                 .map_err(|e| e.to_string()),
             // No properties and empty ones are the same bytes on the wire (length 0).
             Client::V5(c) => c
                 .try_publish_with_properties(
                     &m.topic,
-                    qos5(m.qos),
+                    qos5(qos),
                     m.retain,
                     m.payload.clone(),
                     PublishProperties {
@@ -334,6 +337,7 @@ async fn poll_v3(eventloop: &mut rumqttc::EventLoop) -> Result<Polled, Ended> {
             session_present: ack.session_present,
             receive_max: None,
             max_packet: None,
+            max_qos: None,
         },
         Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Written(pkid),
         Event::Incoming(Incoming::PubAck(ack)) => Polled::Acked {
@@ -363,6 +367,7 @@ async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, Ended> {
             session_present: ack.session_present,
             receive_max: ack.properties.as_ref().and_then(|p| p.receive_max),
             max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
+            max_qos: ack.properties.as_ref().and_then(|p| p.max_qos),
         },
         v5::Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Written(pkid),
         v5::Event::Incoming(Packet::PubAck(ack)) => Polled::Acked {
@@ -401,9 +406,20 @@ async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, Ended> {
 }
 
 /// A SUBACK, given the codes of the filters it refused.
+/// A SUBACK, given its refused codes; the first few are kept for the log (a SUBACK may
+/// carry as many codes as fit in the packet).
 fn suback(refused: impl Iterator<Item = String>) -> Polled {
+    let mut count = 0;
+    let mut codes = Vec::new();
+    for code in refused {
+        count += 1;
+        if codes.len() < 8 {
+            codes.push(code);
+        }
+    }
     Polled::SubAck {
-        refused: refused.collect(),
+        refused: count,
+        codes,
     }
 }
 
@@ -504,4 +520,36 @@ fn received_v5(p: &v5::mqttbytes::v5::Publish) -> Result<InMessage, Ended> {
             .and_then(|p| p.message_expiry_interval)
             .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_suback_refusing_many_filters_keeps_a_few_codes_for_the_log() {
+        let Polled::SubAck { refused, codes } = suback((0..100_000).map(|i| format!("{i}"))) else {
+            panic!("not a SubAck");
+        };
+        assert_eq!(refused, 100_000);
+        assert_eq!(codes.len(), 8);
+    }
+
+    #[test]
+    fn an_aliased_publish_is_a_protocol_error_and_big_correlation_data_is_not_kept() {
+        use v5::mqttbytes::v5::Publish;
+        let props = |alias: Option<u16>, correlation: usize| PublishProperties {
+            topic_alias: alias,
+            response_topic: Some("r".into()),
+            correlation_data: Some(vec![1u8; correlation].into()),
+            ..PublishProperties::default()
+        };
+        let publish = |p| Publish::new("t/a/b/set", v5::mqttbytes::QoS::AtLeastOnce, "1", Some(p));
+        let e = received_v5(&publish(props(Some(1), 1))).unwrap_err();
+        assert_eq!(e.cause, Cause::Protocol);
+        let m = received_v5(&publish(props(None, MAX_CORRELATION))).unwrap();
+        assert_eq!(m.correlation.map(|c| c.len()), Some(MAX_CORRELATION));
+        let m = received_v5(&publish(props(None, MAX_CORRELATION + 1))).unwrap();
+        assert!(m.correlation.is_none() && m.response_topic.is_none() && m.correlation_refused);
+    }
 }

@@ -30,6 +30,8 @@ pub struct Script {
     pub receive_max: Option<u16>,
     /// MQTT 5: the Server Keep Alive property of the CONNACK (seconds).
     pub server_keep_alive: Option<u16>,
+    /// MQTT 5: the Maximum QoS property of the CONNACK (0 or 1).
+    pub max_qos: Option<u8>,
     /// Raw packets written right after the CONNACK.
     pub after_connack: Vec<Vec<u8>>,
     /// Raw packets written right after the first SUBACK.
@@ -47,6 +49,7 @@ impl Default for Script {
             session_present: false,
             receive_max: None,
             server_keep_alive: None,
+            max_qos: None,
             after_connack: Vec::new(),
             after_suback: Vec::new(),
             ack: true,
@@ -63,6 +66,7 @@ pub struct Received {
     pub topic: String,
     pub payload: Vec<u8>,
     pub pkid: u16,
+    pub qos: u8,
     pub dup: bool,
     pub retain: bool,
 }
@@ -220,6 +224,10 @@ async fn serve(
             props.push(0x21);
             props.extend_from_slice(&r.to_be_bytes());
         }
+        if let Some(q) = script.max_qos {
+            props.push(0x24);
+            props.push(q);
+        }
         if let Some(k) = script.server_keep_alive {
             props.push(0x13);
             props.extend_from_slice(&k.to_be_bytes());
@@ -352,6 +360,7 @@ fn parse_publish(conn: usize, header: u8, body: &[u8], v5: bool) -> (Received, u
             topic,
             payload: body[at..].to_vec(),
             pkid,
+            qos,
             dup: header & 0x08 != 0,
             retain: header & 1 != 0,
         },
