@@ -30,8 +30,23 @@
 //! PUBACK was lost with the connection is sent again.
 //!
 //! # Bounds
-//! At most `queue_capacity` messages are held. When full, the policy is `drop_oldest`: the oldest
-//! message not yet handed over is dropped, counted, and logged once per episode.
+//! At most `queue_capacity` messages, and `queue_max_bytes` bytes of the messages that entered
+//! through the inbound channel, are held. When full, the policy is `drop_oldest`: the oldest
+//! message not yet handed over is dropped, counted, and logged once per episode. A message that
+//! could never be sent (see [`unsendable`]) is dropped before rumqttc sees it.
+//!
+//! # Faulty brokers
+//! Nothing the broker sends may loop, stall or mislead the link, and no reading is dropped on a
+//! guess (a session dying with a message in flight proves nothing about it: it is re-sent).
+//! A protocol error ends the session like a network error, with its cause logged and counted
+//! (`LinkStats::protocol_errors`): rumqttc's own (an ack for nothing in flight, a packet type
+//! a server never sends), the CONNACK checks of `connack_problem` (session present on our
+//! clean session, Receive Maximum 0), a PUBLISH with a topic alias (`proto`), or an ack the
+//! manager cannot match (asked for through `Gate::reset`). Sessions the broker closes right
+//! after CONNACK, again and again, are reported as a client-id conflict. A retained message
+//! too large for us on a command topic is handled by `subscribe`. MQTT 5 limits of the
+//! broker (Maximum Packet Size, Maximum QoS) are respected, since breaking them would end
+//! every session.
 //!
 //! # Shutdown
 //! When the inbound channel closes (the publisher is done), the manager keeps delivering until
@@ -385,6 +400,7 @@ pub fn spawn(
         broker_max_packet: None,
         max_qos: Qos::ExactlyOnce,
         short_closes: 0,
+        last_lost: String::new(),
         refused_locally: 0,
         protocol_errors: 0,
         attempted: false,
@@ -442,10 +458,26 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
     let mut backoff = d.reconnect_min;
     let mut generation = 0u64;
     let mut connected = false;
+    // A probing session holds publishes back until its last SUBACK, but not for ever (a
+    // broker that never answers a SUBSCRIBE must not silence the link).
+    let mut hold_until: Option<tokio::time::Instant> = None;
     loop {
         let polled = tokio::select! {
             biased;
             _ = d.stop.cancelled() => break,
+            _ = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if hold_until.is_some() => {
+                hold_until = None;
+                tracing::warn!("command subscriptions not all acknowledged within 10 s: publishing anyway");
+                let mut g = d.gate.lock().expect("gate poisoned");
+                if !g.open && g.generation == generation && connected {
+                    g.open = true;
+                    drop(g);
+                    if d.events.send(LinkEvent::Ready).is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
             _ = d.reset.notified() => {
                 let request = d.gate.lock().expect("gate poisoned").reset.take();
                 match request {
@@ -509,6 +541,9 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                         );
                     }
                 }
+                hold_until = start
+                    .hold
+                    .then(|| tokio::time::Instant::now() + Duration::from_secs(10));
                 let mut g = d.gate.lock().expect("gate poisoned");
                 g.open = !start.hold;
                 g.generation = generation;
@@ -531,6 +566,7 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                     }
                 }
                 if d.subscriptions.ready() {
+                    hold_until = None;
                     let mut g = d.gate.lock().expect("gate poisoned");
                     if !g.open && g.generation == generation {
                         g.open = true;
@@ -557,6 +593,7 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
             Ok(Polled::Other) => continue,
             Err(ended) => {
                 connected = false;
+                hold_until = None;
                 {
                     let mut g = d.gate.lock().expect("gate poisoned");
                     g.open = false;
@@ -689,6 +726,8 @@ struct Manager {
     max_qos: Qos,
     /// Sessions in a row the broker closed soon after their CONNACK.
     short_closes: u32,
+    /// The error that ended the last session.
+    last_lost: String,
     /// Messages refused before they were handed to rumqttc (topic or size).
     refused_locally: u64,
     /// Protocol errors of the broker, for rate-limited logs.
@@ -1230,7 +1269,16 @@ impl Manager {
                 }
                 self.on_session_closed(cause, lived);
                 if self.generation.take().is_some() {
-                    tracing::warn!(error = %error, "MQTT connection lost");
+                    // A session that flaps (a client-id conflict, a broker refusing something)
+                    // would log this every few hundred milliseconds: the same error again after
+                    // a short session is a debug line; the conflict has its own error.
+                    let again = lived.is_some_and(|d| d < SHORT_SESSION) && self.last_lost == error;
+                    if again {
+                        tracing::debug!(error = %error, "MQTT connection lost again");
+                    } else {
+                        tracing::warn!(error = %error, "MQTT connection lost");
+                    }
+                    self.last_lost.clone_from(&error);
                     *down_since = Some(Instant::now());
                 } else if *last_error != error {
                     tracing::warn!(error = %error, "MQTT connect failed");
@@ -1354,11 +1402,21 @@ impl Manager {
                 .client_id_conflicts
                 .fetch_add(1, Ordering::Relaxed)
                 + 1;
-            if worth_logging(n) {
+            if !worth_logging(n) {
+                return;
+            }
+            if taken_over {
                 tracing::error!(
                     client_id = %self.settings.client_id,
                     sessions = n,
-                    "the broker keeps ending our sessions right after they start: another client is connected with the same client id (a second gateway, e.g. from a cloned SD card?). Give each gateway its own mqtt.client_id; no reading is dropped meanwhile"
+                    "the broker says another connection took our session over (MQTT 5 reason 0x8E): another client uses our client id (a second gateway, e.g. from a cloned SD card?). Give each gateway its own mqtt.client_id; no reading is dropped meanwhile"
+                );
+            } else {
+                tracing::error!(
+                    client_id = %self.settings.client_id,
+                    sessions = n,
+                    in_a_row = self.short_closes,
+                    "the broker keeps closing our sessions right after they start: most likely another client uses our client id (a second gateway, e.g. from a cloned SD card?). Give each gateway its own mqtt.client_id; no reading is dropped meanwhile"
                 );
             }
         }

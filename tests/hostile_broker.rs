@@ -354,6 +354,34 @@ async fn an_oversized_retained_command_never_makes_the_link_reconnect_for_ever()
     }
 }
 
+/// Fake: while the link subscribes one filter at a time (after a session ended on an
+/// oversized packet) it holds its publishes back until the last SUBACK; a broker that never
+/// sends it must not silence the link: after 10 s the readings go anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_never_acknowledges_a_subscribe_does_not_hold_readings_back() {
+    let fake = FakeBroker::start(|n| match n {
+        0 => Script {
+            after_suback: vec![fake_broker::publish_v3("t/d/n/set", &[b'x'; 5000], 1, true)],
+            ..Script::default()
+        },
+        _ => Script {
+            suback: false,
+            ..Script::default()
+        },
+    })
+    .await;
+    let cfg = config(fake.port(), 4, "  max_packet_size: 4096\n");
+    let run = start(&cfg, &["t/+/+/set"], None);
+    assert!(fake.wait(WAIT, |f| f.connections() >= 2).await);
+    send_readings(&run.link, 3).await;
+    assert!(
+        fake.wait(Duration::from_secs(20), |f| readings_on(f, 1) == all(3))
+            .await,
+        "{:?}",
+        fake.received()
+    );
+}
+
 // --- Item 9: no reading is dropped on a guess; a client-id conflict is named ---------------
 
 /// A client with the gateway's client id that connects again as soon as its session is taken

@@ -36,6 +36,8 @@ pub struct Script {
     pub after_connack: Vec<Vec<u8>>,
     /// Raw packets written right after the first SUBACK.
     pub after_suback: Vec<Vec<u8>>,
+    /// Answer SUBSCRIBE with SUBACK.
+    pub suback: bool,
     /// Answer QoS 1 publishes with PUBACK (and QoS 2 with PUBREC, PUBREL with PUBCOMP).
     pub ack: bool,
     /// Close the connection right after the CONNACK (and `after_connack`).
@@ -52,6 +54,7 @@ impl Default for Script {
             max_qos: None,
             after_connack: Vec::new(),
             after_suback: Vec::new(),
+            suback: true,
             ack: true,
             close_after_connack: false,
         }
@@ -282,6 +285,9 @@ async fn serve(
                     codes.push(1);
                 }
                 changed.notify_waiters();
+                if !script.suback {
+                    continue;
+                }
                 let mut b = pkid.to_be_bytes().to_vec();
                 if v5 {
                     b.push(0);
