@@ -716,6 +716,7 @@ fn drain_memory(cfg: &Config, n: usize) -> Res<DrainRun> {
                     retain: false,
                     created: Instant::now(),
                     correlation: None,
+                    json_object: false,
                 };
                 if sender.send(out).await.is_err() {
                     break;

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::codec;
 use crate::link::{self, LinkReport, LinkSettings, OutMessage};
 use crate::modbus::{self, BusEvent, BusHandle, Reading};
-use crate::model::{Config, MessageMode, Qos};
+use crate::model::{Config, MessageMode, PayloadFormat, Qos};
 use crate::publish::{self, ChangeFilter};
 
 /// What a run ended with.
@@ -515,6 +515,7 @@ async fn publish_stats(
             retain: true,
             created: Instant::now(),
             correlation: None,
+            json_object: true,
         };
         if sender.send(msg).await.is_err() {
             return;
@@ -594,6 +595,7 @@ async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMes
             retain: true,
             created: Instant::now(),
             correlation: None,
+            json_object: false,
         };
         if link.send(offline).await.is_err() {
             return;
@@ -613,6 +615,7 @@ fn device_status(config: &Config, device: usize, online: bool) -> OutMessage {
         retain: true,
         created: Instant::now(),
         correlation: None,
+        json_object: false,
     }
 }
 
@@ -710,6 +713,7 @@ pub fn render_reading(
                         retain: point.retain,
                         created: reading.read_at,
                         correlation: None,
+                        json_object: point.payload == PayloadFormat::Json,
                     });
                 }
             }
@@ -752,6 +756,7 @@ pub fn render_reading(
                     retain: first.is_some_and(|p| p.retain),
                     created: reading.read_at,
                     correlation: None,
+                    json_object: true,
                 });
             }
         }

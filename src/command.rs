@@ -61,8 +61,6 @@ pub const MAX_WAITING: usize = 4;
 /// burst of this many, then this many per second. A flood of bad commands costs the broker
 /// at most this; what is beyond is counted (`suppressed`), not published.
 pub const REFUSAL_BUDGET: u32 = 20;
-/// MQTT 5 correlation data longer than this is not echoed: the response copy is skipped.
-pub const MAX_CORRELATION: usize = 256;
 
 /// Counters of the command path, read by the stats message.
 #[derive(Debug, Default)]

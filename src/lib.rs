@@ -13,7 +13,8 @@
 //!   and templates in `lines::parse`, one task per port in `lines::task`, same bus interface.
 //! - [`link`]: the MQTT link task: owns the rumqttc event loop, tracks every message until
 //!   its PUBACK, re-sends after reconnect, bounded queue with a declared policy; MQTT 3.1.1
-//!   or 5 behind one face (`link::proto`), prompt TCP ACKs to the broker (`link::quickack`).
+//!   or 5 behind one face (`link::proto`), prompt TCP ACKs to the broker (`link::quickack`),
+//!   which command filters to subscribe to and how (`link::subscribe`).
 //! - [`store`]: the SQLite outbox (one owner thread): spill, drain, cap, crash safety.
 //! - [`command`]: MQTT command topics → validated writes through the bus queue, a result for
 //!   every command (pure validation and encoding; the router task in `command::router`).

@@ -30,8 +30,23 @@
 //! PUBACK was lost with the connection is sent again.
 //!
 //! # Bounds
-//! At most `queue_capacity` messages are held. When full, the policy is `drop_oldest`: the oldest
-//! message not yet handed over is dropped, counted, and logged once per episode.
+//! At most `queue_capacity` messages, and `queue_max_bytes` bytes of the messages that entered
+//! through the inbound channel, are held. When full, the policy is `drop_oldest`: the oldest
+//! message not yet handed over is dropped, counted, and logged once per episode. A message that
+//! could never be sent (see [`unsendable`]) is dropped before rumqttc sees it.
+//!
+//! # Faulty brokers
+//! Nothing the broker sends may loop, stall or mislead the link, and no reading is dropped on a
+//! guess (a session dying with a message in flight proves nothing about it: it is re-sent).
+//! A protocol error ends the session like a network error, with its cause logged and counted
+//! (`LinkStats::protocol_errors`): rumqttc's own (an ack for nothing in flight, a packet type
+//! a server never sends), the CONNACK checks of `connack_problem` (session present on our
+//! clean session, Receive Maximum 0), a PUBLISH with a topic alias (`proto`), or an ack the
+//! manager cannot match (asked for through `Gate::reset`). Sessions the broker closes right
+//! after CONNACK, again and again, are reported as a client-id conflict. A retained message
+//! too large for us on a command topic is handled by `subscribe`. MQTT 5 limits of the
+//! broker (Maximum Packet Size, Maximum QoS) are respected, since breaking them would end
+//! every session.
 //!
 //! # Shutdown
 //! When the inbound channel closes (the publisher is done), the manager keeps delivering until
@@ -53,6 +68,7 @@ use crate::store::{
 
 mod proto;
 mod quickack;
+mod subscribe;
 use proto::{Client, Polled, Session};
 use quickack::QuickAck;
 
@@ -68,6 +84,11 @@ pub struct OutMessage {
     /// MQTT 5 correlation data: the message answers a request that carried it. Such a
     /// message is kept in memory only (the store keeps no properties).
     pub correlation: Option<Vec<u8>>,
+    /// The payload is a JSON object built by the publisher, which the link may mark
+    /// `"buffered":true` when it is held back ([`mark_buffered`]). Never guessed from the
+    /// bytes: a bare string value or a line field may look like an object. The mark is applied
+    /// before a message goes to the store, so the store needs no such flag.
+    pub json_object: bool,
 }
 
 impl OutMessage {
@@ -88,6 +109,9 @@ pub struct InMessage {
     /// MQTT 5: where the sender wants the answer, and the data to echo with it.
     pub response_topic: Option<String>,
     pub correlation: Option<Vec<u8>>,
+    /// MQTT 5: the sender's correlation data was over 256 bytes, so it and the response
+    /// topic were dropped (no response copy; the result still goes to `{topic}/result`).
+    pub correlation_refused: bool,
     /// MQTT 5 message expiry: not to be acted on after this.
     pub expires_at: Option<Instant>,
 }
@@ -107,6 +131,17 @@ pub struct LinkStats {
     pub delivered: AtomicU64,
     pub dropped: AtomicU64,
     pub resent: AtomicU64,
+    /// Sessions reset because the broker broke the protocol (see `proto`).
+    pub protocol_errors: AtomicU64,
+    /// Received commands dropped because the command queue was full.
+    pub commands_dropped: AtomicU64,
+    /// MQTT 5 requests whose correlation data was too large to keep (no response copy).
+    pub correlation_refused: AtomicU64,
+    /// Sessions that ended as another client with our client id took the session over
+    /// (MQTT 5 reason 0x8E, or the broker closing it right after CONNACK, again and again).
+    pub client_id_conflicts: AtomicU64,
+    /// Command filters no longer subscribed to (a retained message too large for us).
+    pub filters_dropped: AtomicU64,
     /// Messages held (queued, handed, in flight), refreshed every turn of the manager's loop.
     pub backlog: AtomicU64,
     /// Beaten every turn of the manager's loop, which wakes at least every `health::TICK`.
@@ -133,7 +168,11 @@ pub struct Link {
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
     pub status_topic: String,
+    /// For logs (a client-id conflict names it).
+    pub client_id: String,
     pub queue_capacity: usize,
+    /// Bytes (topic + payload) of the messages held in memory outside the store, at most.
+    pub queue_max_bytes: usize,
     pub window: usize,
     pub flush_timeout: Duration,
     pub reconnect_min: Duration,
@@ -152,7 +191,9 @@ impl LinkSettings {
     pub fn from_config(mqtt: &Mqtt) -> Self {
         LinkSettings {
             status_topic: mqtt.status_topic.clone(),
+            client_id: mqtt.client_id.clone(),
             queue_capacity: mqtt.queue_capacity.max(1),
+            queue_max_bytes: mqtt.queue_max_bytes.max(1),
             window: usize::from(mqtt.inflight.max(1)),
             flush_timeout: Duration::from_secs(5),
             reconnect_min: mqtt.reconnect_min,
@@ -243,16 +284,28 @@ fn tls_config(mqtt: &Mqtt) -> Result<rumqttc::TlsConfiguration, LinkError> {
 struct Gate {
     open: bool,
     generation: u64,
+    /// Set by the manager to end the session of that generation, with the reason (a protocol
+    /// error only it can see, e.g. an acknowledgement for nothing in flight).
+    reset: Option<(u64, String)>,
 }
 
 enum LinkEvent {
     Connected {
         generation: u64,
         receive_max: Option<u16>,
+        /// MQTT 5: the largest packet the broker takes.
+        max_packet: Option<u32>,
+        /// The highest QoS the broker takes (MQTT 5 Maximum QoS; 2 when it says nothing).
+        max_qos: Qos,
         quick: QuickAck,
     },
+    /// Every SUBACK of a probing session came: publishes may go (see `subscribe`).
+    Ready,
+    /// A command filter is no longer subscribed to (see `subscribe`).
+    FilterDropped,
     Disconnected {
         error: String,
+        cause: proto::Cause,
     },
     Written {
         pkid: u16,
@@ -262,6 +315,7 @@ enum LinkEvent {
         refused: Option<String>,
     },
     SubscribeRefused {
+        refused: usize,
         codes: Vec<String>,
     },
     Incoming(InMessage),
@@ -287,14 +341,22 @@ pub fn spawn(
     let gate = Arc::new(Mutex::new(Gate::default()));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
+    let reset = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(drive_eventloop(
         eventloop,
-        (mqtt.host.clone(), mqtt.port),
-        gate.clone(),
-        events_tx,
-        stop.clone(),
-        settings.reconnect_min,
-        settings.reconnect_max,
+        Driver {
+            broker: (mqtt.host.clone(), mqtt.port),
+            gate: gate.clone(),
+            events: events_tx,
+            stop: stop.clone(),
+            reset: reset.clone(),
+            reconnect_min: settings.reconnect_min,
+            reconnect_max: settings.reconnect_max,
+            client: client.clone(),
+            subscriptions: subscribe::Subscriptions::new(settings.subscriptions.clone()),
+            max_packet_size: settings.max_packet_size,
+            keep_alive: mqtt.keep_alive,
+        },
     ));
     let (sender, inbound) = mpsc::channel(inbound_capacity.max(1));
     let stats = Arc::new(LinkStats::default());
@@ -316,6 +378,7 @@ pub fn spawn(
         generation: None,
         next_seq: 1,
         dropping: 0,
+        held_bytes: 0,
         latency: LatencyHistogram::default(),
         commands,
         window,
@@ -337,6 +400,14 @@ pub fn spawn(
         to_store: VecDeque::new(),
         to_delete: Vec::new(),
         suspect: None,
+        reset,
+        connected_at: None,
+        broker_max_packet: None,
+        max_qos: Qos::ExactlyOnce,
+        short_closes: 0,
+        last_lost: String::new(),
+        refused_locally: 0,
+        protocol_errors: 0,
         attempted: false,
         deletes_sent: Instant::now(),
     };
@@ -348,22 +419,77 @@ pub fn spawn(
     })
 }
 
-/// Polls the event loop forever; forwards what the manager needs.
-async fn drive_eventloop(
-    mut session: Session,
-    (host, port): (String, u16),
+/// What the event-loop task needs besides the event loop.
+struct Driver {
+    broker: (String, u16),
     gate: Arc<Mutex<Gate>>,
     events: mpsc::UnboundedSender<LinkEvent>,
     stop: CancellationToken,
+    /// Woken by the manager to end the session (see [`Gate::reset`]).
+    reset: Arc<tokio::sync::Notify>,
     reconnect_min: Duration,
     reconnect_max: Duration,
-) {
-    let mut backoff = reconnect_min;
+    /// For SUBSCRIBE requests (the manager hands publishes).
+    client: Client,
+    subscriptions: subscribe::Subscriptions,
+    max_packet_size: usize,
+    keep_alive: Duration,
+}
+
+/// What a CONNACK may not say to us, and why (each is a protocol error that ends the session).
+fn connack_problem(session_present: bool, receive_max: Option<u16>) -> Option<String> {
+    if session_present {
+        // rumqttc would replay the old session's publishes under their old packet ids while
+        // the link re-sends them: acknowledgements would complete the wrong messages.
+        return Some(
+            "the broker said a session was present although we asked for a clean one \
+             (MQTT 3.1.1 §3.2.2.2, MQTT 5 §3.2.2.1.1): a faulty broker, or someone on the path \
+             of an unencrypted connection"
+                .into(),
+        );
+    }
+    if receive_max == Some(0) {
+        return Some(
+            "the broker sent Receive Maximum 0, which MQTT 5 forbids (§3.2.2.3.3): nothing \
+             could be published in this session"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Polls the event loop forever; forwards what the manager needs.
+async fn drive_eventloop(mut session: Session, mut d: Driver) {
+    let mut backoff = d.reconnect_min;
     let mut generation = 0u64;
+    let mut connected = false;
+    // A probing session holds publishes back until its last SUBACK, but not for ever (a
+    // broker that never answers a SUBSCRIBE must not silence the link).
+    let mut hold_until: Option<tokio::time::Instant> = None;
     loop {
         let polled = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = d.stop.cancelled() => break,
+            _ = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if hold_until.is_some() => {
+                hold_until = None;
+                tracing::warn!("command subscriptions not all acknowledged within 10 s: publishing anyway");
+                let mut g = d.gate.lock().expect("gate poisoned");
+                if !g.open && g.generation == generation && connected {
+                    g.open = true;
+                    drop(g);
+                    if d.events.send(LinkEvent::Ready).is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+            _ = d.reset.notified() => {
+                let request = d.gate.lock().expect("gate poisoned").reset.take();
+                match request {
+                    Some((g, why)) if connected && g == generation => Err(proto::Ended::protocol(why)),
+                    _ => continue,
+                }
+            }
             polled = session.poll() => polled,
         };
         let polled = match polled {
@@ -372,61 +498,150 @@ async fn drive_eventloop(
                     pkid,
                     refused: Some(reason),
                 };
-                if events.send(refused).is_err() {
+                if d.events.send(refused).is_err() {
                     break;
                 }
-                Err("session reset after a QoS 2 publish refused at PUBREC (rumqttc would keep its in-flight slot)".to_string())
+                Err(proto::Ended {
+                    error: "session reset after a QoS 2 publish refused at PUBREC (rumqttc would keep its in-flight slot)".to_string(),
+                    cause: proto::Cause::Network,
+                })
+            }
+            Ok(Polled::ConnAck {
+                session_present,
+                receive_max,
+                ..
+            }) if connack_problem(session_present, receive_max).is_some() => {
+                Err(proto::Ended::protocol(
+                    connack_problem(session_present, receive_max).expect("some"),
+                ))
             }
             other => other,
         };
         let event = match polled {
-            Ok(Polled::ConnAck { receive_max }) => {
-                backoff = reconnect_min;
+            Ok(Polled::ConnAck {
+                receive_max,
+                max_packet,
+                max_qos,
+                ..
+            }) => {
+                backoff = d.reconnect_min;
                 generation += 1;
+                connected = true;
+                if session.keep_own_keep_alive(d.keep_alive) {
+                    tracing::warn!(
+                        keep_alive_s = d.keep_alive.as_secs(),
+                        "the broker sent Server Keep Alive 0: keeping our own keep-alive interval"
+                    );
+                }
                 // Events rumqttc queued in the dead session (an `Outgoing::Publish` whose flush
                 // failed) would be matched against this session's messages.
-                forward_stale(&mut session, &events);
-                let mut g = gate.lock().expect("gate poisoned");
-                g.open = true;
+                forward_stale(&mut session, &d.events);
+                // Subscriptions first, while the request channel is empty (the gate is shut).
+                let start = d.subscriptions.on_connack();
+                for packet in &start.packets {
+                    if d.client.try_subscribe(packet).is_err() {
+                        tracing::error!(
+                            filters = packet.len(),
+                            "could not subscribe to command topics in this session"
+                        );
+                    }
+                }
+                hold_until = start
+                    .hold
+                    .then(|| tokio::time::Instant::now() + Duration::from_secs(10));
+                let mut g = d.gate.lock().expect("gate poisoned");
+                g.open = !start.hold;
                 g.generation = generation;
                 LinkEvent::Connected {
                     generation,
                     receive_max,
-                    quick: QuickAck::find(&host, port),
+                    max_packet,
+                    max_qos: match max_qos {
+                        Some(0) => Qos::AtMostOnce,
+                        Some(1) => Qos::AtLeastOnce,
+                        _ => Qos::ExactlyOnce,
+                    },
+                    quick: QuickAck::find(&d.broker.0, d.broker.1),
                 }
+            }
+            Ok(Polled::SubAck { refused, codes }) => {
+                if let Some(next) = d.subscriptions.on_suback(Instant::now()) {
+                    if d.client.try_subscribe(std::slice::from_ref(&next)).is_err() {
+                        tracing::error!(filter = %next, "could not subscribe to a command topic in this session");
+                    }
+                }
+                if d.subscriptions.ready() {
+                    hold_until = None;
+                    let mut g = d.gate.lock().expect("gate poisoned");
+                    if !g.open && g.generation == generation {
+                        g.open = true;
+                        drop(g);
+                        if d.events.send(LinkEvent::Ready).is_err() {
+                            break;
+                        }
+                    }
+                }
+                if refused == 0 {
+                    continue;
+                }
+                LinkEvent::SubscribeRefused { refused, codes }
             }
             Ok(Polled::Written(pkid)) => LinkEvent::Written { pkid },
             Ok(Polled::Acked { pkid, refused }) => LinkEvent::Acked { pkid, refused },
             // Turned into an error above.
             Ok(Polled::RefusedAtPubRec { .. }) => continue,
             Ok(Polled::Received(msg)) => LinkEvent::Incoming(msg),
-            Ok(Polled::SubscribeRefused { codes }) => LinkEvent::SubscribeRefused { codes },
             Ok(Polled::Disconnected) => {
-                let _ = events.send(LinkEvent::Stopped);
+                let _ = d.events.send(LinkEvent::Stopped);
                 break;
             }
             Ok(Polled::Other) => continue,
-            Err(error) => {
+            Err(ended) => {
+                connected = false;
+                hold_until = None;
                 {
-                    let mut g = gate.lock().expect("gate poisoned");
+                    let mut g = d.gate.lock().expect("gate poisoned");
                     g.open = false;
                     // Anything handed over since rumqttc's own clean-up is drained now, under
                     // the gate, so that rumqttc holds nothing the manager will re-send.
                     session.reset();
                 }
-                forward_stale(&mut session, &events);
-                if events.send(LinkEvent::Disconnected { error }).is_err() {
+                // SUBACKs read in the batch that ended with the error came before it.
+                let now = Instant::now();
+                for _ in 0..forward_stale(&mut session, &d.events) {
+                    d.subscriptions.on_suback(now);
+                }
+                let too_large = ended.cause == proto::Cause::TooLarge;
+                if let Some(filter) = d.subscriptions.on_session_end(too_large, now) {
+                    tracing::error!(
+                        filter = %filter,
+                        max_packet_size = d.max_packet_size,
+                        "a retained message larger than mqtt.max_packet_size on a topic matching this command filter ended every session: no longer subscribing to it (until a restart); commands on it will not arrive. Clear the retained message (publish an empty retained message to its topic, e.g. `mosquitto_pub -r -n -t <topic>`) or raise mqtt.max_packet_size"
+                    );
+                    if d.events.send(LinkEvent::FilterDropped).is_err() {
+                        break;
+                    }
+                } else if too_large && !d.subscriptions.is_empty() {
+                    tracing::warn!(
+                        "the broker sent a packet larger than mqtt.max_packet_size; the next sessions subscribe to command topics one at a time to find a retained one"
+                    );
+                }
+                let event = LinkEvent::Disconnected {
+                    error: ended.error,
+                    cause: ended.cause,
+                };
+                if d.events.send(event).is_err() {
                     break;
                 }
                 tokio::select! {
-                    _ = stop.cancelled() => break,
+                    _ = d.stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(reconnect_max);
+                backoff = (backoff * 2).min(d.reconnect_max);
                 continue;
             }
         };
-        if events.send(event).is_err() {
+        if d.events.send(event).is_err() {
             break;
         }
     }
@@ -434,10 +649,13 @@ async fn drive_eventloop(
 
 /// Drops the events rumqttc still buffers from a session that ended (they refer to packet
 /// ids of that session), forwarding received publishes, which are still valid commands.
-fn forward_stale(session: &mut Session, events: &mpsc::UnboundedSender<LinkEvent>) {
-    for msg in session.take_stale() {
+/// Returns how many SUBACKs were among them.
+fn forward_stale(session: &mut Session, events: &mpsc::UnboundedSender<LinkEvent>) -> usize {
+    let (received, subacks) = session.take_stale();
+    for msg in received {
         let _ = events.send(LinkEvent::Incoming(msg));
     }
+    subacks
 }
 
 struct Entry {
@@ -447,6 +665,9 @@ struct Entry {
     store_id: Option<i64>,
     /// Not worth keeping across a restart (the `online` status).
     volatile: bool,
+    /// Bytes counted in `Manager::held_bytes` for it (messages that entered through
+    /// `enqueue`; rows read back from the store are bounded by the read size instead).
+    bytes: usize,
 }
 
 struct Manager {
@@ -462,6 +683,8 @@ struct Manager {
     next_seq: u64,
     /// Messages dropped in the current full-queue episode.
     dropping: u64,
+    /// Bytes of the entries that count against `settings.queue_max_bytes`.
+    held_bytes: usize,
     latency: LatencyHistogram,
     commands: Option<mpsc::Sender<InMessage>>,
     /// Messages on the wire at once in this session: `settings.window`, or less when the
@@ -500,17 +723,36 @@ struct Manager {
     to_store: VecDeque<NewMessage>,
     to_delete: Vec<i64>,
     /// The oldest written-but-unacknowledged message when the last connections died, and how
-    /// many in a row: a message that kills every session (a broker rejecting its topic or size)
-    /// must not block the link for ever.
+    /// many in a row. Only logged: that a session died with a message in flight proves
+    /// nothing about the message (a flapping link, two gateways sharing a client id), so it is
+    /// never dropped on that guess.
     suspect: Option<(u64, u32)>,
+    /// Asks the event-loop task to end the session (with `Gate::reset`).
+    reset: Arc<tokio::sync::Notify>,
+    /// When the current session's CONNACK came.
+    connected_at: Option<Instant>,
+    /// MQTT 5: the largest packet the broker takes in this session.
+    broker_max_packet: Option<usize>,
+    /// The highest QoS the broker takes in this session: higher ones are sent at it (a QoS 2
+    /// publish to a broker without QoS 2, such as AWS IoT, is a protocol error that would end
+    /// every session).
+    max_qos: Qos,
+    /// Sessions in a row the broker closed soon after their CONNACK.
+    short_closes: u32,
+    /// The error that ended the last session.
+    last_lost: String,
+    /// Messages refused before they were handed to rumqttc (topic or size).
+    refused_locally: u64,
+    /// Protocol errors of the broker, for rate-limited logs.
+    protocol_errors: u64,
     /// A first connection attempt has ended (in success or failure).
     attempted: bool,
     /// When acknowledged rows were last sent for deletion (they are batched).
     deletes_sent: Instant,
 }
 
-/// Sessions in a row that may die with the same message as the oldest unacknowledged one
-/// before it is dropped.
+/// Sessions in a row that die with the same message as the oldest unacknowledged one before
+/// that is logged (the message is kept: see `Manager::suspect`).
 const POISON_SESSIONS: u32 = 5;
 
 /// How long the link waits at shutdown for the store thread to take what memory holds
@@ -518,6 +760,17 @@ const POISON_SESSIONS: u32 = 5;
 /// unit's `TimeoutStopSec=20s`.
 const STORE_PARK_TIMEOUT: Duration = Duration::from_secs(3);
 const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// A session the broker closes sooner than this after its CONNACK is "closed right away".
+const SHORT_SESSION: Duration = Duration::from_secs(10);
+
+/// Sessions in a row closed right away by the broker before we call it a client-id conflict.
+const SHORT_CLOSES: u32 = 3;
+
+/// For rate-limited logs: true for the 1st, 2nd, 4th, 8th... occurrence.
+fn worth_logging(n: u64) -> bool {
+    n.is_power_of_two()
+}
 
 /// How long a failed store is left alone before new messages are tried on it again.
 const STORE_RETRY: Duration = Duration::from_secs(30);
@@ -714,8 +967,13 @@ impl Manager {
             retain: true,
             created: Instant::now(),
             correlation: None,
+            json_object: false,
         };
-        if self.client.try_publish(&offline).is_err() {
+        if self
+            .client
+            .try_publish(&offline, offline.qos.min(self.max_qos))
+            .is_err()
+        {
             return;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -752,24 +1010,15 @@ impl Manager {
 
     fn enqueue(&mut self, mut msg: OutMessage) {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        // Fixed header (up to 5), topic length (2), packet id (2) and the buffered mark.
-        let size = msg.topic.len() + msg.payload.len() + 9 + 16;
-        if size > self.settings.max_packet_size {
-            let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                topic = %msg.topic,
-                size,
-                max = self.settings.max_packet_size,
-                dropped_total = n + 1,
-                "message larger than mqtt.max_packet_size: dropped (it could never be delivered)"
-            );
+        if let Some(why) = unsendable(&msg, self.settings.max_packet_size) {
+            self.refuse_locally(&msg, &why);
             return;
         }
         // Held back: the broker is known to be unreachable (not merely not connected yet at start,
         // which would write every start's first readings to the SD card), or backed up.
         let held_back = (self.generation.is_none() && self.attempted)
             || self.pending() >= self.settings.spill_threshold;
-        if held_back {
+        if held_back && msg.json_object {
             mark_buffered(&mut msg.payload);
         }
         if self.store_usable() && (self.spill || held_back) && msg.storable() {
@@ -779,11 +1028,36 @@ impl Manager {
             self.push_to_store(new_message(&msg));
             return;
         }
+        let bytes = msg.topic.len() + msg.payload.len();
+        // The byte bound: the oldest messages not on the wire make room, as for the count.
+        while self.held_bytes + bytes > self.settings.queue_max_bytes {
+            let victim = self.queue.iter().position(|e| e.bytes > 0);
+            let dropped = match victim.and_then(|i| self.queue.remove(i)) {
+                Some(old) => {
+                    self.held_bytes = self.held_bytes.saturating_sub(old.bytes);
+                    false
+                }
+                None => true,
+            };
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.dropping == 0 {
+                tracing::warn!(
+                    max_bytes = self.settings.queue_max_bytes,
+                    "MQTT queue full (mqtt.queue.max_bytes): dropping the oldest messages (policy drop_oldest)"
+                );
+            }
+            self.dropping += 1;
+            if dropped {
+                return;
+            }
+        }
         if self.pending() >= self.settings.queue_capacity {
             // Only what is not on the wire can be dropped; the oldest goes first.
             let victim = self.queue.iter().position(|e| e.store_id.is_none());
             if let Some(i) = victim {
-                self.queue.remove(i);
+                if let Some(old) = self.queue.remove(i) {
+                    self.held_bytes = self.held_bytes.saturating_sub(old.bytes);
+                }
             }
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             if self.dropping == 0 {
@@ -801,11 +1075,13 @@ impl Manager {
             self.dropping = 0;
         }
         let seq = self.next_seq();
+        self.held_bytes += bytes;
         self.queue.push_back(Entry {
             seq,
             msg,
             store_id: None,
             volatile: false,
+            bytes,
         });
     }
 
@@ -826,6 +1102,7 @@ impl Manager {
             if e.volatile || !e.msg.storable() {
                 self.queue.push_back(e);
             } else {
+                self.held_bytes = self.held_bytes.saturating_sub(e.bytes);
                 self.to_store.push_back(new_message(&e.msg));
                 self.appends_since_read += 1;
             }
@@ -1055,9 +1332,12 @@ impl Manager {
                 retain: m.retain,
                 created: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
                 correlation: None,
+                // Marked (or not) before it was stored.
+                json_object: false,
             },
             store_id,
             volatile: false,
+            bytes: 0,
         }
     }
 
@@ -1071,8 +1351,16 @@ impl Manager {
             LinkEvent::Connected {
                 generation,
                 receive_max,
+                max_packet,
+                max_qos,
                 quick,
             } => {
+                if max_qos < Qos::AtLeastOnce && self.max_qos >= Qos::AtLeastOnce {
+                    tracing::warn!(
+                        "the broker takes QoS 0 only (MQTT 5 Maximum QoS 0): messages are sent at QoS 0, without acknowledgement"
+                    );
+                }
+                self.max_qos = max_qos;
                 self.attempted = true;
                 if quick.is_empty() {
                     tracing::debug!("broker socket not found: no prompt ACKs in this session");
@@ -1089,7 +1377,9 @@ impl Manager {
                     .window
                     .min(receive_max.map_or(usize::MAX, |r| usize::from(r).saturating_sub(1)))
                     .max(1);
+                self.broker_max_packet = max_packet.map(|m| m as usize);
                 self.generation = Some(generation);
+                self.connected_at = Some(Instant::now());
                 self.stats.connected.store(1, Ordering::Relaxed);
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
                 let down = down_since.take().map(|t| t.elapsed()).unwrap_or_default();
@@ -1100,7 +1390,7 @@ impl Manager {
                 );
                 last_error.clear();
                 // `online` (retained) goes first, tracked like any message so that packet ids
-                // stay in step; subscriptions produce no publish event.
+                // stay in step. The event-loop task subscribes.
                 self.queue.push_front(Entry {
                     seq: 0,
                     msg: OutMessage {
@@ -1110,24 +1400,43 @@ impl Manager {
                         retain: true,
                         created: Instant::now(),
                         correlation: None,
+                        json_object: false,
                     },
                     store_id: None,
                     volatile: true,
+                    bytes: 0,
                 });
-                // A few SUBSCRIBE packets, not one per filter: the request channel is small.
-                for chunk in self.settings.subscriptions.clone().chunks(32) {
-                    if !self.try_hand_raw(|c| c.try_subscribe(chunk)) {
+            }
+            LinkEvent::Ready => {}
+            LinkEvent::FilterDropped => {
+                self.stats.filters_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            LinkEvent::Disconnected { error, cause } => {
+                self.attempted = true;
+                let lived = self.connected_at.take().map(|t| t.elapsed());
+                if cause == proto::Cause::Protocol {
+                    self.protocol_errors += 1;
+                    self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    if worth_logging(self.protocol_errors) {
                         tracing::error!(
-                            filters = chunk.len(),
-                            "could not subscribe to command topics in this session"
+                            error = %error,
+                            protocol_errors = self.protocol_errors,
+                            "MQTT protocol error by the broker: connection reset (nothing is taken as delivered without its acknowledgement)"
                         );
                     }
                 }
-            }
-            LinkEvent::Disconnected { error } => {
-                self.attempted = true;
+                self.on_session_closed(cause, lived);
                 if self.generation.take().is_some() {
-                    tracing::warn!(error = %error, "MQTT connection lost");
+                    // A session that flaps (a client-id conflict, a broker refusing something)
+                    // would log this every few hundred milliseconds: the same error again after
+                    // a short session is a debug line; the conflict has its own error.
+                    let again = lived.is_some_and(|d| d < SHORT_SESSION) && self.last_lost == error;
+                    if again {
+                        tracing::debug!(error = %error, "MQTT connection lost again");
+                    } else {
+                        tracing::warn!(error = %error, "MQTT connection lost");
+                    }
+                    self.last_lost.clone_from(&error);
                     *down_since = Some(Instant::now());
                 } else if *last_error != error {
                     tracing::warn!(error = %error, "MQTT connect failed");
@@ -1168,7 +1477,11 @@ impl Manager {
                 match (self.inflight.remove(&pkid), refused) {
                     (Some(entry), None) => self.delivered(entry),
                     (Some(entry), Some(reason)) => self.on_refused(entry, &reason),
-                    (None, _) => {}
+                    // Nothing of ours is in flight under that id: the acknowledgement cannot
+                    // be matched to a message, and the ones that follow may not be either.
+                    (None, _) => self.request_reset(format!(
+                        "the broker acknowledged packet id {pkid}, which no publish of ours in flight has"
+                    )),
                 }
                 // More acknowledgements are due and no publish of ours is about to carry our
                 // ACK of this one: send it now, or a Nagle-ing broker holds the next PUBACK
@@ -1177,15 +1490,35 @@ impl Manager {
                     self.quick.poke();
                 }
             }
-            LinkEvent::SubscribeRefused { codes } => tracing::error!(
-                refused = codes.len(),
-                codes = %codes.join(","),
+            LinkEvent::SubscribeRefused { refused, codes } => tracing::error!(
+                refused,
+                first_codes = %codes.join(","),
                 "the broker refused subscriptions to command topics: commands on them will not arrive (check the broker's ACL)"
             ),
             LinkEvent::Incoming(msg) => {
+                if msg.correlation_refused {
+                    let n = self
+                        .stats
+                        .correlation_refused
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    if worth_logging(n) {
+                        tracing::warn!(
+                            max_bytes = proto::MAX_CORRELATION,
+                            refused_total = n,
+                            "MQTT 5 request with oversized correlation data: no response copy (its result still goes to the result topic)"
+                        );
+                    }
+                }
                 if let Some(commands) = &self.commands {
                     if commands.try_send(msg).is_err() {
-                        tracing::warn!("command queue full: command dropped");
+                        let n = self.stats.commands_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                        if worth_logging(n) {
+                            tracing::warn!(
+                                dropped_total = n,
+                                "command queue full: command dropped"
+                            );
+                        }
                     }
                 }
             }
@@ -1193,8 +1526,63 @@ impl Manager {
         }
     }
 
-    /// Called when a session died: drops the oldest unacknowledged message if it was the
-    /// oldest one in `POISON_SESSIONS` dead sessions in a row.
+    /// Asks the event-loop task to end the current session (a protocol error it cannot see).
+    fn request_reset(&mut self, why: String) {
+        let Some(generation) = self.generation else {
+            return;
+        };
+        let mut gate = self.gate.lock().expect("gate poisoned");
+        if gate.reset.is_none() {
+            gate.reset = Some((generation, why));
+            self.reset.notify_one();
+        }
+    }
+
+    /// A session ended with `cause` after `lived` (`None`: it never got its CONNACK). Sessions
+    /// the broker keeps closing right after CONNACK are what a second client with our client
+    /// id causes: each connection takes the session over from the other (MQTT 3.1.1 §3.1.4,
+    /// MQTT 5 §3.1.4 and reason 0x8E).
+    fn on_session_closed(&mut self, cause: proto::Cause, lived: Option<Duration>) {
+        let taken_over = cause == proto::Cause::TakenOver;
+        let closed_early = matches!(cause, proto::Cause::Closed | proto::Cause::TakenOver)
+            && lived.is_some_and(|d| d < SHORT_SESSION);
+        if lived.is_none() {
+            return;
+        }
+        self.short_closes = if closed_early {
+            self.short_closes + 1
+        } else {
+            0
+        };
+        if taken_over || self.short_closes >= SHORT_CLOSES {
+            let n = self
+                .stats
+                .client_id_conflicts
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if !worth_logging(n) {
+                return;
+            }
+            if taken_over {
+                tracing::error!(
+                    client_id = %self.settings.client_id,
+                    sessions = n,
+                    "the broker says another connection took our session over (MQTT 5 reason 0x8E): another client uses our client id (a second gateway, e.g. from a cloned SD card?). Give each gateway its own mqtt.client_id; no reading is dropped meanwhile"
+                );
+            } else {
+                tracing::error!(
+                    client_id = %self.settings.client_id,
+                    sessions = n,
+                    in_a_row = self.short_closes,
+                    "the broker keeps closing our sessions right after they start: most likely another client uses our client id (a second gateway, e.g. from a cloned SD card?). Give each gateway its own mqtt.client_id; no reading is dropped meanwhile"
+                );
+            }
+        }
+    }
+
+    /// Called when a session died: logs when the oldest unacknowledged message was the oldest
+    /// one in `POISON_SESSIONS` dead sessions in a row. The message is kept: that proves
+    /// nothing about it (see `suspect`).
     fn check_poison(&mut self) {
         let Some(oldest) = self.inflight.values().map(|e| e.seq).min() else {
             return;
@@ -1204,26 +1592,18 @@ impl Manager {
             _ => 1,
         };
         self.suspect = Some((oldest, count));
-        if count < POISON_SESSIONS {
-            return;
-        }
-        let pkid = self
-            .inflight
-            .iter()
-            .find(|(_, e)| e.seq == oldest)
-            .map(|(k, _)| *k);
-        if let Some(entry) = pkid.and_then(|k| self.inflight.remove(&k)) {
-            tracing::error!(
-                topic = %entry.msg.topic,
-                bytes = entry.msg.payload.len(),
-                sessions = count,
-                "dropping a message that every connection died on (broker refusing it?)"
-            );
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if let Some(id) = entry.store_id {
-                self.to_delete.push(id);
+        if count >= POISON_SESSIONS
+            && worth_logging(u64::from(count / POISON_SESSIONS))
+            && count % POISON_SESSIONS == 0
+        {
+            if let Some(entry) = self.inflight.values().find(|e| e.seq == oldest) {
+                tracing::error!(
+                    topic = %entry.msg.topic,
+                    bytes = entry.msg.payload.len(),
+                    sessions = count,
+                    "every connection died with this message unacknowledged (is the broker refusing it? check its log); it is kept and re-sent"
+                );
             }
-            self.suspect = None;
         }
     }
 
@@ -1252,6 +1632,7 @@ impl Manager {
 
     /// The broker answered for `entry` (either way): it is no suspect, and its row goes.
     fn finished(&mut self, entry: &Entry) {
+        self.held_bytes = self.held_bytes.saturating_sub(entry.bytes);
         if self.suspect.is_some_and(|(seq, _)| seq == entry.seq) {
             self.suspect = None;
         }
@@ -1260,16 +1641,23 @@ impl Manager {
         }
     }
 
-    /// Hands a request that is not a tracked message to rumqttc, if the gate is open.
-    fn try_hand_raw(&mut self, f: impl FnOnce(&Client) -> Result<(), String>) -> bool {
-        let Some(generation) = self.generation else {
-            return false;
-        };
-        let gate = self.gate.lock().expect("gate poisoned");
-        if !gate.open || gate.generation != generation {
-            return false;
+    /// A message that could never be delivered (see [`unsendable`]) is dropped before rumqttc
+    /// sees it: counted, logged for the 1st, 2nd, 4th... one. Its row (if any) goes: this is
+    /// proven here, not guessed.
+    fn refuse_locally(&mut self, msg: &OutMessage, why: &str) {
+        self.refused_locally += 1;
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if worth_logging(self.refused_locally) {
+            let shown: String = msg.topic.chars().take(128).collect();
+            tracing::error!(
+                topic = %shown,
+                topic_bytes = msg.topic.len(),
+                why,
+                refused_total = self.refused_locally,
+                dropped_total = n,
+                "message that cannot be sent: dropped (it could never be delivered)"
+            );
         }
-        f(&self.client).is_ok()
     }
 
     /// Hands queued messages to rumqttc while connected and the window has room.
@@ -1280,7 +1668,8 @@ impl Manager {
         if self.queue.is_empty() {
             return;
         }
-        let gate = self.gate.lock().expect("gate poisoned");
+        let gate = self.gate.clone();
+        let gate = gate.lock().expect("gate poisoned");
         if !gate.open || gate.generation != generation {
             return;
         }
@@ -1288,7 +1677,20 @@ impl Manager {
             let Some(entry) = self.queue.pop_front() else {
                 break;
             };
-            match self.client.try_publish(&entry.msg) {
+            // MQTT 5: this broker's own limit, known since its CONNACK; rumqttc would end the
+            // session on a larger packet, and again in every session.
+            if let Some(max) = self.broker_max_packet {
+                if publish_size(&entry.msg) > max {
+                    let why = format!("larger than the broker's Maximum Packet Size ({max} bytes)");
+                    self.refuse_locally(&entry.msg, &why);
+                    self.finished(&entry);
+                    continue;
+                }
+            }
+            match self
+                .client
+                .try_publish(&entry.msg, entry.msg.qos.min(self.max_qos))
+            {
                 Ok(()) => self.handed.push_back(entry),
                 Err(e) => {
                     tracing::debug!(error = %e, "rumqttc request channel full; retrying later");
@@ -1298,6 +1700,42 @@ impl Manager {
             }
         }
     }
+}
+
+/// Bytes of the PUBLISH packet that carries `m`, at most: fixed header (up to 5), topic
+/// length (2), packet id (2), MQTT 5 properties (correlation data: 1 + 2 + its bytes, and
+/// the property length, up to 4), and room for the held-back mark.
+fn publish_size(m: &OutMessage) -> usize {
+    let props = m.correlation.as_ref().map_or(0, |c| 3 + c.len()) + 4;
+    m.topic.len() + m.payload.len() + 9 + props + 16
+}
+
+/// Why `m` can never be published, if it cannot: its topic is not a valid topic name (empty,
+/// over the 65535 bytes a UTF-8 string can carry, with a wildcard or a NUL: MQTT 3.1.1
+/// §1.5.3, §3.3.2.1, §4.7.3), or its packet is over `max_packet` bytes. rumqttc checks none
+/// of the topic rules: it writes a longer topic's length as `len as u16`, a malformed packet
+/// that ends the session, and the link would send it again in every new one.
+fn unsendable(m: &OutMessage, max_packet: usize) -> Option<String> {
+    let t = &m.topic;
+    if t.is_empty() {
+        return Some("empty topic".into());
+    }
+    if t.len() > usize::from(u16::MAX) {
+        return Some(format!("topic of {} bytes (at most 65535)", t.len()));
+    }
+    if t.contains(['+', '#']) {
+        return Some("wildcard in the topic".into());
+    }
+    if t.contains('\0') {
+        return Some("NUL character in the topic".into());
+    }
+    let size = publish_size(m);
+    if size > max_packet {
+        return Some(format!(
+            "packet of {size} bytes, larger than mqtt.max_packet_size ({max_packet})"
+        ));
+    }
+    None
 }
 
 fn new_message(m: &OutMessage) -> NewMessage {
@@ -1312,7 +1750,8 @@ fn new_message(m: &OutMessage) -> NewMessage {
 }
 
 /// Marks a JSON object payload as held back (`"buffered":true` as its first key) so that
-/// consumers can tell late readings; bare values are left as they are.
+/// consumers can tell late readings. Only for payloads the publisher says are JSON objects
+/// (`OutMessage::json_object`): the bytes alone do not tell (a string point `{x}`).
 pub fn mark_buffered(payload: &mut Vec<u8>) {
     const MARK: &[u8] = b"\"buffered\":true";
     if payload.len() >= 2 && payload[0] == b'{' && payload.last() == Some(&b'}') {

@@ -171,6 +171,8 @@ pub struct Mqtt {
     pub max_packet_size: usize,
     /// Messages the link keeps in memory waiting for delivery (not yet PUBACKed).
     pub queue_capacity: usize,
+    /// Bytes (topic + payload) of the messages the link keeps in memory, at most.
+    pub queue_max_bytes: usize,
     pub when_full: WhenFull,
     /// Messages on the wire awaiting PUBACK at once.
     pub inflight: u16,

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     decide, err_result, log_text, log_topic, ok_result, parse_default_topic, set_bit_write,
     Arrival, Clock, CommandStats, Plan, PointState, RateLimiter, RecentIds, Refusal, Reply,
-    ResponseTopics, Seen, Step, Verdict, MAX_CORRELATION, MAX_TOPIC, REFUSAL_BUDGET,
+    ResponseTopics, Seen, Step, Verdict, MAX_TOPIC, REFUSAL_BUDGET,
 };
 use crate::codec::{self, Raw};
 use crate::link::{InMessage, OutMessage};
@@ -111,22 +111,14 @@ struct Job {
 
 impl Reply {
     /// The reply wanted by `msg`, if it asked for one we may send: a permitted response topic
-    /// ([`ResponseTopics`]) and correlation data within [`MAX_CORRELATION`].
+    /// ([`ResponseTopics`]). (The link drops the wish of a request whose correlation data is
+    /// over 256 bytes, and counts it.)
     fn of(msg: &InMessage, allowed: &ResponseTopics) -> Result<Option<Reply>, String> {
         let Some(topic) = msg.response_topic.as_ref() else {
             return Ok(None);
         };
         if let Err(why) = allowed.check(topic) {
             return Err(format!("response topic refused: {why}"));
-        }
-        if msg
-            .correlation
-            .as_ref()
-            .is_some_and(|c| c.len() > MAX_CORRELATION)
-        {
-            return Err(format!(
-                "correlation data longer than {MAX_CORRELATION} bytes: not echoed"
-            ));
         }
         Ok(Some(Reply {
             topic: topic.clone(),
@@ -513,6 +505,7 @@ impl Router {
                         retain: point.retain,
                         created: Instant::now(),
                         correlation: None,
+                        json_object: point.payload == crate::model::PayloadFormat::Json,
                     });
                 }
                 body
@@ -591,6 +584,7 @@ fn result_message(topic: String, body: &Map<String, Json>) -> OutMessage {
         retain: false,
         created: Instant::now(),
         correlation: None,
+        json_object: true,
     }
 }
 
@@ -757,6 +751,7 @@ mod tests {
             topic: topic.into(),
             payload: b"1".to_vec(),
             retain: false,
+            correlation_refused: false,
             response_topic: None,
             correlation: None,
             expires_at: None,

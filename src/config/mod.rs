@@ -1321,8 +1321,9 @@ impl Validator {
             MAX_PACKET_SIZE,
             "a packet this large from the broker is held in memory whole; readings and commands are a few KiB",
         ) as usize;
-        let (queue_capacity, when_full) = match &m.queue {
-            None => (100_000, WhenFull::DropOldest),
+        // 64 MiB: a Pi Zero has 512 MiB; readings are small, this bound is for large ones.
+        let (queue_capacity, queue_max_bytes, when_full) = match &m.queue {
+            None => (100_000, 64 << 20, WhenFull::DropOldest),
             Some(q) => (
                 self.int_why(
                     "mqtt.queue.capacity",
@@ -1331,6 +1332,14 @@ impl Validator {
                     1,
                     MAX_QUEUE_CAPACITY,
                     "the queue is held in memory (a few hundred bytes per message, under the unit's MemoryMax); the store keeps long outages on disk",
+                ) as usize,
+                self.int_why(
+                    "mqtt.queue.max_bytes",
+                    q.max_bytes,
+                    64 << 20,
+                    65_536,
+                    256 << 20,
+                    "the queue is held in memory, under the unit's MemoryMax (128M); the store keeps long outages on disk",
                 ) as usize,
                 self.choice(
                     "mqtt.queue.when_full",
@@ -1413,6 +1422,7 @@ impl Validator {
             tls,
             max_packet_size,
             queue_capacity,
+            queue_max_bytes,
             when_full,
             inflight,
             reconnect_min,

@@ -82,6 +82,7 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawQueue {
     pub capacity: Option<i64>,
+    pub max_bytes: Option<i64>,
     pub when_full: Option<String>,
 }
 

@@ -21,6 +21,7 @@ use super::{InMessage, LinkError, OutMessage};
 use crate::model::{Mqtt, MqttProtocol, Qos};
 
 /// The request side of either client.
+#[derive(Clone)]
 pub(super) enum Client {
     V3(rumqttc::AsyncClient),
     V5(v5::AsyncClient),
@@ -28,8 +29,15 @@ pub(super) enum Client {
 
 /// What one poll of an event loop means to the link.
 pub(super) enum Polled {
-    /// A new session; `receive_max` is the broker's limit on QoS>0 publishes in flight.
-    ConnAck { receive_max: Option<u16> },
+    /// A new session. `receive_max` is the broker's limit on QoS>0 publishes in flight and
+    /// `max_packet` the largest packet it takes (MQTT 5 only, §3.2.2.3.3, §3.2.2.3.6).
+    ConnAck {
+        session_present: bool,
+        receive_max: Option<u16>,
+        max_packet: Option<u32>,
+        /// MQTT 5: the highest QoS the broker takes (§3.2.2.3.4).
+        max_qos: Option<u8>,
+    },
     /// A publish was written with this packet id (0 for QoS 0).
     Written(u16),
     /// The broker answered the publish with this packet id; `refused` carries the reason
@@ -42,13 +50,51 @@ pub(super) enum Polled {
     /// follows), so after as many refusals as the broker's Receive Maximum it would take no
     /// more requests: the session has to be reset after this one.
     RefusedAtPubRec { pkid: u16, reason: String },
-    /// The broker refused some of our subscriptions (their positions in the SUBSCRIBE).
-    SubscribeRefused { codes: Vec<String> },
+    /// A SUBACK; `refused` counts the filters it refused, `codes` holds the first few of
+    /// their codes.
+    SubAck { refused: usize, codes: Vec<String> },
     /// Our DISCONNECT was written: the session ended on our request.
     Disconnected,
     /// Nothing the link acts on.
     Other,
 }
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cause {
+    /// The network, a timeout, a refused connection: nothing the broker did wrong.
+    Network,
+    /// The broker closed the connection (end of stream, reset, or an MQTT 5 DISCONNECT).
+    Closed,
+    /// MQTT 5: the broker said another connection took the session over (reason 0x8E).
+    TakenOver,
+    /// The broker sent a packet larger than our incoming limit.
+    TooLarge,
+    /// The broker broke the protocol (an ack for nothing in flight, a packet type a server
+    /// never sends, a forbidden property...).
+    Protocol,
+}
+
+/// A session that ended: what rumqttc (or the link's own checks) said, and its cause.
+#[derive(Debug, Clone)]
+pub(super) struct Ended {
+    pub error: String,
+    pub cause: Cause,
+}
+
+impl Ended {
+    pub(super) fn protocol(error: String) -> Ended {
+        Ended {
+            error,
+            cause: Cause::Protocol,
+        }
+    }
+}
+
+/// Largest MQTT 5 correlation data we keep (the spec allows 65535 bytes, attacker-sized): a
+/// request carrying more gets no response copy on its response topic (its result is still
+/// published on `{topic}/result`).
+pub(super) const MAX_CORRELATION: usize = 256;
 
 /// The event-loop side of either client.
 pub(super) enum Session {
@@ -137,19 +183,20 @@ fn qos5(q: Qos) -> v5::mqttbytes::QoS {
 }
 
 impl Client {
-    /// Hands a publish over without waiting; fails when rumqttc's request channel is full.
-    pub(super) fn try_publish(&self, m: &OutMessage) -> Result<(), String> {
+    /// Hands a publish over at `qos` without waiting; fails when rumqttc's request channel is
+    /// full.
+    pub(super) fn try_publish(&self, m: &OutMessage, qos: Qos) -> Result<(), String> {
         match self {
             // 3.1.1 has no properties: correlation data cannot be carried (and is never set,
             // since no 3.1.1 command carries any).
             Client::V3(c) => c
-                .try_publish(&m.topic, qos3(m.qos), m.retain, m.payload.clone())
+                .try_publish(&m.topic, qos3(qos), m.retain, m.payload.clone())
                 .map_err(|e| e.to_string()),
             // No properties and empty ones are the same bytes on the wire (length 0).
             Client::V5(c) => c
                 .try_publish_with_properties(
                     &m.topic,
-                    qos5(m.qos),
+                    qos5(qos),
                     m.retain,
                     m.payload.clone(),
                     PublishProperties {
@@ -189,62 +236,109 @@ impl Client {
 
 impl Session {
     /// The next event; an error ends the session (rumqttc reconnects on the next poll).
-    pub(super) async fn poll(&mut self) -> Result<Polled, String> {
+    pub(super) async fn poll(&mut self) -> Result<Polled, Ended> {
         match self {
             Session::V3(eventloop) => poll_v3(eventloop).await,
             Session::V5(eventloop) => poll_v5(eventloop).await,
         }
     }
 
-    /// After an error: drops whatever rumqttc still holds for the dead session (so that it
-    /// holds nothing the link will re-send) and its packet-id collision state: rumqttc keeps a
-    /// collision across sessions, which would disable its request branch for good; the link
-    /// re-sends that message anyway.
+    /// After an error, or to end a session the link refuses: drops the connection and
+    /// whatever rumqttc still holds for the session, so that it holds nothing the link will
+    /// re-send, and its packet-id collision state: rumqttc keeps a collision across sessions,
+    /// which would disable its request branch for good; the link re-sends that message anyway.
+    /// rumqttc's `pending` list (what it would replay if a CONNACK said `session_present`) is
+    /// emptied too: our sessions are clean, and the link alone re-sends.
     pub(super) fn reset(&mut self) {
         match self {
             Session::V3(e) => {
                 e.clean();
+                e.pending.clear();
                 e.state.collision = None;
                 e.state.collision_ping_count = 0;
             }
             Session::V5(e) => {
                 e.clean();
-                e.state.collision = None;
-                e.state.collision_ping_count = 0;
+                e.pending.clear();
+                // A fresh state for the next session, but for the events still to be read:
+                // rumqttc keeps the broker's Receive Maximum (a 0 would silence every later
+                // session, whose CONNACK may not repeat it) and the topic aliases across
+                // sessions.
+                let events = std::mem::take(&mut e.state.events);
+                let limit = e
+                    .options
+                    .get_outgoing_inflight_upper_limit()
+                    .unwrap_or(u16::MAX);
+                e.state = v5::MqttState::new(limit, e.options.manual_acks());
+                e.state.events = events;
+            }
+        }
+    }
+
+    /// After a CONNACK. MQTT 5: a Server Keep Alive of 0 (the server turns keep-alive off,
+    /// §3.2.2.3.14) becomes rumqttc's ping interval as is: a PINGREQ on every turn of its
+    /// loop until "last ping not acknowledged" ends the session, and in its next CONNECT.
+    /// We keep our own interval then (a server answers PINGREQ in any case); returns whether
+    /// that happened.
+    pub(super) fn keep_own_keep_alive(&mut self, configured: Duration) -> bool {
+        match self {
+            Session::V3(_) => false,
+            Session::V5(e) => {
+                let zero = e.options.keep_alive().is_zero();
+                if zero {
+                    // Our configured interval is at least 5 s (the config says so), as
+                    // `set_keep_alive` asserts.
+                    e.options
+                        .set_keep_alive(configured.max(Duration::from_secs(5)));
+                }
+                zero
             }
         }
     }
 
     /// Events rumqttc queued in a session that ended: their packet ids mean nothing in the
-    /// next one. Received publishes among them are still valid commands and are returned.
-    pub(super) fn take_stale(&mut self) -> Vec<InMessage> {
+    /// next one. Received publishes among them are still valid commands and are returned,
+    /// with the number of SUBACKs among them (read in the same batch as the packet that
+    /// ended the session, before it).
+    pub(super) fn take_stale(&mut self) -> (Vec<InMessage>, usize) {
+        let mut received = Vec::new();
+        let mut subacks = 0;
         match self {
-            Session::V3(e) => e
-                .state
-                .events
-                .drain(..)
-                .filter_map(|event| match event {
-                    Event::Incoming(Incoming::Publish(p)) => Some(received_v3(&p)),
-                    _ => None,
-                })
-                .collect(),
-            Session::V5(e) => e
-                .state
-                .events
-                .drain(..)
-                .filter_map(|event| match event {
-                    v5::Event::Incoming(Packet::Publish(p)) => Some(received_v5(&p)),
-                    _ => None,
-                })
-                .collect(),
+            Session::V3(e) => {
+                for event in e.state.events.drain(..) {
+                    match event {
+                        Event::Incoming(Incoming::Publish(p)) => received.push(received_v3(&p)),
+                        Event::Incoming(Incoming::SubAck(_)) => subacks += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Session::V5(e) => {
+                for event in e.state.events.drain(..) {
+                    match event {
+                        // An aliased one is a protocol error already reported: never handed on.
+                        v5::Event::Incoming(Packet::Publish(p)) => {
+                            received.extend(received_v5(&p).ok());
+                        }
+                        v5::Event::Incoming(Packet::SubAck(_)) => subacks += 1,
+                        _ => {}
+                    }
+                }
+            }
         }
+        (received, subacks)
     }
 }
 
-async fn poll_v3(eventloop: &mut rumqttc::EventLoop) -> Result<Polled, String> {
-    let event = eventloop.poll().await.map_err(|e| e.to_string())?;
+async fn poll_v3(eventloop: &mut rumqttc::EventLoop) -> Result<Polled, Ended> {
+    let event = eventloop.poll().await.map_err(|e| ended_v3(&e))?;
     Ok(match event {
-        Event::Incoming(Incoming::ConnAck(_)) => Polled::ConnAck { receive_max: None },
+        Event::Incoming(Incoming::ConnAck(ack)) => Polled::ConnAck {
+            session_present: ack.session_present,
+            receive_max: None,
+            max_packet: None,
+            max_qos: None,
+        },
         Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Written(pkid),
         Event::Incoming(Incoming::PubAck(ack)) => Polled::Acked {
             pkid: ack.pkid,
@@ -266,11 +360,14 @@ async fn poll_v3(eventloop: &mut rumqttc::EventLoop) -> Result<Polled, String> {
     })
 }
 
-async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, String> {
-    let event = eventloop.poll().await.map_err(|e| e.to_string())?;
+async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, Ended> {
+    let event = eventloop.poll().await.map_err(|e| ended_v5(&e))?;
     Ok(match event {
         v5::Event::Incoming(Packet::ConnAck(ack)) => Polled::ConnAck {
-            receive_max: ack.properties.and_then(|p| p.receive_max),
+            session_present: ack.session_present,
+            receive_max: ack.properties.as_ref().and_then(|p| p.receive_max),
+            max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
+            max_qos: ack.properties.as_ref().and_then(|p| p.max_qos),
         },
         v5::Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Written(pkid),
         v5::Event::Incoming(Packet::PubAck(ack)) => Polled::Acked {
@@ -296,7 +393,7 @@ async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, String> {
             pkid: comp.pkid,
             refused: None,
         },
-        v5::Event::Incoming(Packet::Publish(p)) => Polled::Received(received_v5(&p)),
+        v5::Event::Incoming(Packet::Publish(p)) => Polled::Received(received_v5(&p)?),
         v5::Event::Incoming(Packet::SubAck(ack)) => suback(
             ack.return_codes
                 .iter()
@@ -308,13 +405,79 @@ async fn poll_v5(eventloop: &mut v5::EventLoop) -> Result<Polled, String> {
     })
 }
 
-/// A SUBACK, given the codes of the filters it refused: nothing to act on when there are none.
+/// A SUBACK, given the codes of the filters it refused.
+/// A SUBACK, given its refused codes; the first few are kept for the log (a SUBACK may
+/// carry as many codes as fit in the packet).
 fn suback(refused: impl Iterator<Item = String>) -> Polled {
-    let codes: Vec<String> = refused.collect();
-    if codes.is_empty() {
-        Polled::Other
-    } else {
-        Polled::SubscribeRefused { codes }
+    let mut count = 0;
+    let mut codes = Vec::new();
+    for code in refused {
+        count += 1;
+        if codes.len() < 8 {
+            codes.push(code);
+        }
+    }
+    Polled::SubAck {
+        refused: count,
+        codes,
+    }
+}
+
+/// Why a 3.1.1 session ended.
+fn ended_v3(e: &rumqttc::ConnectionError) -> Ended {
+    use rumqttc::{ConnectionError as C, StateError as S};
+    let cause = match e {
+        C::MqttState(S::Deserialization(rumqttc::Error::PayloadSizeLimitExceeded(_))) => {
+            Cause::TooLarge
+        }
+        C::MqttState(
+            S::Unsolicited(_) | S::WrongPacket | S::InvalidState | S::Deserialization(_),
+        )
+        | C::NotConnAck(_) => Cause::Protocol,
+        C::MqttState(S::ConnectionAborted) => Cause::Closed,
+        C::MqttState(S::Io(io)) | C::Io(io) => io_cause(io),
+        _ => Cause::Network,
+    };
+    Ended {
+        error: e.to_string(),
+        cause,
+    }
+}
+
+/// Why an MQTT 5 session ended.
+fn ended_v5(e: &v5::ConnectionError) -> Ended {
+    use v5::mqttbytes::v5::DisconnectReasonCode as D;
+    use v5::{ConnectionError as C, StateError as S};
+    let cause = match e {
+        C::MqttState(S::IncomingPacketTooLarge { .. })
+        | C::MqttState(S::Deserialization(v5::mqttbytes::Error::PayloadSizeLimitExceeded {
+            ..
+        })) => Cause::TooLarge,
+        C::MqttState(S::ServerDisconnect {
+            reason_code: D::SessionTakenOver,
+            ..
+        }) => Cause::TakenOver,
+        C::MqttState(S::ServerDisconnect { .. } | S::ConnectionAborted) => Cause::Closed,
+        C::MqttState(
+            S::Unsolicited(_) | S::WrongPacket | S::InvalidState | S::Deserialization(_),
+        )
+        | C::NotConnAck(_) => Cause::Protocol,
+        C::MqttState(S::Io(io)) | C::Io(io) => io_cause(io),
+        _ => Cause::Network,
+    };
+    Ended {
+        error: e.to_string(),
+        cause,
+    }
+}
+
+fn io_cause(e: &std::io::Error) -> Cause {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => {
+            Cause::Closed
+        }
+        _ => Cause::Network,
     }
 }
 
@@ -325,21 +488,68 @@ fn received_v3(p: &rumqttc::Publish) -> InMessage {
         retain: p.retain,
         response_topic: None,
         correlation: None,
+        correlation_refused: false,
         expires_at: None,
     }
 }
 
-fn received_v5(p: &v5::mqttbytes::v5::Publish) -> InMessage {
+/// A received MQTT 5 publish. One with a Topic Alias is a protocol error: we advertise no
+/// Topic Alias Maximum (0, §3.1.2.11.8), so the broker must send none (§3.3.2.3.4), and
+/// rumqttc would keep every alias it is sent. Correlation data over [`MAX_CORRELATION`]
+/// bytes is not kept, and neither is the response topic then (no response without it).
+fn received_v5(p: &v5::mqttbytes::v5::Publish) -> Result<InMessage, Ended> {
     let props = p.properties.as_ref();
-    InMessage {
+    if let Some(alias) = props.and_then(|p| p.topic_alias) {
+        return Err(Ended::protocol(format!(
+            "the broker sent a PUBLISH with topic alias {alias}, though we allow none (MQTT 5 §3.3.2.3.4)"
+        )));
+    }
+    let correlation = props.and_then(|p| p.correlation_data.as_ref());
+    let oversized = correlation.is_some_and(|d| d.len() > MAX_CORRELATION);
+    Ok(InMessage {
         topic: String::from_utf8_lossy(&p.topic).into_owned(),
         payload: p.payload.to_vec(),
         retain: p.retain,
-        response_topic: props.and_then(|p| p.response_topic.clone()),
-        correlation: props.and_then(|p| p.correlation_data.as_ref().map(|d| d.to_vec())),
+        response_topic: props
+            .and_then(|p| p.response_topic.clone())
+            .filter(|_| !oversized),
+        correlation: correlation.filter(|_| !oversized).map(|d| d.to_vec()),
+        correlation_refused: oversized,
         // What is left of the sender's expiry when the broker forwarded it.
         expires_at: props
             .and_then(|p| p.message_expiry_interval)
             .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_suback_refusing_many_filters_keeps_a_few_codes_for_the_log() {
+        let Polled::SubAck { refused, codes } = suback((0..100_000).map(|i| format!("{i}"))) else {
+            panic!("not a SubAck");
+        };
+        assert_eq!(refused, 100_000);
+        assert_eq!(codes.len(), 8);
+    }
+
+    #[test]
+    fn an_aliased_publish_is_a_protocol_error_and_big_correlation_data_is_not_kept() {
+        use v5::mqttbytes::v5::Publish;
+        let props = |alias: Option<u16>, correlation: usize| PublishProperties {
+            topic_alias: alias,
+            response_topic: Some("r".into()),
+            correlation_data: Some(vec![1u8; correlation].into()),
+            ..PublishProperties::default()
+        };
+        let publish = |p| Publish::new("t/a/b/set", v5::mqttbytes::QoS::AtLeastOnce, "1", Some(p));
+        let e = received_v5(&publish(props(Some(1), 1))).unwrap_err();
+        assert_eq!(e.cause, Cause::Protocol);
+        let m = received_v5(&publish(props(None, MAX_CORRELATION))).unwrap();
+        assert_eq!(m.correlation.map(|c| c.len()), Some(MAX_CORRELATION));
+        let m = received_v5(&publish(props(None, MAX_CORRELATION + 1))).unwrap();
+        assert!(m.correlation.is_none() && m.response_topic.is_none() && m.correlation_refused);
     }
 }

@@ -11,6 +11,8 @@
 //! - `pty`: `PtyPair`, two linked pseudo-terminals made by socat (a serial "cable").
 //! - `device`: Modbus devices (tokio-modbus servers over TCP or RTU on a pty) with shared,
 //!   inspectable state, a request log, illegal ranges and silent units.
+//! - `fake_broker`: a scripted fake MQTT server, only for faulty-broker behaviour no real
+//!   broker shows (session present on a clean session, Receive Maximum 0, topic aliases).
 //! - `gateway`: runs the `fieldbridge` binary as a child process.
 //!
 //! Every process started here is killed by PID when its handle drops; every wait is bounded.
@@ -20,6 +22,7 @@ pub mod broker;
 pub mod certs;
 pub mod counter;
 pub mod device;
+pub mod fake_broker;
 pub mod gateway;
 pub mod mqtt;
 pub mod mqtt5;
