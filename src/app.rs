@@ -380,6 +380,14 @@ pub async fn run_with_reload(
                 );
                 running = kept;
                 running.extend(started);
+                // Command topics the new configuration adds are subscribed to at once.
+                link.subscriptions
+                    .send_if_modified(|filters| {
+                        let wanted = crate::command::subscriptions(&new);
+                        let changed = *filters != wanted;
+                        *filters = wanted;
+                        changed
+                    });
                 config = new;
                 sidecars = Sidecars::start(
                     &config,

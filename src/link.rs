@@ -162,6 +162,9 @@ pub struct Link {
     pub sender: mpsc::Sender<OutMessage>,
     pub stats: Arc<LinkStats>,
     pub done: tokio::task::JoinHandle<LinkReport>,
+    /// The command filters to subscribe to (a reload sends new ones; those added are
+    /// subscribed at once in the current session).
+    pub subscriptions: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 /// Settings derived from the config that the manager needs.
@@ -339,6 +342,7 @@ pub fn spawn(
 ) -> Result<Link, LinkError> {
     let (client, eventloop) = proto::connect(mqtt)?;
     let gate = Arc::new(Mutex::new(Gate::default()));
+    let (filters_tx, filters_rx) = tokio::sync::watch::channel(settings.subscriptions.clone());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     let reset = Arc::new(tokio::sync::Notify::new());
@@ -354,6 +358,7 @@ pub fn spawn(
             reconnect_max: settings.reconnect_max,
             client: client.clone(),
             subscriptions: subscribe::Subscriptions::new(settings.subscriptions.clone()),
+            filters: filters_rx,
             max_packet_size: settings.max_packet_size,
             keep_alive: mqtt.keep_alive,
         },
@@ -416,6 +421,7 @@ pub fn spawn(
         sender,
         stats,
         done,
+        subscriptions: filters_tx,
     })
 }
 
@@ -432,6 +438,8 @@ struct Driver {
     /// For SUBSCRIBE requests (the manager hands publishes).
     client: Client,
     subscriptions: subscribe::Subscriptions,
+    /// New filters from a reload.
+    filters: tokio::sync::watch::Receiver<Vec<String>>,
     max_packet_size: usize,
     keep_alive: Duration,
 }
@@ -479,6 +487,15 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                     drop(g);
                     if d.events.send(LinkEvent::Ready).is_err() {
                         break;
+                    }
+                }
+                continue;
+            }
+            Ok(()) = d.filters.changed() => {
+                let filters = d.filters.borrow_and_update().clone();
+                for packet in d.subscriptions.replace(filters) {
+                    if connected && d.client.try_subscribe(&packet).is_err() {
+                        tracing::error!(filters = packet.len(), "could not subscribe to the reload's new command topics in this session");
                     }
                 }
                 continue;

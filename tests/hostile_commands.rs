@@ -195,6 +195,16 @@ async fn a_flood_of_bad_commands_is_answered_within_the_budget() {
     );
     let refused_lines = gateway.logs().matches("command refused").count();
     assert!(refused_lines <= bound + 5, "{refused_lines} log lines");
+    // The flood was on a read-only point (no command topic of its own): a refusal for a
+    // writable point is still answered at once, from a budget of its own.
+    probe
+        .publish("t/plc/sp/set", "70000", QoS::AtLeastOnce, false)
+        .await;
+    let r = probe
+        .expect(|t| t == "t/plc/sp/set/result", WAIT)
+        .await
+        .json();
+    assert_eq!(r["reason"], json!("out_of_range"), "{r}");
     // The refusals are counted, not lost from view: the stats message says how many.
     let stats = probe
         .expect_msg(

@@ -386,10 +386,11 @@ async fn wait_ready(probe: &mut MqttProbe) {
         probe
             .publish("t/ready/check/set", "1", QoS::AtLeastOnce, false)
             .await;
-        if let Some(m) = probe.next(Duration::from_millis(300)).await {
-            if m.topic == "t/ready/check/set/result" {
-                return;
-            }
+        // (The probe's own publish comes back first: wait the whole 300 ms for the result,
+        // or this loop floods the gateway with commands.)
+        let got = probe.collect_for(Duration::from_millis(300)).await;
+        if got.iter().any(|m| m.topic == "t/ready/check/set/result") {
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -424,18 +425,26 @@ async fn a_write_command_puts_the_exact_line_on_the_wire_and_reports_the_reply()
     let _gateway = Gateway::start(&yaml);
     wait_ready(&mut probe).await;
 
+    // `{value:.1}` would send 21.46 as 21.5 while the result said 21.46: refused.
+    let inexact = command(
+        &mut probe,
+        "t/heater/setpoint/set",
+        "{\"value\": 21.46, \"id\": \"c-0\"}",
+    )
+    .await;
+    assert_eq!(inexact["reason"], json!("not_representable"), "{inexact}");
     let ok = command(
         &mut probe,
         "t/heater/setpoint/set",
-        "{\"value\": 21.46, \"id\": \"c-1\"}",
+        "{\"value\": 21.5, \"id\": \"c-1\"}",
     )
     .await;
     assert_eq!(ok["ok"], json!(true), "{ok}");
     assert_eq!(ok["id"], json!("c-1"));
-    assert_eq!(ok["value"], json!(21.46));
+    assert_eq!(ok["value"], json!(21.5));
     // The new value is published on the point's topic at once.
     let published = probe.expect(|t| t == "t/heater/setpoint", WAIT).await;
-    assert_eq!(published.json()["value"], json!(21.46));
+    assert_eq!(published.json()["value"], json!(21.5));
 
     let refused = command(&mut probe, "t/heater/setpoint/set", "60").await;
     assert_eq!(refused["ok"], json!(false), "{refused}");

@@ -175,3 +175,47 @@ async fn a_command_redelivered_after_a_reload_is_not_executed_again() {
     gateway.terminate();
     assert!(gateway.wait_exit(WAIT).is_some_and(|s| s.success()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_topic_added_by_a_reload_is_subscribed() {
+    // A point whose command topic lies outside `{prefix}/+/+/set` needs its own subscription:
+    // one added by a SIGHUP was never subscribed, so its commands never arrived.
+    let broker = Mosquitto::start();
+    let (a, c) = (device(1), device(3));
+    let mut probe = MqttProbe::connect(broker.port(), "#").await;
+    let mut gateway = Gateway::start(&config(broker.port(), &[("a", a.port())]));
+    probe.expect(|t| t == "t/a/v", WAIT).await;
+    let with_c = config(broker.port(), &[("a", a.port()), ("c", c.port())]).replace(
+        "{ name: c, bus: c, interval: 100ms, points: [ { name: v, address: 0 } ] }",
+        "{ name: c, bus: c, interval: 100ms, points: [ { name: v, address: 0 }, { name: sp, address: 1, writable: true, command: { topic: ext/c/sp } } ] }",
+    );
+    assert!(with_c.contains("ext/c/sp"));
+    rewrite(&gateway, &with_c);
+    gateway.hangup();
+    gateway.expect_log("configuration reloaded", WAIT);
+    probe.expect(|t| t == "t/c/v", WAIT).await;
+    // The subscription may still be on its way: send until the result comes.
+    let deadline = std::time::Instant::now() + WAIT;
+    let result = loop {
+        probe
+            .client()
+            .publish("ext/c/sp", rumqttc::QoS::AtLeastOnce, false, "7")
+            .await
+            .unwrap();
+        let got = probe.collect_for(Duration::from_millis(300)).await;
+        if let Some(m) = got
+            .iter()
+            .find(|m| m.topic.ends_with("sp/set/result") || m.topic == "ext/c/sp/result")
+        {
+            break m.json();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new command topic was never subscribed"
+        );
+    };
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(c.state().holding(1, 1, 1), vec![7]);
+    gateway.terminate();
+    assert!(gateway.wait_exit(WAIT).is_some_and(|s| s.success()));
+}

@@ -81,14 +81,16 @@ pub fn spawn(
         link,
         done_tx,
         stats,
-        budget: RateLimiter::new(
-            crate::model::Rate {
-                count: REFUSAL_BUDGET,
-                per: Duration::from_secs(1),
-            },
-            Instant::now(),
-        ),
-        suppressed: 0,
+        budgets: [(); 2].map(|()| {
+            RateLimiter::new(
+                crate::model::Rate {
+                    count: REFUSAL_BUDGET,
+                    per: Duration::from_secs(1),
+                },
+                Instant::now(),
+            )
+        }),
+        suppressed: [0; 2],
     };
     tokio::spawn(router.run(commands, done_rx, cancel))
 }
@@ -154,17 +156,24 @@ struct Router {
     done_tx: mpsc::UnboundedSender<Done>,
     response_topics: ResponseTopics,
     stats: Arc<CommandStats>,
-    /// Shared by every refusal's result and log line (see [`REFUSAL_BUDGET`]).
-    budget: RateLimiter,
-    /// Refusals not answered since the last one that was.
-    suppressed: u64,
+    /// The refusal budgets (see [`REFUSAL_BUDGET`]): `[UNROUTED]` for topics that are no
+    /// writable point's command topic, `[ROUTED]` for the writable points. Two, so that a
+    /// flood of made-up topics never silences the answers to commands for real points.
+    budgets: [RateLimiter; 2],
+    /// Refusals not answered since the last one that was, per budget.
+    suppressed: [u64; 2],
 }
+
+const UNROUTED: usize = 0;
+const ROUTED: usize = 1;
 
 /// Who a refusal is about, for its log line and result.
 struct Target<'a> {
     device: Option<&'a str>,
     point: Option<&'a str>,
     result_topic: String,
+    /// [`UNROUTED`] or [`ROUTED`]: the budget it draws on.
+    budget: usize,
 }
 
 impl Router {
@@ -241,23 +250,29 @@ impl Router {
     ) -> (Map<String, Json>, Vec<OutMessage>) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
         let body = err_result(target.device, target.point, id, refusal);
-        if !self.budget.allow(Instant::now()) {
+        let b = target.budget;
+        let kind = if b == ROUTED {
+            "commands for configured points"
+        } else {
+            "commands on unknown topics"
+        };
+        if !self.budgets[b].allow(Instant::now()) {
             self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
-            if self.suppressed == 0 {
+            if self.suppressed[b] == 0 {
                 tracing::warn!(
                     budget_per_s = REFUSAL_BUDGET,
-                    "commands refused in a flood: further refusals are counted, not answered or logged, until it ebbs"
+                    "{kind} refused in a flood: further refusals are counted, not answered or logged, until it ebbs"
                 );
             }
-            self.suppressed += 1;
+            self.suppressed[b] += 1;
             return (body, Vec::new());
         }
-        if self.suppressed > 0 {
+        if self.suppressed[b] > 0 {
             tracing::warn!(
-                suppressed = self.suppressed,
-                "command flood ebbed: refusals in it were not answered"
+                suppressed = self.suppressed[b],
+                "flood of {kind} ebbed: refusals in it were not answered"
             );
-            self.suppressed = 0;
+            self.suppressed[b] = 0;
         }
         tracing::warn!(
             device = target.device.unwrap_or(""), point = target.point.unwrap_or(""),
@@ -274,7 +289,7 @@ impl Router {
         if msg.topic.len() > MAX_TOPIC {
             // No result: its topic would be built from (and as long as) this one.
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if self.budget.allow(received) {
+            if self.budgets[UNROUTED].allow(received) {
                 tracing::warn!(
                     bytes = msg.topic.len(),
                     topic = %log_topic(&msg.topic),
@@ -295,6 +310,7 @@ impl Router {
                     device: device.as_deref(),
                     point: point.as_deref(),
                     result_topic,
+                    budget: UNROUTED,
                 };
                 let reply = Reply::of(&msg, &self.response_topics).unwrap_or(None);
                 return self
@@ -309,11 +325,12 @@ impl Router {
             device: Some(&device.name),
             point: Some(&point.name),
             result_topic: settings.result_topic.clone(),
+            budget: ROUTED,
         };
         let reply = match Reply::of(&msg, &self.response_topics) {
             Ok(r) => r,
             Err(why) => {
-                if self.budget.allow(received) {
+                if self.budgets[ROUTED].allow(received) {
                     tracing::warn!(device = %device.name, point = %point.name, response_topic = %log_topic(msg.response_topic.as_deref().unwrap_or("")), "{why}: result on the result topic only");
                 }
                 None
@@ -349,7 +366,7 @@ impl Router {
                 return Vec::new();
             }
             Verdict::Duplicate(body) => {
-                if !self.budget.allow(received) {
+                if !self.budgets[ROUTED].allow(received) {
                     self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
                     return Vec::new();
                 }

@@ -40,6 +40,9 @@ pub(super) struct Subscriptions {
     acked: Option<(usize, Instant)>,
     /// SUBACKs still expected in this session.
     awaiting: usize,
+    /// Filters found to bring an oversized retained message: not subscribed again, also when
+    /// a reload names them.
+    blamed: Vec<String>,
 }
 
 /// What to do at a CONNACK.
@@ -114,6 +117,7 @@ impl Subscriptions {
             }
             _ => None,
         };
+        self.blamed.extend(blamed.iter().cloned());
         // Probe (again) in the next session: there may be more than one such message, or this
         // one came with a filter subscribed all at once.
         self.probing = !self.active.is_empty();
@@ -122,6 +126,26 @@ impl Subscriptions {
 
     pub(super) fn is_empty(&self) -> bool {
         self.active.is_empty()
+    }
+
+    /// A reload changed the filters: they apply from now on. Returns the filters to subscribe
+    /// to now in a normal session (new ones, not blamed); a probing session leaves them to
+    /// the next session's start. Filters no longer wanted are not unsubscribed: commands on
+    /// them are answered as for an unknown point.
+    pub(super) fn replace(&mut self, filters: Vec<String>) -> Vec<Vec<String>> {
+        let added: Vec<String> = filters
+            .iter()
+            .filter(|f| !self.active.contains(f) && !self.blamed.contains(f))
+            .cloned()
+            .collect();
+        self.active = filters
+            .into_iter()
+            .filter(|f| !self.blamed.contains(f))
+            .collect();
+        if self.session_probing {
+            return Vec::new();
+        }
+        added.chunks(CHUNK).map(<[String]>::to_vec).collect()
     }
 }
 
@@ -192,6 +216,31 @@ mod tests {
         s.on_suback(t0);
         assert_eq!(s.on_session_end(true, t0 + BLAME_WITHIN * 2), None);
         assert!(!s.is_empty());
+    }
+
+    #[test]
+    fn a_reload_subscribes_the_new_filters_but_never_a_blamed_one() {
+        let mut s = subs(2);
+        s.on_connack();
+        let now = Instant::now();
+        s.on_suback(now);
+        s.on_session_end(true, now);
+        s.on_connack();
+        s.on_suback(now);
+        assert_eq!(s.on_suback(now), None);
+        assert_eq!(s.on_session_end(true, now).as_deref(), Some("f1"));
+        // A probing session gets through (probing ends), then a normal one.
+        s.on_connack();
+        assert_eq!(s.on_suback(now), None);
+        s.on_connack();
+        s.on_suback(now);
+        assert!(s.ready());
+        let now_subscribe = s.replace(vec!["f0".into(), "f1".into(), "f9".into()]);
+        assert_eq!(now_subscribe, vec![vec!["f9".to_string()]]);
+        assert_eq!(
+            s.on_connack().packets,
+            vec![vec!["f0".to_string(), "f9".to_string()]]
+        );
     }
 
     #[test]
