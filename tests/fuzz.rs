@@ -2,7 +2,9 @@
 //! the config loader (YAML bytes, mutated shipped configs), command payloads and the write
 //! planner (with the invariant that what is written decodes back to the result's value, within
 //! the point's bounds), Modbus register decoding, the line parsers and framer, and the topic
-//! handling of received commands.
+//! handling of received commands. The link's handling of received packets (bytes from the
+//! broker through rumqttc's decoder to a command) is fuzzed beside its private code, in
+//! `src/link/proto.rs` (`fuzz_` tests).
 //!
 //! proptest on the stable toolchain, not cargo-fuzz: the machines have one stable toolchain
 //! and no nightly can be fetched; proptest shrinks a failure to a small input and runs in the

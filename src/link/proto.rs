@@ -525,6 +525,118 @@ fn received_v5(p: &v5::mqttbytes::v5::Publish) -> Result<InMessage, Ended> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The fuzz pass of the received side: any bytes from the broker, read by rumqttc's
+    /// decoder as our event loop reads them, then turned into a command. Nothing may panic (a
+    /// panic aborts the gateway), and what becomes a command is bounded by the packet limit.
+    /// `scripts/fuzz` runs it for longer (`FIELDBRIDGE_FUZZ_CASES`, `FIELDBRIDGE_FUZZ_SEED`).
+    fn fuzz_config() -> proptest::test_runner::Config {
+        let cases = std::env::var("FIELDBRIDGE_FUZZ_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(256);
+        let rng_seed = match std::env::var("FIELDBRIDGE_FUZZ_SEED").ok().as_deref() {
+            Some("random") => proptest::test_runner::RngSeed::Random,
+            _ => proptest::test_runner::RngSeed::Fixed(0x5eed_f1e1d),
+        };
+        proptest::test_runner::Config {
+            cases,
+            rng_seed,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        }
+    }
+
+    /// A valid PUBLISH (3.1.1 or 5, with properties) with some of its bytes changed.
+    fn publish_bytes() -> impl Strategy<Value = (bool, Vec<u8>)> {
+        (
+            any::<bool>(),
+            "[a-z/+#$]{0,40}",
+            prop::collection::vec(any::<u8>(), 0..64),
+            any::<Option<u16>>(),
+            any::<Option<u32>>(),
+            prop::collection::vec(any::<u8>(), 0..300),
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        )
+            .prop_map(|(v5, topic, payload, alias, expiry, correlation, edits)| {
+                let mut buf = bytes::BytesMut::new();
+                if v5 {
+                    let props = PublishProperties {
+                        topic_alias: alias,
+                        message_expiry_interval: expiry,
+                        correlation_data: Some(correlation.into()),
+                        response_topic: Some("r/x".into()),
+                        ..PublishProperties::default()
+                    };
+                    let mut p = v5::mqttbytes::v5::Publish::new(
+                        topic,
+                        v5::mqttbytes::QoS::AtLeastOnce,
+                        payload,
+                        Some(props),
+                    );
+                    p.pkid = 1;
+                    let _ = p.write(&mut buf);
+                } else {
+                    let mut p = rumqttc::Publish::new(topic, QoS::AtLeastOnce, payload);
+                    p.pkid = 1;
+                    let _ = p.write(&mut buf);
+                }
+                let mut bytes = buf.to_vec();
+                for (at, b) in edits {
+                    if !bytes.is_empty() {
+                        let i = at.index(bytes.len());
+                        bytes[i] = b;
+                    }
+                }
+                (v5, bytes)
+            })
+    }
+
+    fn read_all(v5: bool, bytes: &[u8]) {
+        const MAX: usize = 1024;
+        let mut buf = bytes::BytesMut::from(bytes);
+        for _ in 0..16 {
+            if v5 {
+                match v5::mqttbytes::v5::Packet::read(&mut buf, Some(MAX as u32)) {
+                    Ok(v5::mqttbytes::v5::Packet::Publish(p)) => {
+                        if let Ok(m) = received_v5(&p) {
+                            assert!(m.topic.len() + m.payload.len() <= MAX);
+                            assert!(m
+                                .correlation
+                                .as_ref()
+                                .is_none_or(|c| c.len() <= MAX_CORRELATION));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            } else {
+                match rumqttc::Packet::read(&mut buf, MAX) {
+                    Ok(rumqttc::Packet::Publish(p)) => {
+                        let m = received_v3(&p);
+                        assert!(m.topic.len() + m.payload.len() <= MAX);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(fuzz_config())]
+
+        #[test]
+        fn fuzz_received_bytes_never_panic(v5 in any::<bool>(), bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+            read_all(v5, &bytes);
+        }
+
+        #[test]
+        fn fuzz_received_publishes_never_panic((v5, bytes) in publish_bytes()) {
+            read_all(v5, &bytes);
+        }
+    }
 
     #[test]
     fn a_suback_refusing_many_filters_keeps_a_few_codes_for_the_log() {
