@@ -474,7 +474,11 @@ fn numeric_raw(point: &Point, value: &Value, eng: f64) -> Result<Raw, CodecError
         DataType::F64 => Ok(Raw::F64(raw)),
         _ => {
             let rounded = raw.round();
-            if (raw - rounded).abs() > 1e-9 * raw.abs().max(1.0) {
+            // Float noise of `(value - offset) / scale` only (a few ulps of its operands): a
+            // tolerance relative to the value itself would pass 3000000000.5 as whole.
+            let noise = (8.0 * f64::EPSILON * (eng.abs() + point.offset.abs()) / point.scale.abs())
+                .max(1e-9);
+            if (raw - rounded).abs() > noise {
                 return Err(CodecError::NotRepresentable {
                     value: eng,
                     raw,

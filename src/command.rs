@@ -25,11 +25,12 @@
 //! 4. Optional read-back; the result is published (QoS 1, not retained) and the new value at
 //!    once on the point's topic.
 //!
-//! # MQTT 3.1.1 limits
-//! rumqttc 0.25's async client speaks MQTT 3.1.1: there is no message expiry, no response
-//! topic and no correlation data, and a publish carries no send time. So expiry comes from the
-//! payload only: `expires` (RFC 3339), or `ts` (RFC 3339 send time) checked against the point's
-//! `max_age`. A point with `max_age` refuses commands that carry neither.
+//! # Time
+//! MQTT 3.1.1 carries no send time and no expiry, so expiry comes from the payload: `expires`
+//! (RFC 3339), or `ts` (send time) checked against the point's `max_age`; with MQTT 5 also
+//! the message expiry interval. A point with `max_age` refuses commands that carry neither.
+//! The wall clock is judged first ([`Clock`]), and a sender's clock may be at most
+//! [`CLOCK_SKEW`] ahead.
 
 pub mod router;
 
@@ -370,6 +371,10 @@ impl Clock {
                 ClockPolicy::Local => true,
                 ClockPolicy::Ntp => kernel_clock_synchronised(),
             };
+        // Debug builds only: lets a test see an unsynchronised clock on any machine.
+        #[cfg(debug_assertions)]
+        let synchronised =
+            synchronised && std::env::var_os("FIELDBRIDGE_TEST_CLOCK_UNSYNCED").is_none();
         Clock { now, synchronised }
     }
 }
@@ -734,6 +739,11 @@ impl RecentIds {
             .map(|(_, s)| s)
     }
 
+    /// Forgets `id` (a refusal that a retry may overcome: busy, unavailable).
+    pub fn forget(&mut self, id: &str) {
+        self.entries.retain(|(i, _)| i != id);
+    }
+
     /// Forgets the ids still executing (their outcome will not be known here).
     pub fn retain_done(&mut self) {
         self.entries.retain(|(_, s)| matches!(s, Seen::Done(_)));
@@ -746,7 +756,15 @@ impl RecentIds {
             return;
         }
         if self.entries.len() >= REMEMBERED_IDS {
-            self.entries.pop_front();
+            // The oldest finished one: an id still executing must stay known, or its
+            // redelivery would run again. (Executing ids are bounded by the bus's queue.)
+            if let Some(i) = self
+                .entries
+                .iter()
+                .position(|(_, s)| matches!(s, Seen::Done(_)))
+            {
+                self.entries.remove(i);
+            }
         }
         self.entries.push_back((id.to_string(), seen));
     }
@@ -813,17 +831,16 @@ pub fn decide(
         refusal: Refusal::new(reason, error),
         id: None,
     };
-    if let Some(rate) = settings.rate {
-        let limiter = state
+    // The token is taken first, so that refused and repeated commands count too; a known id
+    // is still answered with its outcome (a redelivery of a write that happened must not read
+    // as a failure).
+    let within_rate = match settings.rate {
+        Some(rate) => state
             .limiter
-            .get_or_insert_with(|| RateLimiter::new(rate, arrival.received));
-        if !limiter.allow(arrival.received) {
-            return refuse(
-                "rate_limited",
-                "too many commands for this point: see its command.rate",
-            );
-        }
-    }
+            .get_or_insert_with(|| RateLimiter::new(rate, arrival.received))
+            .allow(arrival.received),
+        None => true,
+    };
     if arrival.retain {
         // The broker replays a retained message on every subscribe: after each reconnect
         // and restart it would write its value again.
@@ -852,6 +869,12 @@ pub fn decide(
             }
             None => {}
         }
+    }
+    if !within_rate {
+        return refuse(
+            "rate_limited",
+            "too many commands for this point: see its command.rate",
+        );
     }
     let checked = match arrival.mqtt_expiry {
         Some(t) if arrival.received > t => Err(Refusal::new(
@@ -888,7 +911,9 @@ pub fn decide(
             }
         }
         Err(refusal) => {
-            if let Some(id) = &cmd.id {
+            // Final refusals are remembered; a clock not yet synchronised may be by the retry.
+            let lasting = refusal.reason != "clock_unsynchronised";
+            if let (Some(id), true) = (&cmd.id, lasting) {
                 let body = err_result(Some(&device.name), Some(&point.name), Some(id), &refusal);
                 state.ids.put(id, Seen::Done(body));
             }
@@ -1313,6 +1338,29 @@ mod tests {
     }
 
     #[test]
+    fn large_values_are_no_more_rounded_than_small_ones() {
+        let c = settings();
+        let u32p = point(RegisterKind::Holding, DataType::U32);
+        assert_eq!(
+            step(&u32p, &c, Value::Float(3_000_000_000.5)),
+            Err("not_representable".into())
+        );
+        assert!(step(&u32p, &c, Value::Float(3_000_000_000.0)).is_ok());
+        let mut milli = point(RegisterKind::Holding, DataType::I32);
+        milli.scale = 0.001;
+        assert_eq!(
+            step(&milli, &c, Value::Float(600_000.000_4)),
+            Err("not_representable".into())
+        );
+        assert!(step(&milli, &c, Value::Float(600_000.001)).is_ok());
+        // A large offset adds its own float noise, which must not refuse an exact value.
+        let mut far = point(RegisterKind::Holding, DataType::U16);
+        far.scale = 0.001;
+        far.offset = 1_000_000.0;
+        assert!(step(&far, &c, Value::Float(1_000_000.001)).is_ok());
+    }
+
+    #[test]
     fn bounds_hold_for_the_value_written_not_the_value_asked() {
         let c = settings();
         // An f32 register holds 0.1 as 0.100000001490116: the result reports what it holds.
@@ -1443,6 +1491,33 @@ mod tests {
     }
 
     #[test]
+    fn a_redelivery_past_the_rate_limit_still_gets_its_outcome() {
+        let config = one_point_config("rate: 1/m");
+        let mut state = PointState::default();
+        let cmd = br#"{"value": 1, "id": "a"}"#;
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, arrival(cmd))),
+            "execute"
+        );
+        state.ids.put("a", Seen::Done(Map::new()));
+        // The write happened: its redelivery is answered as such, not as rate_limited.
+        assert_eq!(
+            reason(&decide(&config, 0, 0, &mut state, arrival(cmd))),
+            "duplicate"
+        );
+        assert_eq!(
+            reason(&decide(
+                &config,
+                0,
+                0,
+                &mut state,
+                arrival(br#"{"value": 2, "id": "b"}"#)
+            )),
+            "rate_limited"
+        );
+    }
+
+    #[test]
     fn the_decision_remembers_ids_and_bounds_the_waiting_deliveries() {
         let config = one_point_config("rate: none");
         let mut state = PointState::default();
@@ -1496,20 +1571,30 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_remembered_up_to_the_cap() {
+    fn ids_are_remembered_up_to_the_cap_and_executing_ones_never_forgotten() {
         let mut ids = RecentIds::default();
-        for i in 0..=REMEMBERED_IDS {
-            ids.put(
-                &i.to_string(),
-                Seen::Pending {
-                    waiting: Vec::new(),
-                },
-            );
+        ids.put(
+            "running",
+            Seen::Pending {
+                waiting: Vec::new(),
+            },
+        );
+        for i in 0..REMEMBERED_IDS {
+            ids.put(&i.to_string(), Seen::Done(Map::new()));
         }
+        // Full: the oldest finished one went, not the older one still executing.
         assert!(ids.get_mut("0").is_none());
         assert!(ids.get_mut("1").is_some());
-        ids.put("1", Seen::Done(Map::new()));
-        assert_eq!(ids.get_mut("1"), Some(&mut Seen::Done(Map::new())));
+        assert!(matches!(ids.get_mut("running"), Some(Seen::Pending { .. })));
+        ids.put(
+            "1",
+            Seen::Pending {
+                waiting: Vec::new(),
+            },
+        );
+        assert!(matches!(ids.get_mut("1"), Some(Seen::Pending { .. })));
+        ids.forget("1");
+        assert!(ids.get_mut("1").is_none());
     }
 
     #[test]

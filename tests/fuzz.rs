@@ -289,6 +289,26 @@ fn check_planned(point: &Point, value: &Value) -> Result<(), TestCaseError> {
         regs,
         value
     );
+    // What was asked is what was written: only an f32 register narrows a number (and the
+    // result then says so).
+    let exact_type = !matches!(
+        point.data_type,
+        DataType::F32 | DataType::Bit(_) | DataType::Ascii(_)
+    );
+    if let (true, Some(asked), Some(f)) = (
+        exact_type && matches!(value, Value::Int(_) | Value::UInt(_) | Value::Float(_)),
+        value.as_f64(),
+        wire.as_f64(),
+    ) {
+        prop_assert!(
+            // Float noise: relative, with the codec's floor of 1e-9 of a raw step.
+            (asked - f).abs()
+                <= (1e-12 * (asked.abs() + point.offset.abs())).max(2e-9 * point.scale.abs()),
+            "asked {} but {} was written",
+            asked,
+            f
+        );
+    }
     if let Some(f) = wire.as_f64() {
         prop_assert!(
             point.min.is_none_or(|m| f >= m) && point.max.is_none_or(|m| f <= m),

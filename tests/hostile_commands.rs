@@ -235,37 +235,38 @@ async fn a_flood_of_bad_commands_is_answered_within_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_synchronised_clock_timed_commands_are_refused() {
-    // `gateway.clock: ntp` (the default): a command that carries or needs a time is judged by
-    // the clock only while the kernel says an NTP client has set it. Which way this machine
-    // is decides the expected outcome; both are asserted.
-    let synced = fieldbridge::command::kernel_clock_synchronised();
+    // `gateway.clock: ntp` (the default): a command that depends on time is judged by the
+    // clock only while the kernel says an NTP client has set it. The debug build's
+    // FIELDBRIDGE_TEST_CLOCK_UNSYNCED makes the clock unsynchronised on any machine.
     let broker = Mosquitto::start();
     let state = DeviceState::new(&[1]);
     let device = TcpDevice::start(state.clone());
     let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
     let yaml = config(broker.port(), device.port(), POINTS).replace("  clock: local\n", "");
-    let _gateway = Gateway::start(&yaml);
+    let _gateway = Gateway::start_with_env(&yaml, &[("FIELDBRIDGE_TEST_CLOCK_UNSYNCED", "1")]);
     wait_ready(&mut probe).await;
     let soon =
         humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(60));
+    let timed = format!(r#"{{"value": 6, "id": "t1", "expires": "{soon}"}}"#);
     probe
-        .publish(
-            "t/plc/sp/set",
-            format!(r#"{{"value": 6, "expires": "{soon}"}}"#),
-            QoS::AtLeastOnce,
-            false,
-        )
+        .publish("t/plc/sp/set", timed.clone(), QoS::AtLeastOnce, false)
         .await;
     let r = probe
         .expect(|t| t == "t/plc/sp/set/result", WAIT)
         .await
         .json();
-    if synced {
-        assert_eq!(r["ok"], json!(true), "{r}");
-    } else {
-        assert_eq!(r["reason"], json!("clock_unsynchronised"), "{r}");
-        assert!(state.writes().is_empty());
-    }
+    assert_eq!(r["reason"], json!("clock_unsynchronised"), "{r}");
+    assert!(state.writes().is_empty());
+    // Not remembered under its id: the same command again is judged again, not a duplicate.
+    probe
+        .publish("t/plc/sp/set", timed, QoS::AtLeastOnce, false)
+        .await;
+    let again = probe
+        .expect(|t| t == "t/plc/sp/set/result", WAIT)
+        .await
+        .json();
+    assert_eq!(again["reason"], json!("clock_unsynchronised"), "{again}");
+    assert_eq!(again["duplicate"], json!(null), "{again}");
     // A command without a time does not depend on the clock.
     probe
         .publish("t/plc/sp/set", "8", QoS::AtLeastOnce, false)

@@ -104,9 +104,9 @@ struct Job {
     text: String,
     plan: Plan,
     received: Instant,
-    /// The earlier of the command's expiries (MQTT 5 message expiry, the payload's
-    /// `expires` taken onto the monotonic clock on arrival), checked again when the bus takes
-    /// it: a command that waited past it is not executed.
+    /// The earliest of the command's expiries (MQTT 5 message expiry, the payload's
+    /// `expires`, `ts` + `max_age`, taken onto the monotonic clock on arrival), checked again
+    /// when the executor takes it and by the bus right before the write.
     deadline: Option<Instant>,
     reply: Option<Reply>,
 }
@@ -194,6 +194,16 @@ impl Router {
                     None => break,
                 },
             };
+            if !self.send(out).await {
+                return self.memory();
+            }
+        }
+        // Commands received but not yet looked at are answered `busy` (they were acknowledged
+        // to the broker: dropping them would leave their senders without a word).
+        commands.close();
+        while let Ok(msg) = commands.try_recv() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            let out = overloaded(&self.config, &msg);
             if !self.send(out).await {
                 return self.memory();
             }
@@ -376,7 +386,7 @@ impl Router {
         };
         let Some(handle) = self.buses.get(device.bus).cloned().flatten() else {
             let r = Refusal::new("unavailable", "the device's bus is not running");
-            let (body, out) = self.refuse(
+            let (_, out) = self.refuse(
                 &target,
                 &msg.topic,
                 &text,
@@ -384,9 +394,9 @@ impl Router {
                 &r,
                 reply.as_ref(),
             );
+            // Not remembered: a retry once the bus runs again should execute.
             if let Some(id) = &id {
-                let state = self.points.entry((d, p)).or_default();
-                state.ids.put(id, Seen::Done(body));
+                self.points.entry((d, p)).or_default().ids.forget(id);
             }
             return out;
         };
@@ -414,7 +424,7 @@ impl Router {
                 mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
             };
             let r = Refusal::new("busy", "too many commands queued for this bus");
-            let (body, out) = self.refuse(
+            let (_, out) = self.refuse(
                 &target,
                 &msg.topic,
                 &text,
@@ -422,12 +432,9 @@ impl Router {
                 &r,
                 job.reply.as_ref(),
             );
+            // Not remembered: "send it again" must work with the same id.
             if let Some(id) = &job.id {
-                self.points
-                    .entry((d, p))
-                    .or_default()
-                    .ids
-                    .put(id, Seen::Done(body));
+                self.points.entry((d, p)).or_default().ids.forget(id);
             }
             return out;
         }
@@ -648,7 +655,10 @@ async fn execute(config: &Config, bus: &BusHandle, job: &Job) -> Result<Executed
     let device = &config.devices[job.device];
     let point = &device.points[job.point];
     let settings = &device.commands[job.point];
+    // Only what writes carries the deadline: the read-back and the refresh after a write
+    // that happened must not be skipped as "expired".
     let ask = |op| request(bus, device.unit, device.timeout, job.deadline, op);
+    let ask_after = |op| request(bus, device.unit, device.timeout, None, op);
     match &job.plan.step {
         Step::Write(w) => {
             ask(Op::Write(w.clone())).await?;
@@ -696,7 +706,7 @@ async fn execute(config: &Config, bus: &BusHandle, job: &Job) -> Result<Executed
         read_back_error: None,
     };
     if settings.read_back {
-        let read = ask(Op::Read {
+        let read = ask_after(Op::Read {
             kind: point.kind,
             start: point.address,
             count: point.width(),
@@ -720,7 +730,7 @@ async fn execute(config: &Config, bus: &BusHandle, job: &Job) -> Result<Executed
     if device.message_mode == MessageMode::PerDevice && device.line.is_none() {
         // A per-device message carries every point: poll the device now rather than publish
         // the new value only at its next scheduled poll. Best effort: the write is done.
-        let _ = ask(Op::Refresh).await;
+        let _ = ask_after(Op::Refresh).await;
     }
     Ok(executed)
 }

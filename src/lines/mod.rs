@@ -65,7 +65,12 @@ pub fn command_plan(config: &Config, d: usize, p: usize, value: &Value) -> Resul
         (DataType::Bool, Value::Int(1) | Value::UInt(1)) => Value::Bool(true),
         _ => value.clone(),
     };
-    let raw = codec::from_value(point, &value).map_err(|e| crate::command::refusal_of(&e))?;
+    let raw = match (point.data_type, &value) {
+        // A line device's text goes out as text (any length, UTF-8), not into registers;
+        // only a control character could end the line early (refused when rendering).
+        (DataType::Ascii(_), Value::Text(t)) => Raw::Text(t.clone()),
+        _ => codec::from_value(point, &value).map_err(|e| crate::command::refusal_of(&e))?,
+    };
     let template = parse::Template::parse(&command.template)
         .map_err(|e| Refusal::new("internal", format!("template: {e}")))?;
     let text = template
@@ -221,4 +226,62 @@ pub fn sample_report(config: &Config, device: &str, line: &str) -> Result<String
     let line = parse::unescape(line).unwrap_or_else(|_| line.to_string());
     let line = line.trim_end_matches(['\r', '\n']);
     Ok(format!("sample for {device}:\n{}", explain(d, line)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heater(points: &str) -> Config {
+        crate::config::parse(
+            &format!("gateway: {{ id: gw, prefix: t }}\nmqtt: {{ host: 127.0.0.1 }}\nbuses:\n  - {{ name: s, type: lines, port: /dev/ttyUSB0 }}\ndevices:\n  - name: h\n    bus: s\n    mode: poll\n    query: 'S?'\n    parse: {{ regex: '^SP=(?P<sp>[0-9.]+) M=(?P<m>\\S+)$' }}\n    points:\n{points}"),
+            "t.yaml",
+        )
+        .unwrap()
+    }
+
+    fn sent(config: &Config, value: Value) -> Result<String, String> {
+        command_plan(config, 0, 0, &value)
+            .map(|p| match p.step {
+                Step::Line { bytes, .. } => String::from_utf8(bytes).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .map_err(|r| r.reason)
+    }
+
+    #[test]
+    fn a_string_command_goes_out_as_text_of_any_length() {
+        let config = heater("      - { name: mode, field: m, type: string, writable: true, command: { template: 'MODE {value}' } }\n");
+        assert_eq!(
+            sent(&config, Value::Text("AUTO".into())).as_deref(),
+            Ok("MODE AUTO\n")
+        );
+        assert_eq!(
+            sent(&config, Value::Text("Stufe 2 ü".into())).as_deref(),
+            Ok("MODE Stufe 2 ü\n")
+        );
+        assert!(sent(&config, Value::Text("A\nB".into())).is_err());
+    }
+
+    #[test]
+    fn a_number_goes_out_exactly_or_not_at_all() {
+        let config = heater("      - { name: sp, field: sp, writable: true, command: { template: 'SET {value:.1}' } }\n");
+        assert_eq!(
+            sent(&config, Value::Float(21.5)).as_deref(),
+            Ok("SET 21.5\n")
+        );
+        assert_eq!(
+            sent(&config, Value::Float(0.1 + 0.2)).as_deref(),
+            Ok("SET 0.3\n")
+        );
+        assert_eq!(
+            sent(&config, Value::Float(21.46)),
+            Err("not_representable".into())
+        );
+        // A tolerance relative to the value would let large ones be rounded.
+        assert_eq!(
+            sent(&config, Value::Float(1_000_000_000.04)),
+            Err("not_representable".into())
+        );
+    }
 }

@@ -494,7 +494,8 @@ impl Template {
                         // What the device is sent must be what the result reports: refuse a
                         // value that these decimals would round (21.46 with `{value:.1}`).
                         let back: f64 = text.parse().unwrap_or(f64::NAN);
-                        if (back - f).abs() > 1e-9 * f.abs().max(1.0) {
+                        // Float noise only (0.1 + 0.2 with one decimal is 0.3).
+                        if (back - f).abs() > 4.0 * f64::EPSILON * f.abs() {
                             return Err(format!(
                                 "{f} does not fit the command's {n} decimal(s) exactly (it would be sent as {text})"
                             ));
