@@ -15,9 +15,11 @@
 //!   its PUBACK, re-sends after reconnect, bounded queue with a declared policy; MQTT 3.1.1
 //!   or 5 behind one face (`link::proto`), prompt TCP ACKs to the broker (`link::quickack`),
 //!   which command filters to subscribe to and how (`link::subscribe`).
-//! - [`store`]: the SQLite outbox (one owner thread): spill, drain, cap, crash safety.
+//! - [`store`]: the SQLite outbox (one owner thread): spill, drain, cap, crash safety, reading
+//!   around damage, disk full.
 //! - [`command`]: MQTT command topics → validated writes through the bus queue, a result for
-//!   every command (pure validation and encoding; the router task in `command::router`).
+//!   every command (pure: the whole decision in `command::decide`, validation, encoding, the
+//!   clock; the router task in `command::router`: routing, refusal budgets, the bus hand-off).
 //! - [`app`]: wires buses, publisher and link together; ordered shutdown.
 //! - [`cli`]: `run`, `check`, `read` sub-commands.
 //! - [`logging`]: journal (structured fields) under systemd, compact format on a terminal.
