@@ -20,19 +20,8 @@ fn config(broker_port: u16, device_port: u16, points: &str) -> String {
 
 const POINTS: &str = "      - { name: sp, address: 0, type: u16, writable: true }\n      - { name: level, address: 1, type: u16 }\n";
 
-/// The gateway answers a command for an unknown point: it is connected and subscribed.
 async fn wait_ready(probe: &mut MqttProbe) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        probe
-            .publish("t/ready/check/set", "1", QoS::AtLeastOnce, false)
-            .await;
-        let got = probe.collect_for(Duration::from_millis(300)).await;
-        if got.iter().any(|m| m.topic == "t/ready/check/set/result") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "gateway never answered");
-    }
+    probe.wait_gateway_answers("t", WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -379,24 +379,8 @@ async fn readings_resume_after_the_port_disappears_and_comes_back() {
     gateway.expect_log("line port reopened", WAIT);
 }
 
-/// Publishes to a topic no point has until its `unknown_point` result comes back.
 async fn wait_ready(probe: &mut MqttProbe) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        probe
-            .publish("t/ready/check/set", "1", QoS::AtLeastOnce, false)
-            .await;
-        // (The probe's own publish comes back first: wait the whole 300 ms for the result,
-        // or this loop floods the gateway with commands.)
-        let got = probe.collect_for(Duration::from_millis(300)).await;
-        if got.iter().any(|m| m.topic == "t/ready/check/set/result") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gateway never answered a command"
-        );
-    }
+    probe.wait_gateway_answers("t", WAIT).await;
 }
 
 async fn command(probe: &mut MqttProbe, topic: &str, payload: &str) -> Json {

@@ -301,6 +301,27 @@ impl MqttProbe {
         out
     }
 
+    /// Publishes a command for a point no gateway has (`{prefix}/ready/check/set`) until its
+    /// `unknown_point` result comes back: the gateway is then connected and subscribed. Each
+    /// try waits its whole 300 ms (the probe's own publish comes back first), so this never
+    /// floods the gateway. Panics after `within`.
+    pub async fn wait_gateway_answers(&mut self, prefix: &str, within: Duration) {
+        let topic = format!("{prefix}/ready/check/set");
+        let result = format!("{topic}/result");
+        let deadline = Instant::now() + within;
+        loop {
+            self.publish(&topic, "1", QoS::AtLeastOnce, false).await;
+            let got = self.collect_for(Duration::from_millis(300)).await;
+            if got.iter().any(|m| m.topic == result) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway never answered a command"
+            );
+        }
+    }
+
     /// Waits until the probe has re-subscribed after a reconnect (e.g. a broker restart).
     pub async fn wait_resubscribed(&mut self, within: Duration) {
         let r = timeout(within, async {
