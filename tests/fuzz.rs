@@ -137,6 +137,15 @@ fn yamlish() -> impl Strategy<Value = String> {
     prop::collection::vec(token, 0..120).prop_map(|t| t.concat())
 }
 
+/// Lines as YAML counts them (a lone CR breaks a line too, YAML 1.2 §5.4), plus the end.
+fn yaml_lines(text: &str) -> usize {
+    text.replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .lines()
+        .count()
+        + 1
+}
+
 fn data_type() -> impl Strategy<Value = DataType> {
     prop_oneof![
         Just(DataType::U16),
@@ -341,7 +350,7 @@ proptest! {
     #[test]
     fn config_loader_reports_mutated_configs(bytes in mutated_config()) {
         let text = String::from_utf8_lossy(&bytes);
-        let lines = text.lines().count() + 1;
+        let lines = yaml_lines(&text);
         if let Err(errors) = fieldbridge::config::parse(&text, "fuzz.yaml") {
             let shown = errors.to_string();
             prop_assert!(shown.contains("fuzz.yaml"), "{}", shown);
@@ -476,6 +485,19 @@ mod regressions {
         // Found before the fix: 50.0 on an f32 point with max 50 wrote 50.0000000000001.
         let point = p(DataType::F32, 0.1, 0.0, None, Some(50.0));
         check_planned(&point, &Value::Float(50.0)).unwrap();
+    }
+
+    #[test]
+    fn an_error_line_counts_a_lone_cr_as_yaml_does() {
+        // Found by config_loader_reports_mutated_configs: an error "on line 315 of 314"; the
+        // oracle counted lines as Rust's str::lines() does, YAML also breaks at a lone CR.
+        let text = "gateway:\r  id: x\rmqtt: {\r";
+        let errors = fieldbridge::config::parse(text, "fuzz.yaml").unwrap_err();
+        for e in &errors.errors {
+            if let Some(line) = e.line {
+                assert!(line <= yaml_lines(text), "line {line}: {}", e.message);
+            }
+        }
     }
 
     #[test]
