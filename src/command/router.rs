@@ -257,7 +257,7 @@ impl Router {
         id: Option<&str>,
         refusal: &Refusal,
         reply: Option<&Reply>,
-    ) -> (Map<String, Json>, Vec<OutMessage>) {
+    ) -> Vec<OutMessage> {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
         let body = err_result(target.device, target.point, id, refusal);
         let b = target.budget;
@@ -275,7 +275,7 @@ impl Router {
                 );
             }
             self.suppressed[b] += 1;
-            return (body, Vec::new());
+            return Vec::new();
         }
         if self.suppressed[b] > 0 {
             tracing::warn!(
@@ -289,8 +289,7 @@ impl Router {
             topic = %log_topic(topic), value = %text, id = id.unwrap_or(""),
             outcome = %refusal.reason, error = %refusal.error, "command refused"
         );
-        let out = results(target.result_topic.clone(), &body, reply);
-        (body, out)
+        results(target.result_topic.clone(), &body, reply)
     }
 
     /// Validates one incoming command; returns the messages to publish now.
@@ -323,9 +322,7 @@ impl Router {
                     budget: UNROUTED,
                 };
                 let reply = Reply::of(&msg, &self.response_topics).unwrap_or(None);
-                return self
-                    .refuse(&target, &msg.topic, &text, None, &refusal, reply.as_ref())
-                    .1;
+                return self.refuse(&target, &msg.topic, &text, None, &refusal, reply.as_ref());
             }
         };
         let device = &config.devices[d];
@@ -358,16 +355,14 @@ impl Router {
         let (plan, id, deadline) = match decide(&config, d, p, state, arrival) {
             Verdict::Execute { plan, id, deadline } => (plan, id, deadline),
             Verdict::Refuse { refusal, id } => {
-                return self
-                    .refuse(
-                        &target,
-                        &msg.topic,
-                        &text,
-                        id.as_deref(),
-                        &refusal,
-                        reply.as_ref(),
-                    )
-                    .1
+                return self.refuse(
+                    &target,
+                    &msg.topic,
+                    &text,
+                    id.as_deref(),
+                    &refusal,
+                    reply.as_ref(),
+                )
             }
             Verdict::Waiting { kept } => {
                 if !kept {
@@ -386,7 +381,7 @@ impl Router {
         };
         let Some(handle) = self.buses.get(device.bus).cloned().flatten() else {
             let r = Refusal::new("unavailable", "the device's bus is not running");
-            let (_, out) = self.refuse(
+            let out = self.refuse(
                 &target,
                 &msg.topic,
                 &text,
@@ -424,7 +419,7 @@ impl Router {
                 mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
             };
             let r = Refusal::new("busy", "too many commands queued for this bus");
-            let (_, out) = self.refuse(
+            let out = self.refuse(
                 &target,
                 &msg.topic,
                 &text,
