@@ -269,6 +269,8 @@ fn message(i: usize) -> NewMessage {
         qos: Qos::AtLeastOnce,
         retain: false,
         created: store::now_ms(),
+        kind: 0,
+        held: false,
     }
 }
 
@@ -649,7 +651,9 @@ fn drain_link(cfg: &Config, path: &Path, n: usize) -> Res<DrainRun> {
         if backlog != n as u64 {
             return Err(format!("drain: the store holds {backlog} rows, not {n}"));
         }
-        let settings = LinkSettings::from_config(&cfg.mqtt).with_store(&cfg.store);
+        let mut settings = LinkSettings::from_config(&cfg.mqtt).with_store(&cfg.store);
+        // As the gateway runs it (the retained `online` first, the held-back mark).
+        settings.announcer = Some(fieldbridge::publish::encoding(cfg).1);
         let cpu0 = (thread_ticks(), store_thread_ticks());
         let t = Instant::now();
         let link = link::spawn(
@@ -700,7 +704,9 @@ fn drain_link(cfg: &Config, path: &Path, n: usize) -> Res<DrainRun> {
 /// task on the same thread, delivered from memory. Shows what the store path adds.
 fn drain_memory(cfg: &Config, n: usize) -> Res<DrainRun> {
     current_thread()?.block_on(async {
-        let settings = LinkSettings::from_config(&cfg.mqtt);
+        let mut settings = LinkSettings::from_config(&cfg.mqtt);
+        // As the gateway runs it (the retained `online` first, the held-back mark).
+        settings.announcer = Some(fieldbridge::publish::encoding(cfg).1);
         let pool: Vec<NewMessage> = (0..1000).map(message).collect();
         let cpu0 = thread_ticks();
         let t = Instant::now();
@@ -716,7 +722,7 @@ fn drain_memory(cfg: &Config, n: usize) -> Res<DrainRun> {
                     retain: false,
                     created: Instant::now(),
                     correlation: None,
-                    json_object: false,
+                    kind: link::AS_IS,
                 };
                 if sender.send(out).await.is_err() {
                     break;
@@ -850,7 +856,9 @@ fn reconnect_once(
         current_thread()?.block_on(async move {
             let path = cfg2.store.path.clone().expect("path");
             let (store, events) = store::open(&cfg2.store, &path).map_err(|e| e.to_string())?;
-            let settings = LinkSettings::from_config(&cfg2.mqtt).with_store(&cfg2.store);
+            let mut settings = LinkSettings::from_config(&cfg2.mqtt).with_store(&cfg2.store);
+            // As the gateway runs it (the retained `online` first, the held-back mark).
+            settings.announcer = Some(fieldbridge::publish::encoding(&cfg2).1);
             let link = link::spawn(
                 &cfg2.mqtt,
                 settings,

@@ -5,7 +5,6 @@
 //! link delivers what it holds (bounded by its flush timeout), publishes `offline` and
 //! disconnects.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +12,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::codec;
 use crate::link::{self, LinkReport, LinkSettings, OutMessage};
-use crate::modbus::{self, BusEvent, BusHandle, Reading};
-use crate::model::{Config, MessageMode, PayloadFormat, Qos};
-use crate::publish::{self, ChangeFilter};
+use crate::modbus::{self, BusEvent, BusHandle};
+use crate::model::Config;
+use crate::publish::{self, Input, Tagged};
 
 /// What a run ended with.
 #[derive(Debug)]
@@ -29,14 +27,6 @@ pub struct RunReport {
 pub struct Reload {
     pub path: std::path::PathBuf,
     pub requests: mpsc::Receiver<()>,
-}
-
-/// A bus event with the configuration (and its generation) its indices refer to: a bus kept
-/// across a reload goes on reporting against the configuration it was started with.
-struct Tagged {
-    config: Arc<Config>,
-    generation: u64,
-    event: BusEvent,
 }
 
 /// A running bus task and what it was started from.
@@ -74,7 +64,7 @@ fn spawn_bus(
     config: &Arc<Config>,
     generation: u64,
     b: usize,
-    tagged: &mpsc::Sender<Tagged>,
+    tagged: &mpsc::Sender<Input>,
     stop: &CancellationToken,
 ) -> Option<RunningBus> {
     let bus = &config.buses[b];
@@ -108,7 +98,7 @@ fn spawn_bus(
                 generation,
                 event,
             };
-            if tagged.send(t).await.is_err() {
+            if tagged.send(Input::Bus(t)).await.is_err() {
                 break;
             }
         }
@@ -140,10 +130,12 @@ fn load_for_reload(path: &std::path::Path, running: &Config) -> Option<Config> {
         Ok(new)
             if new.gateway != running.gateway
                 || new.mqtt != running.mqtt
-                || new.store != running.store =>
+                || new.store != running.store
+                || new.sparkplug != running.sparkplug
+                || (new.sparkplug.is_some() && new.devices != running.devices) =>
         {
             tracing::error!(
-                "reload refused: the gateway, mqtt or store section changed, which needs a restart (systemctl restart fieldbridge); keeping the running configuration"
+                "reload refused: the gateway, mqtt, store or sparkplug section changed (or, in Sparkplug mode, the devices: their births would change), which needs a restart (systemctl restart fieldbridge); keeping the running configuration"
             );
             None
         }
@@ -169,6 +161,7 @@ impl Sidecars {
         config: &Arc<Config>,
         handles: &[BusHandle],
         router_input: &tokio::sync::watch::Sender<RouterInput>,
+        publisher: &mpsc::Sender<Input>,
         link_sender: &mpsc::Sender<OutMessage>,
         link_stats: &Arc<link::LinkStats>,
         store_stats: &Option<Arc<crate::store::StoreStats>>,
@@ -183,14 +176,19 @@ impl Sidecars {
             config.clone(),
             handles,
             rx,
-            link_sender.clone(),
+            publisher.clone(),
             command_stats.clone(),
             memory,
             router_cancel.clone(),
         );
         let stats_cancel = stop.child_token();
-        if let Some(every) = config.gateway.stats_interval {
-            tokio::spawn(publish_stats(
+        // In Sparkplug mode the figures are node metrics (NDATA) instead.
+        if let Some(every) = config
+            .gateway
+            .stats_interval
+            .filter(|_| config.sparkplug.is_none())
+        {
+            tokio::spawn(publish::stats::run(
                 config.clone(),
                 every,
                 handles.iter().map(|b| b.stats.clone()).collect(),
@@ -249,8 +247,15 @@ pub async fn run_with_reload(
     mut reload: Option<Reload>,
 ) -> anyhow::Result<RunReport> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let (encoder, announcer) = publish::encoding(&config);
     let mut settings = LinkSettings::from_config(&config.mqtt);
     settings.subscriptions = crate::command::subscriptions(&config);
+    settings.announcer = Some(announcer);
+    let rebirths = config
+        .sparkplug
+        .is_some()
+        .then(|| Arc::new(tokio::sync::Notify::new()));
+    settings.rebirths = rebirths.clone();
     let (commands_tx, mut commands_rx) = mpsc::channel(crate::command::QUEUE);
     let settings = settings.with_store(&config.store);
     let outbox = open_store(&config.store);
@@ -264,18 +269,29 @@ pub async fn run_with_reload(
         "fieldbridge started"
     );
 
-    let (tagged_tx, tagged_rx) = mpsc::channel::<Tagged>(256);
-    let publisher = tokio::spawn(publisher(tagged_rx, link.sender.clone()));
+    let command_stats = Arc::new(crate::command::CommandStats::default());
+    let (tagged_tx, tagged_rx) = mpsc::channel::<Input>(256);
+    let figures = config
+        .sparkplug
+        .is_some()
+        .then(|| figures(&link.stats, &store_stats, &command_stats));
+    let publisher = tokio::spawn(publish::run(
+        tagged_rx,
+        encoder,
+        figures,
+        rebirths,
+        link.sender.clone(),
+    ));
     // Commands go to whichever router is current (one per configuration). Never blocking:
     // a command that finds the router's queue full is answered `busy` (within a budget)
     // instead of being dropped silently after the broker has its PUBACK.
-    let command_stats = Arc::new(crate::command::CommandStats::default());
     let (router_input, router_current) =
         tokio::sync::watch::channel((mpsc::channel(1).0, Arc::new(config.clone())));
     {
         let stats = command_stats.clone();
-        // Weak: the link waits for every sender to go before it flushes and stops.
-        let link_sender = link.sender.downgrade();
+        // Weak: the publisher waits for every sender to go before it stops (and the link
+        // waits for the publisher).
+        let publisher = tagged_tx.downgrade();
         tokio::spawn(async move {
             let mut budget = crate::command::RateLimiter::new(
                 crate::model::Rate {
@@ -299,13 +315,11 @@ pub async fn run_with_reload(
                     continue;
                 }
                 tracing::warn!(topic = %crate::command::log_topic(&msg.topic), "command queue full (or router being replaced): answered busy, not executed");
-                let Some(link_sender) = link_sender.upgrade() else {
+                let Some(publisher) = publisher.upgrade() else {
                     continue;
                 };
-                for m in crate::command::router::overloaded(&config, &msg) {
-                    if link_sender.try_send(m).is_err() {
-                        break;
-                    }
+                if let Some(busy) = crate::command::router::overloaded(&config, &msg) {
+                    let _ = publisher.try_send(Input::Result(busy));
                 }
             }
         });
@@ -323,6 +337,7 @@ pub async fn run_with_reload(
         &config,
         &handles(&running),
         &router_input,
+        &tagged_tx,
         &link.sender,
         &link.stats,
         &store_stats,
@@ -393,6 +408,7 @@ pub async fn run_with_reload(
                     &config,
                     &handles(&running),
                     &router_input,
+                    &tagged_tx,
                     &link.sender,
                     &link.stats,
                     &store_stats,
@@ -409,8 +425,8 @@ pub async fn run_with_reload(
     for r in running {
         stop_bus(r).await;
     }
-    drop(tagged_tx);
     let _ = sidecars.stop().await;
+    drop(tagged_tx);
     drop(router_input);
     let _ = publisher.await;
     // Every sender of the link's queue is gone now (publisher, router, stats).
@@ -445,90 +461,21 @@ pub async fn run_with_reload(
     Ok(RunReport { link: report })
 }
 
-/// Publishes `{prefix}/status/stats` every `every` while the broker is connected (never into
-/// the store: statistics of an outage are of no use after it).
-#[allow(clippy::too_many_arguments)]
-async fn publish_stats(
-    config: Arc<Config>,
-    every: Duration,
-    buses: Vec<Arc<modbus::BusStats>>,
-    link_stats: Arc<link::LinkStats>,
-    store: Option<Arc<crate::store::StoreStats>>,
-    commands: Arc<crate::command::CommandStats>,
-    sender: mpsc::Sender<OutMessage>,
-    cancel: CancellationToken,
-) {
+/// The gateway's figures for the encodings that publish them (Sparkplug node metrics).
+fn figures(
+    link: &Arc<link::LinkStats>,
+    store: &Option<Arc<crate::store::StoreStats>>,
+    commands: &Arc<crate::command::CommandStats>,
+) -> publish::Figures {
     use std::sync::atomic::Ordering::Relaxed;
-    let topic = format!("{}/status/stats", config.gateway.prefix);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_delivered = link_stats.delivered.load(Relaxed);
-    let mut last_at = Instant::now();
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let delivered = link_stats.delivered.load(Relaxed);
-        let rate = (delivered - last_delivered) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
-        last_delivered = delivered;
-        last_at = Instant::now();
-        if link_stats.connected.load(Relaxed) == 0 {
-            continue;
-        }
-        let online: u64 = buses.iter().map(|b| b.devices_online.load(Relaxed)).sum();
-        let (stored, stored_bytes, oldest, store_dropped, unreadable, write_failures) =
-            store.as_ref().map_or((0, 0, 0, 0, 0, 0), |s| {
-                (
-                    s.backlog.load(Relaxed),
-                    s.backlog_bytes.load(Relaxed),
-                    s.oldest_created.load(Relaxed),
-                    s.dropped.load(Relaxed),
-                    s.unreadable.load(Relaxed),
-                    s.write_failures.load(Relaxed),
-                )
-            });
-        let oldest_age_s = if stored > 0 && oldest > 0 {
-            (crate::store::now_ms() - oldest).max(0) as f64 / 1000.0
-        } else {
-            0.0
-        };
-        let body = serde_json::json!({
-            "ts": publish::rfc3339_millis(std::time::SystemTime::now()),
-            "devices": config.devices.len(),
-            "devices_online": online,
-            "backlog": link_stats.backlog.load(Relaxed),
-            "store_messages": stored,
-            "store_bytes": stored_bytes,
-            "oldest_age_s": oldest_age_s,
-            "store_unreadable": unreadable,
-            "store_write_failures": write_failures,
-            "dropped": link_stats.dropped.load(Relaxed) + store_dropped,
-            "delivered": delivered,
-            "delivery_rate": (rate * 10.0).round() / 10.0,
-            "polls": buses.iter().map(|b| b.polls.load(Relaxed)).sum::<u64>(),
-            "failed_polls": buses.iter().map(|b| b.failed_polls.load(Relaxed)).sum::<u64>(),
-            "commands": {
-                "executed": commands.executed.load(Relaxed),
-                "refused": commands.refused.load(Relaxed),
-                "failed": commands.failed.load(Relaxed),
-                "suppressed": commands.suppressed.load(Relaxed),
-                "dropped": commands.dropped.load(Relaxed),
-            },
-        });
-        let msg = OutMessage {
-            topic: topic.clone(),
-            payload: body.to_string().into_bytes(),
-            qos: Qos::AtMostOnce,
-            retain: true,
-            created: Instant::now(),
-            correlation: None,
-            json_object: true,
-        };
-        if sender.send(msg).await.is_err() {
-            return;
-        }
-    }
+    let (link, store, commands) = (link.clone(), store.clone(), commands.clone());
+    Box::new(move || publish::sparkplug::NodeFigures {
+        backlog: link.backlog.load(Relaxed),
+        dropped: link.dropped.load(Relaxed) + store.as_ref().map_or(0, |s| s.dropped.load(Relaxed)),
+        devices_online: 0,
+        commands_refused: commands.refused.load(Relaxed),
+        commands_executed: commands.executed.load(Relaxed),
+    })
 }
 
 /// Opens the outbox; without one the gateway still runs, on its memory queue, loudly.
@@ -550,317 +497,5 @@ fn open_store(config: &crate::model::Store) -> Option<link::Outbox> {
             );
             None
         }
-    }
-}
-
-/// Turns bus events into MQTT messages: scaling, labels, change filters, payloads.
-async fn publisher(mut events: mpsc::Receiver<Tagged>, link: mpsc::Sender<OutMessage>) {
-    // Change filters per configuration generation: a bus kept across a reload keeps its
-    // filters; a restarted one starts afresh.
-    let mut filters: HashMap<u64, Filters> = HashMap::new();
-    let mut events_seen = 0u64;
-    // Status topics of the devices currently online.
-    let mut online = std::collections::BTreeSet::new();
-    while let Some(Tagged {
-        config,
-        generation,
-        event,
-    }) = events.recv().await
-    {
-        events_seen += 1;
-        let filters = generation_filters(&mut filters, generation, &config, events_seen);
-        let messages = match event {
-            BusEvent::Status {
-                device,
-                online: is_online,
-                ..
-            } => {
-                let status = device_status(&config, device, is_online);
-                if is_online {
-                    online.insert(status.topic.clone());
-                } else {
-                    online.remove(&status.topic);
-                    // A consumer that saw `offline` gets every value again when the device
-                    // returns, not only those that changed meanwhile.
-                    filters.forget(&config, device);
-                }
-                vec![status]
-            }
-            BusEvent::Reading(reading) => render_reading(&config, &reading, filters),
-        };
-        for m in messages {
-            if link.send(m).await.is_err() {
-                return;
-            }
-        }
-    }
-    // Polling has stopped: the retained device statuses must not keep saying `online`.
-    for topic in online {
-        let offline = OutMessage {
-            topic,
-            payload: b"offline".to_vec(),
-            qos: Qos::AtLeastOnce,
-            retain: true,
-            created: Instant::now(),
-            correlation: None,
-            json_object: false,
-        };
-        if link.send(offline).await.is_err() {
-            return;
-        }
-    }
-}
-
-fn device_status(config: &Config, device: usize, online: bool) -> OutMessage {
-    OutMessage {
-        topic: config.devices[device].status_topic.clone(),
-        payload: if online {
-            b"online".to_vec()
-        } else {
-            b"offline".to_vec()
-        },
-        qos: Qos::AtLeastOnce,
-        retain: true,
-        created: Instant::now(),
-        correlation: None,
-        json_object: false,
-    }
-}
-
-/// The change filters of one configuration generation's points, by device and point index
-/// (this runs for every reading: a hash lookup per point was a measurable part of the
-/// gateway's CPU).
-pub struct Filters {
-    devices: Vec<Vec<ChangeFilter>>,
-    /// The publisher's event count when these were last used.
-    last_used: u64,
-}
-
-impl Filters {
-    pub fn new(config: &Config) -> Filters {
-        Filters {
-            devices: config.devices.iter().map(device_filters).collect(),
-            last_used: 0,
-        }
-    }
-
-    /// Forgets a device's filters: every value is published again on its next reading.
-    pub fn forget(&mut self, config: &Config, device: usize) {
-        self.devices[device] = device_filters(&config.devices[device]);
-    }
-}
-
-fn device_filters(device: &crate::model::Device) -> Vec<ChangeFilter> {
-    device
-        .points
-        .iter()
-        .map(|p| ChangeFilter::new(p.publish))
-        .collect()
-}
-
-/// Generations whose filters the publisher keeps. Buses kept across reloads keep their
-/// generation, so several can be live at once; without a bound every reload would leave its
-/// filters behind for good. A live generation dropped costs only a full publish of its
-/// devices' next readings, as after an offline.
-const KEPT_GENERATIONS: usize = 8;
-
-/// The filters of `generation` (whose configuration is `config`), made room for by dropping
-/// the least recently used generation's when [`KEPT_GENERATIONS`] are kept already.
-fn generation_filters<'a>(
-    all: &'a mut HashMap<u64, Filters>,
-    generation: u64,
-    config: &Config,
-    now: u64,
-) -> &'a mut Filters {
-    if !all.contains_key(&generation) && all.len() >= KEPT_GENERATIONS {
-        if let Some(oldest) = all.iter().min_by_key(|(_, f)| f.last_used).map(|(g, _)| *g) {
-            all.remove(&oldest);
-        }
-    }
-    let filters = all
-        .entry(generation)
-        .or_insert_with(|| Filters::new(config));
-    filters.last_used = now;
-    filters
-}
-
-/// Messages for one reading, after the change filters.
-pub fn render_reading(
-    config: &Config,
-    reading: &Reading,
-    filters: &mut Filters,
-) -> Vec<OutMessage> {
-    let device = &config.devices[reading.device];
-    let filters = &mut filters.devices[reading.device];
-    let now = Instant::now();
-    let mut out = Vec::new();
-    match device.message_mode {
-        MessageMode::PerPoint => {
-            for (p, raw) in &reading.values {
-                let point = &device.points[*p];
-                let payload = match raw {
-                    Ok(raw) => {
-                        let value = codec::to_value(point, raw);
-                        if !filters[*p].should_publish(&value, now) {
-                            continue;
-                        }
-                        Some(publish::point_payload(
-                            point,
-                            &value,
-                            codec::label(point, raw),
-                            reading.ts,
-                        ))
-                    }
-                    Err(reason) => publish::bad_quality_payload(point, reason, reading.ts),
-                };
-                if let Some(payload) = payload {
-                    out.push(OutMessage {
-                        topic: point.topic.clone(),
-                        payload,
-                        qos: point.qos,
-                        retain: point.retain,
-                        created: reading.read_at,
-                        correlation: None,
-                        json_object: point.payload == PayloadFormat::Json,
-                    });
-                }
-            }
-        }
-        MessageMode::PerDevice => {
-            let mut changed = false;
-            // Each point's JSON at its index, then listed in name order.
-            let mut values: Vec<Option<Option<serde_json::Value>>> = Vec::new();
-            values.resize_with(device.points.len(), || None);
-            for (p, raw) in &reading.values {
-                let point = &device.points[*p];
-                let json = match raw {
-                    Ok(raw) => {
-                        let value = codec::to_value(point, raw);
-                        changed |= filters[*p].should_publish(&value, now);
-                        Some(match codec::label(point, raw) {
-                            Some(label) => serde_json::Value::String(label.to_string()),
-                            None => publish::value_json(&value),
-                        })
-                    }
-                    Err(_) => {
-                        changed = true;
-                        None
-                    }
-                };
-                values[*p] = Some(json);
-            }
-            let entries: Vec<(&str, Option<serde_json::Value>)> = device
-                .points_by_name
-                .iter()
-                .filter_map(|&p| Some((device.points[p].name.as_str(), values[p].take()?)))
-                .collect();
-            // Point filters fire on change and on their heartbeat.
-            if changed {
-                let first = device.points.get(reading.values.first().map_or(0, |v| v.0));
-                out.push(OutMessage {
-                    topic: device.topic.clone(),
-                    payload: publish::device_payload(&device.name, reading.ts, &entries),
-                    qos: first.map_or(Qos::AtLeastOnce, |p| p.qos),
-                    retain: first.is_some_and(|p| p.retain),
-                    created: reading.read_at,
-                    correlation: None,
-                    json_object: true,
-                });
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::codec::Raw;
-    use std::time::{Duration, SystemTime};
-
-    const PER_DEVICE: &str = r#"
-gateway: { id: gw, prefix: t }
-mqtt: { url: "mqtt://127.0.0.1:1883" }
-buses:
-  - { name: b, type: tcp, host: 127.0.0.1 }
-devices:
-  - name: d
-    bus: b
-    message: per_device
-    publish: { mode: on_change }
-    points:
-      - { name: zeta, address: 0, type: u16 }
-      - { name: alpha, address: 1, type: u16 }
-      - { name: mid, address: 2, type: u16 }
-"#;
-
-    fn reading(values: Vec<(usize, Result<Raw, String>)>) -> Reading {
-        Reading {
-            device: 0,
-            group: 0,
-            ts: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
-            read_at: Instant::now(),
-            values,
-        }
-    }
-
-    fn payloads(out: Vec<OutMessage>) -> Vec<String> {
-        out.into_iter()
-            .map(|m| String::from_utf8(m.payload).unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn old_generations_filters_are_dropped_least_recently_used_first() {
-        let config = crate::config::parse(PER_DEVICE, "test.yaml").expect("config loads");
-        let mut all = HashMap::new();
-        let mut now = 0;
-        for generation in 1..=KEPT_GENERATIONS as u64 {
-            now += 1;
-            generation_filters(&mut all, generation, &config, now);
-        }
-        // Generation 1 is still in use (a bus kept across the reloads); 2 is not.
-        now += 1;
-        generation_filters(&mut all, 1, &config, now).forget(&config, 0);
-        now += 1;
-        generation_filters(&mut all, 99, &config, now);
-        assert_eq!(all.len(), KEPT_GENERATIONS);
-        assert!(all.contains_key(&1) && all.contains_key(&99));
-        assert!(!all.contains_key(&2));
-    }
-
-    #[test]
-    fn per_device_payloads_list_points_by_name_and_filter_on_change() {
-        let config = crate::config::parse(PER_DEVICE, "test.yaml").expect("config loads");
-        let mut filters = Filters::new(&config);
-        let values = || {
-            vec![
-                (0, Ok(Raw::U64(1))),
-                (1, Ok(Raw::U64(2))),
-                (2, Err("timeout".to_string())),
-            ]
-        };
-        let first = payloads(render_reading(&config, &reading(values()), &mut filters));
-        assert_eq!(
-            first,
-            [
-                r#"{"device":"d","ts":"2023-11-14T22:13:20.123Z","values":{"alpha":2,"mid":null,"zeta":1}}"#
-            ]
-        );
-        // Unchanged, but a point is still bad: published.
-        assert_eq!(
-            render_reading(&config, &reading(values()), &mut filters).len(),
-            1
-        );
-        // Unchanged and every point good: not published.
-        let good = || vec![(0, Ok(Raw::U64(1))), (1, Ok(Raw::U64(2)))];
-        assert!(render_reading(&config, &reading(good()), &mut filters).is_empty());
-        // After the device went offline, the same values are published again.
-        filters.forget(&config, 0);
-        let again = payloads(render_reading(&config, &reading(good()), &mut filters));
-        assert_eq!(
-            again,
-            [r#"{"device":"d","ts":"2023-11-14T22:13:20.123Z","values":{"alpha":2,"zeta":1}}"#]
-        );
     }
 }

@@ -366,6 +366,10 @@ pub fn check_report(path: &Path, config: &Config) -> String {
             );
         }
     }
+    if let Some(topics) = crate::publish::sparkplug::Topics::new(config) {
+        sparkplug_topics(&mut out, config, &topics);
+        return out;
+    }
     let _ = writeln!(out, "\ntopics:");
     for device in &config.devices {
         let _ = writeln!(out, "  {} (device status, retained)", device.status_topic);
@@ -388,6 +392,65 @@ pub fn check_report(path: &Path, config: &Config) -> String {
         }
     }
     out
+}
+
+/// What a Sparkplug host will see: the node's and devices' topics, every metric's alias and
+/// datatype.
+fn sparkplug_topics(out: &mut String, config: &Config, topics: &crate::publish::sparkplug::Topics) {
+    use crate::publish::sparkplug::{aliases, point_datatype, proto::datatype, NODE_METRICS};
+    let s = config.sparkplug.as_ref().expect("sparkplug mode");
+    let _ = writeln!(
+        out,
+        "\nsparkplug: edge node {}/{} (data QoS {}{})",
+        s.group_id,
+        s.edge_node_id,
+        s.data_qos as u8,
+        s.primary_host_id
+            .as_ref()
+            .map(|h| format!(", primary host {h}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "  {} (seq 0, bdSeq, Node Control/Rebirth)",
+        topics.nbirth
+    );
+    let _ = writeln!(out, "  {} (the last will: bdSeq)", topics.ndeath);
+    let _ = writeln!(out, "  {} (node metrics)", topics.ndata);
+    for (name, alias) in NODE_METRICS {
+        let _ = writeln!(out, "    alias {alias:>5}  UInt64   {name}");
+    }
+    let _ = writeln!(out, "  {} (rebirth)", topics.ncmd);
+    if let Some(state) = &topics.state {
+        let _ = writeln!(out, "  {state} (the primary host's STATE, subscribed)");
+    }
+    let aliases = aliases(config);
+    for (d, device) in config.devices.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  {} | {} | {}",
+            topics.dbirth[d], topics.ddata[d], topics.ddeath[d]
+        );
+        for (p, point) in device.points.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "    alias {:>5}  {:<8} {}{}{}",
+                aliases[d][p],
+                datatype::name(point_datatype(point)),
+                point.name,
+                point
+                    .unit
+                    .as_ref()
+                    .map(|u| format!(" [{u}]"))
+                    .unwrap_or_default(),
+                if point.writable {
+                    format!(" (writable: {})", topics.dcmd[d])
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
 }
 
 fn read(config: &Config, device_name: &str, point: Option<&str>) -> i32 {

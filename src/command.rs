@@ -99,10 +99,16 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Metrics one Sparkplug DCMD may carry (each is a command; more are refused).
+pub const MAX_SPARKPLUG_METRICS: usize = 64;
+
 /// Filters the gateway subscribes to: the wildcard, plus each writable point's command topic
 /// that the wildcard does not already cover (overlapping subscriptions may deliver a message
 /// twice, MQTT 3.1.1 §3.3.5).
 pub fn subscriptions(config: &Config) -> Vec<String> {
+    if let Some(topics) = crate::publish::sparkplug::Topics::new(config) {
+        return topics.subscriptions();
+    }
     let wildcard = wildcard_filter(&config.gateway.prefix);
     let mut out = vec![wildcard.clone()];
     for d in &config.devices {

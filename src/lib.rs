@@ -6,21 +6,30 @@
 //!   path, line, column and hint.
 //! - [`codec`]: registers ↔ typed values, both directions (pure).
 //! - [`plan`]: points → coalesced read blocks within protocol limits; bad ranges (pure).
-//! - [`publish`]: topics, payloads and the change filter (pure).
+//! - [`publish`]: the publisher stage, everything between a decoded reading and a message for
+//!   the link: the task (`publish::run`: bus events and the router's written values and
+//!   results in, messages out), the change filters (`publish::filter`), the payload encoding
+//!   behind one seam (`publish::Encoder`; JSON in `publish::json`), the gateway's will,
+//!   births, goodbye and held-back mark (`link::Announcer`, implemented there), the stats
+//!   message (`publish::stats`), the MQTT rules for topics (`publish::topic`).
 //! - [`modbus`]: one task per bus owning its connection; timeouts, reset after a timeout,
 //!   frame gap, reconnect back-off, device scheduling and write priority.
 //! - [`lines`]: serial devices that print lines of text (streamed or polled): pure parsing
 //!   and templates in `lines::parse`, one task per port in `lines::task`, same bus interface.
 //! - [`link`]: the MQTT link task: owns the rumqttc event loop, tracks every message until
-//!   its PUBACK, re-sends after reconnect, bounded queue with a declared policy; MQTT 3.1.1
+//!   its PUBACK, re-sends after reconnect, bounded queue with a declared policy; payloads are
+//!   opaque bytes (what it says around a session, and the mark on a held-back message, it asks
+//!   of the publisher stage's `Announcer`); MQTT 3.1.1
 //!   or 5 behind one face (`link::proto`), prompt TCP ACKs to the broker (`link::quickack`),
 //!   which command filters to subscribe to and how (`link::subscribe`).
 //! - [`store`]: the SQLite outbox (one owner thread): spill, drain, cap, crash safety, reading
 //!   around damage, disk full.
 //! - [`command`]: MQTT command topics → validated writes through the bus queue, a result for
 //!   every command (pure: the whole decision in `command::decide`, validation, encoding, the
-//!   clock; the router task in `command::router`: routing, refusal budgets, the bus hand-off).
-//! - [`app`]: wires buses, publisher and link together; ordered shutdown.
+//!   clock; the router task in `command::router`: routing, refusal budgets, the bus hand-off;
+//!   results and written values go to the publisher stage as events).
+//! - [`app`]: wires buses, router, publisher stage and link together; reloads; ordered
+//!   shutdown.
 //! - [`cli`]: `run`, `check`, `read` sub-commands.
 //! - [`logging`]: journal (structured fields) under systemd, compact format on a terminal.
 //! - [`notify`]: the sd_notify protocol (READY, STATUS, WATCHDOG, STOPPING) over `NOTIFY_SOCKET`.

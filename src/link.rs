@@ -84,11 +84,54 @@ pub struct OutMessage {
     /// MQTT 5 correlation data: the message answers a request that carried it. Such a
     /// message is kept in memory only (the store keeps no properties).
     pub correlation: Option<Vec<u8>>,
-    /// The payload is a JSON object built by the publisher, which the link may mark
-    /// `"buffered":true` when it is held back ([`mark_buffered`]). Never guessed from the
-    /// bytes: a bare string value or a line field may look like an object. The mark is applied
-    /// before a message goes to the store, so the store needs no such flag.
-    pub json_object: bool,
+    /// How the publisher encoded the payload, in the publisher's own numbering: opaque to the
+    /// link, which keeps it with the message (in the store too) and hands it back to
+    /// [`Announcer::render`] when the message is sent. [`AS_IS`]: the bytes are sent as they
+    /// are, and the announcer is not asked.
+    pub kind: u8,
+}
+
+/// [`OutMessage::kind`] of a payload that is sent as it is, held back or not.
+pub const AS_IS: u8 = 0;
+
+/// A last will: what the broker publishes for us when our connection dies without a
+/// DISCONNECT.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: Qos,
+    pub retain: bool,
+}
+
+/// What the publisher stage says on the link's behalf around each session, and how it marks
+/// a message that was held back. The link builds no payload of its own: it asks for these and
+/// hands them over as data.
+pub trait Announcer: Send + Sync {
+    /// The last will set on the connection.
+    fn will(&self) -> Option<Will>;
+    /// The messages sent first in every new session, before anything queued (the `online`
+    /// status). Not kept across a restart, and not re-sent in a later session: the next
+    /// CONNACK asks again.
+    fn births(&self) -> Vec<OutMessage>;
+    /// The messages sent before a clean disconnect (which fires no will).
+    fn goodbye(&self) -> Vec<OutMessage>;
+    /// The payload to send for a message of `kind` (never [`AS_IS`]), given whether it was held
+    /// back (queued while the broker was unreachable or the link backed up); `None`: the
+    /// payload as it is.
+    fn render(&self, kind: u8, held: bool, payload: &[u8]) -> Option<Vec<u8>>;
+    /// A subscribed topic whose messages open and close the way out for the births and
+    /// everything after them (Sparkplug's primary host STATE): while it is closed, the link
+    /// sends nothing and holds new messages back (the store takes them), as in an outage.
+    /// `None`: always open.
+    fn gate_topic(&self) -> Option<&str> {
+        None
+    }
+    /// Whether a message on the gate topic opens (`Some(true)`) or closes the gate; `None`:
+    /// ignore it (malformed, or older than the last one).
+    fn gate(&self, _payload: &[u8]) -> Option<bool> {
+        None
+    }
 }
 
 impl OutMessage {
@@ -168,9 +211,13 @@ pub struct Link {
 }
 
 /// Settings derived from the config that the manager needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LinkSettings {
-    pub status_topic: String,
+    /// The publisher stage's will, births, goodbye and marks (`None`: none of them).
+    pub announcer: Option<Arc<dyn Announcer>>,
+    /// Notified when the births are wanted again in the current session (Sparkplug rebirth):
+    /// they go out ahead of everything queued.
+    pub rebirths: Option<Arc<tokio::sync::Notify>>,
     /// For logs (a client-id conflict names it).
     pub client_id: String,
     pub queue_capacity: usize,
@@ -193,7 +240,8 @@ pub struct LinkSettings {
 impl LinkSettings {
     pub fn from_config(mqtt: &Mqtt) -> Self {
         LinkSettings {
-            status_topic: mqtt.status_topic.clone(),
+            announcer: None,
+            rebirths: None,
             client_id: mqtt.client_id.clone(),
             queue_capacity: mqtt.queue_capacity.max(1),
             queue_max_bytes: mqtt.queue_max_bytes.max(1),
@@ -340,7 +388,8 @@ pub fn spawn(
     commands: Option<mpsc::Sender<InMessage>>,
     inbound_capacity: usize,
 ) -> Result<Link, LinkError> {
-    let (client, eventloop) = proto::connect(mqtt)?;
+    let will = settings.announcer.as_ref().and_then(|a| a.will());
+    let (client, eventloop) = proto::connect(mqtt, will.as_ref())?;
     let gate = Arc::new(Mutex::new(Gate::default()));
     let (filters_tx, filters_rx) = tokio::sync::watch::channel(settings.subscriptions.clone());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -361,6 +410,7 @@ pub fn spawn(
             filters: filters_rx,
             max_packet_size: settings.max_packet_size,
             keep_alive: mqtt.keep_alive,
+            announcer: settings.announcer.clone(),
         },
     ));
     let (sender, inbound) = mpsc::channel(inbound_capacity.max(1));
@@ -415,6 +465,7 @@ pub fn spawn(
         protocol_errors: 0,
         attempted: false,
         deletes_sent: Instant::now(),
+        gate_open: false,
     };
     let done = tokio::spawn(manager.run(inbound, events_rx, store_events, stop));
     Ok(Link {
@@ -442,6 +493,7 @@ struct Driver {
     filters: tokio::sync::watch::Receiver<Vec<String>>,
     max_packet_size: usize,
     keep_alive: Duration,
+    announcer: Option<Arc<dyn Announcer>>,
 }
 
 /// What a CONNACK may not say to us, and why (each is a protocol error that ends the session).
@@ -655,6 +707,11 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(d.reconnect_max);
+                // The next connection attempt carries the announcer's will for it (Sparkplug's
+                // NDEATH counts `bdSeq` up per attempt).
+                if let Some(will) = d.announcer.as_ref().and_then(|a| a.will()) {
+                    session.set_will(&will);
+                }
                 continue;
             }
         };
@@ -680,8 +737,11 @@ struct Entry {
     msg: OutMessage,
     /// Row id when the message is (also) in the store; its row is deleted on PUBACK.
     store_id: Option<i64>,
-    /// Not worth keeping across a restart (the `online` status).
+    /// Not worth keeping across a restart, nor re-sending in a later session (the births).
     volatile: bool,
+    /// Queued while the broker was unreachable or the link backed up (see
+    /// [`Announcer::render`]); kept in the store with the row.
+    held: bool,
     /// Bytes counted in `Manager::held_bytes` for it (messages that entered through
     /// `enqueue`; rows read back from the store are bounded by the read size instead).
     bytes: usize,
@@ -766,6 +826,9 @@ struct Manager {
     attempted: bool,
     /// When acknowledged rows were last sent for deletion (they are batched).
     deletes_sent: Instant,
+    /// The announcer's gate (`Announcer::gate_topic`) is open in this session: births and
+    /// messages may go out. Always true without a gate topic, once connected.
+    gate_open: bool,
 }
 
 /// Sessions in a row that die with the same message as the oldest unacknowledged one before
@@ -831,8 +894,12 @@ impl Manager {
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
                 .min(Instant::now() + crate::health::TICK);
             let reading = self.read_pending.is_some();
+            let rebirths = self.settings.rebirths.clone();
             tokio::select! {
                 biased;
+                () = async { rebirths.as_ref().expect("guarded").notified().await }, if rebirths.is_some() => {
+                    self.rebirth();
+                }
                 event = events.recv() => match event {
                     Some(event) => self.on_event(event, &mut down_since, &mut last_error),
                     None => break,
@@ -941,7 +1008,7 @@ impl Manager {
             if e.store_id.is_some() {
                 continue;
             }
-            let m = new_message(&e.msg);
+            let m = new_message(&e.msg, e.held);
             match first_stored {
                 Some(first) if i < first => front.push(m),
                 Some(_) => back.push(m),
@@ -971,34 +1038,33 @@ impl Manager {
         0
     }
 
-    /// Publishes the retained `offline` status (a clean disconnect sends no last will) and
-    /// disconnects, waiting briefly for both.
+    /// Publishes the announcer's goodbye (the retained `offline` status: a clean disconnect
+    /// sends no last will) and disconnects, waiting briefly for both.
     async fn goodbye(&mut self, events: &mut mpsc::UnboundedReceiver<LinkEvent>) {
         if self.generation.is_none() {
             return;
         }
-        let offline = OutMessage {
-            topic: self.settings.status_topic.clone(),
-            payload: b"offline".to_vec(),
-            qos: Qos::AtLeastOnce,
-            retain: true,
-            created: Instant::now(),
-            correlation: None,
-            json_object: false,
-        };
-        if self
-            .client
-            .try_publish(&offline, offline.qos.min(self.max_qos))
-            .is_err()
-        {
-            return;
+        let goodbye = self.settings.announcer.as_ref().map(|a| a.goodbye());
+        let goodbye = goodbye.unwrap_or_default();
+        let mut waiting = 0usize;
+        for m in &goodbye {
+            let qos = m.qos.min(self.max_qos);
+            if self.client.try_publish(m, m.payload.clone(), qos).is_err() {
+                return;
+            }
+            waiting += 1;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        let mut written = None;
-        loop {
+        // Each is written, then (at QoS 1) acknowledged; QoS 0 ones are done when written.
+        let mut written = Vec::new();
+        while waiting > 0 {
             match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(LinkEvent::Written { pkid })) => written = Some(pkid),
-                Ok(Some(LinkEvent::Acked { pkid, .. })) if Some(pkid) == written => break,
+                Ok(Some(LinkEvent::Written { pkid: 0 })) => waiting -= 1,
+                Ok(Some(LinkEvent::Written { pkid })) => written.push(pkid),
+                Ok(Some(LinkEvent::Acked { pkid, .. })) if written.contains(&pkid) => {
+                    written.retain(|&p| p != pkid);
+                    waiting -= 1;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => return,
             }
@@ -1025,7 +1091,7 @@ impl Manager {
         seq
     }
 
-    fn enqueue(&mut self, mut msg: OutMessage) {
+    fn enqueue(&mut self, msg: OutMessage) {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         if let Some(why) = unsendable(&msg, self.settings.max_packet_size) {
             self.refuse_locally(&msg, &why);
@@ -1034,15 +1100,13 @@ impl Manager {
         // Held back: the broker is known to be unreachable (not merely not connected yet at start,
         // which would write every start's first readings to the SD card), or backed up.
         let held_back = (self.generation.is_none() && self.attempted)
+            || (self.generation.is_some() && !self.gate_open)
             || self.pending() >= self.settings.spill_threshold;
-        if held_back && msg.json_object {
-            mark_buffered(&mut msg.payload);
-        }
         if self.store_usable() && (self.spill || held_back) && msg.storable() {
             if !self.spill {
                 self.start_spill();
             }
-            self.push_to_store(new_message(&msg));
+            self.push_to_store(new_message(&msg, held_back));
             return;
         }
         let bytes = msg.topic.len() + msg.payload.len();
@@ -1098,6 +1162,7 @@ impl Manager {
             msg,
             store_id: None,
             volatile: false,
+            held: held_back,
             bytes,
         });
     }
@@ -1120,7 +1185,7 @@ impl Manager {
                 self.queue.push_back(e);
             } else {
                 self.held_bytes = self.held_bytes.saturating_sub(e.bytes);
-                self.to_store.push_back(new_message(&e.msg));
+                self.to_store.push_back(new_message(&e.msg, e.held));
                 self.appends_since_read += 1;
             }
         }
@@ -1170,6 +1235,7 @@ impl Manager {
             && self.read_pending.is_none()
             && self.read_retry_at.is_none_or(|t| Instant::now() >= t)
             && self.generation.is_some()
+            && self.gate_open
             && !drained
             && room >= self.window
         {
@@ -1349,12 +1415,32 @@ impl Manager {
                 retain: m.retain,
                 created: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
                 correlation: None,
-                // Marked (or not) before it was stored.
-                json_object: false,
+                kind: m.kind,
             },
             store_id,
             volatile: false,
+            held: m.held,
             bytes: 0,
+        }
+    }
+
+    /// The births again, ahead of everything queued (not of what rumqttc already has), when
+    /// connected; otherwise the next CONNACK sends them anyway.
+    fn rebirth(&mut self) {
+        if self.generation.is_none() || !self.gate_open {
+            return;
+        }
+        self.queue.retain(|e| !e.volatile);
+        let births = self.settings.announcer.as_ref().map(|a| a.births());
+        for msg in births.unwrap_or_default().into_iter().rev() {
+            self.queue.push_front(Entry {
+                seq: 0,
+                msg,
+                store_id: None,
+                volatile: true,
+                held: false,
+                bytes: 0,
+            });
         }
     }
 
@@ -1406,23 +1492,19 @@ impl Manager {
                     "MQTT connected"
                 );
                 last_error.clear();
-                // `online` (retained) goes first, tracked like any message so that packet ids
-                // stay in step. The event-loop task subscribes.
-                self.queue.push_front(Entry {
-                    seq: 0,
-                    msg: OutMessage {
-                        topic: self.settings.status_topic.clone(),
-                        payload: b"online".to_vec(),
-                        qos: Qos::AtLeastOnce,
-                        retain: true,
-                        created: Instant::now(),
-                        correlation: None,
-                        json_object: false,
-                    },
-                    store_id: None,
-                    volatile: true,
-                    bytes: 0,
-                });
+                // The births (the retained `online` status) go first, tracked like any message
+                // so that packet ids stay in step. The event-loop task subscribes. With a gate
+                // (a primary host), they wait until its STATE opens it in this session.
+                let gated = self
+                    .settings
+                    .announcer
+                    .as_ref()
+                    .and_then(|a| a.gate_topic());
+                self.gate_open = gated.is_none();
+                if gated.is_some() {
+                    tracing::info!("waiting for the primary host's STATE online before the births");
+                }
+                self.rebirth();
             }
             LinkEvent::Ready => {}
             LinkEvent::FilterDropped => {
@@ -1474,7 +1556,7 @@ impl Manager {
                 for entry in back.into_iter().rev() {
                     self.queue.push_front(entry);
                 }
-                // Stale `online` statuses are not re-sent; the next CONNACK queues a fresh one.
+                // Stale births are not re-sent; the next CONNACK queues fresh ones.
                 self.queue.retain(|e| !e.volatile);
             }
             LinkEvent::Written { pkid } => match self.handed.pop_front() {
@@ -1513,6 +1595,25 @@ impl Manager {
                 "the broker refused subscriptions to command topics: commands on them will not arrive (check the broker's ACL)"
             ),
             LinkEvent::Incoming(msg) => {
+                if let Some(a) = &self.settings.announcer {
+                    if a.gate_topic() == Some(msg.topic.as_str()) {
+                        match a.gate(&msg.payload) {
+                            Some(true) if !self.gate_open => {
+                                tracing::info!(
+                                    "primary host online: births, then what was held back"
+                                );
+                                self.gate_open = true;
+                                self.rebirth();
+                            }
+                            Some(false) if self.gate_open => {
+                                tracing::warn!("primary host offline: holding data back until it is online again");
+                                self.gate_open = false;
+                            }
+                            _ => {}
+                        }
+                        return;
+                    }
+                }
                 if msg.correlation_refused {
                     let n = self
                         .stats
@@ -1682,7 +1783,7 @@ impl Manager {
         let Some(generation) = self.generation else {
             return;
         };
-        if self.queue.is_empty() {
+        if self.queue.is_empty() || !self.gate_open {
             return;
         }
         let gate = self.gate.clone();
@@ -1704,9 +1805,15 @@ impl Manager {
                     continue;
                 }
             }
+            let payload = match &self.settings.announcer {
+                Some(a) if entry.msg.kind != AS_IS => a
+                    .render(entry.msg.kind, entry.held, &entry.msg.payload)
+                    .unwrap_or_else(|| entry.msg.payload.clone()),
+                _ => entry.msg.payload.clone(),
+            };
             match self
                 .client
-                .try_publish(&entry.msg, entry.msg.qos.min(self.max_qos))
+                .try_publish(&entry.msg, payload, entry.msg.qos.min(self.max_qos))
             {
                 Ok(()) => self.handed.push_back(entry),
                 Err(e) => {
@@ -1755,7 +1862,7 @@ fn unsendable(m: &OutMessage, max_packet: usize) -> Option<String> {
     None
 }
 
-fn new_message(m: &OutMessage) -> NewMessage {
+fn new_message(m: &OutMessage, held: bool) -> NewMessage {
     let age = m.created.elapsed().as_millis() as i64;
     NewMessage {
         topic: m.topic.clone(),
@@ -1763,23 +1870,8 @@ fn new_message(m: &OutMessage) -> NewMessage {
         qos: m.qos,
         retain: m.retain,
         created: crate::store::now_ms() - age,
-    }
-}
-
-/// Marks a JSON object payload as held back (`"buffered":true` as its first key) so that
-/// consumers can tell late readings. Only for payloads the publisher says are JSON objects
-/// (`OutMessage::json_object`): the bytes alone do not tell (a string point `{x}`).
-pub fn mark_buffered(payload: &mut Vec<u8>) {
-    const MARK: &[u8] = b"\"buffered\":true";
-    if payload.len() >= 2 && payload[0] == b'{' && payload.last() == Some(&b'}') {
-        if payload.starts_with(b"{\"buffered\"") {
-            return;
-        }
-        let mut insert = MARK.to_vec();
-        if payload.len() > 2 {
-            insert.push(b',');
-        }
-        payload.splice(1..1, insert);
+        kind: m.kind,
+        held,
     }
 }
 

@@ -16,6 +16,21 @@ pub struct Config {
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
     pub store: Store,
+    /// Sparkplug B edge node mode (`sparkplug:`); `None`: JSON topics and payloads.
+    pub sparkplug: Option<Sparkplug>,
+}
+
+/// Sparkplug B 3.0: the gateway is edge node `edge_node_id` of group `group_id`; every device
+/// is a Sparkplug device, every point a metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sparkplug {
+    pub group_id: String,
+    pub edge_node_id: String,
+    /// Births wait for this host application's STATE `online` (Sparkplug 3.0 primary host).
+    pub primary_host_id: Option<String>,
+    /// QoS of NDATA and DDATA: 0 as the specification demands, or 1 (outside it) for the
+    /// PUBACK-tracked delivery of the JSON mode. Births and deaths are QoS 0 always.
+    pub data_qos: Qos,
 }
 
 /// When readings are written to the store.

@@ -15,9 +15,12 @@
 //!     qos      INTEGER NOT NULL,
 //!     retain   INTEGER NOT NULL,
 //!     created  INTEGER NOT NULL,                  -- wall clock, ms since the epoch
-//!     bytes    INTEGER NOT NULL                   -- what the row counts against the cap
+//!     bytes    INTEGER NOT NULL,                  -- what the row counts against the cap
+//!     flags    INTEGER NOT NULL DEFAULT 0         -- the encoder's kind << 1 | held back
 //! );
 //! ```
+//! `flags` was added after the first release: a store without it gets it at open
+//! (`ALTER TABLE`), its old rows 0 (sent as they are, which is what they were written for).
 //! `AUTOINCREMENT` keeps ids increasing even after the table was emptied, so the link's read
 //! cursor ("after id N") never misses a row. Messages that must go *before* everything stored
 //! (what was in memory at a graceful shutdown during an outage) are inserted with ids below
@@ -146,6 +149,18 @@ pub struct NewMessage {
     pub retain: bool,
     /// Wall clock ms since the epoch when it was first queued.
     pub created: i64,
+    /// The publisher's encoding of the payload and whether the message was held back
+    /// (`link::OutMessage::kind`, `link::Announcer::render`): kept so that the encoder can
+    /// mark it when it is sent, instead of the store keeping rewritten bytes.
+    pub kind: u8,
+    pub held: bool,
+}
+
+impl NewMessage {
+    /// The `flags` column.
+    fn flags(&self) -> i64 {
+        (i64::from(self.kind) << 1) | i64::from(self.held)
+    }
 }
 
 impl NewMessage {
@@ -452,10 +467,17 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, OpenFailur
             qos INTEGER NOT NULL,
             retain INTEGER NOT NULL,
             created INTEGER NOT NULL,
-            bytes INTEGER NOT NULL
+            bytes INTEGER NOT NULL,
+            flags INTEGER NOT NULL DEFAULT 0
         );",
     )
     .map_err(classify)?;
+    // A store written before `flags` existed.
+    let has_flags = db.prepare("SELECT flags FROM outbox LIMIT 0").is_ok();
+    if !has_flags {
+        db.execute_batch("ALTER TABLE outbox ADD COLUMN flags INTEGER NOT NULL DEFAULT 0;")
+            .map_err(classify)?;
+    }
     Ok(db)
 }
 
@@ -767,8 +789,8 @@ impl Worker {
     fn write_rows(&mut self, rows: &[StoredMessage]) -> rusqlite::Result<u64> {
         self.begin()?;
         let mut stmt = self.db.prepare_cached(
-            "INSERT INTO outbox (id, topic, payload, qos, retain, created, bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO outbox (id, topic, payload, qos, retain, created, bytes, flags)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         let mut added = 0u64;
         for row in rows {
@@ -781,7 +803,8 @@ impl Worker {
                 m.qos as u8,
                 m.retain,
                 m.created,
-                bytes as i64
+                bytes as i64,
+                m.flags()
             ])?;
             added += bytes;
         }
@@ -1039,7 +1062,7 @@ impl Worker {
         bad: &mut Vec<(i64, &'static str)>,
     ) -> rusqlite::Result<ReadEnd> {
         let mut stmt = self.db.prepare_cached(
-            "SELECT id, topic, payload, qos, retain, created FROM outbox
+            "SELECT id, topic, payload, qos, retain, created, flags FROM outbox
              WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
         let mut q = stmt.query(params![*cursor, limit as i64])?;
@@ -1192,8 +1215,8 @@ impl Worker {
                 cursor = last.id;
                 let mut stmt = tx
                     .prepare_cached(
-                        "INSERT INTO outbox (id, topic, payload, qos, retain, created, bytes)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        "INSERT INTO outbox (id, topic, payload, qos, retain, created, bytes, flags)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     )
                     .map_err(|e| e.to_string())?;
                 for row in &page {
@@ -1205,7 +1228,8 @@ impl Worker {
                         m.qos as u8,
                         m.retain,
                         m.created,
-                        m.bytes() as i64
+                        m.bytes() as i64,
+                        m.flags()
                     ])
                     .map_err(|e| e.to_string())?;
                     copied += 1;
@@ -1523,12 +1547,19 @@ fn decode_row(r: &rusqlite::Row<'_>) -> Result<NewMessage, &'static str> {
         ValueRef::Integer(c) => c,
         _ => return Err("created is not a time"),
     };
+    // Damage here only loses the mark: the payload is sent as it is.
+    let flags = match r.get_ref(6) {
+        Ok(ValueRef::Integer(f)) if (0..512).contains(&f) => f,
+        _ => 0,
+    };
     Ok(NewMessage {
         topic: topic.to_owned(),
         payload: payload.to_vec(),
         qos,
         retain,
         created,
+        kind: (flags >> 1) as u8,
+        held: flags & 1 == 1,
     })
 }
 
@@ -1570,6 +1601,8 @@ mod tests {
             qos: Qos::AtLeastOnce,
             retain: false,
             created: now_ms(),
+            kind: 0,
+            held: false,
         }
     }
 
@@ -1959,6 +1992,48 @@ mod tests {
             h.try_send(StoreRequest::Delete(vec![1])),
             Err(TrySendError::Gone(_))
         ));
+    }
+
+    /// A store written before the `flags` column existed opens, gets the column, and its
+    /// rows come back unmarked (sent as they are); new rows keep their kind and held flag.
+    #[test]
+    fn a_store_from_before_flags_gets_the_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE outbox (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                topic TEXT NOT NULL,
+                payload BLOB NOT NULL,
+                qos INTEGER NOT NULL,
+                retain INTEGER NOT NULL,
+                created INTEGER NOT NULL,
+                bytes INTEGER NOT NULL
+            );
+            INSERT INTO outbox (topic, payload, qos, retain, created, bytes)
+                VALUES ('t/old', '{\"buffered\":true,\"value\":1}', 1, 0, 1700000000000, 60);",
+        )
+        .unwrap();
+        drop(old);
+        let (h, _e) = open(&config(1 << 30), &path).unwrap();
+        let marked = NewMessage {
+            kind: 3,
+            held: true,
+            ..msg(2)
+        };
+        h.send(StoreRequest::Append(vec![marked.clone()]));
+        let rows = read_all(&h);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].message.topic, "t/old");
+        assert_eq!(rows[0].message.payload, br#"{"buffered":true,"value":1}"#);
+        assert_eq!((rows[0].message.kind, rows[0].message.held), (0, false));
+        assert_eq!(rows[1].message, marked);
+        h.close();
+        // And again once the column is there.
+        let (h, _e) = open(&config(1 << 30), &path).unwrap();
+        assert_eq!(read_all(&h)[1].message, marked);
+        h.close();
     }
 
     #[test]

@@ -689,3 +689,56 @@ async fn bench_command_round_trip() {
         );
     }
 }
+
+/// With `on_change`, a value a command wrote is published once, and the polls after the write
+/// do not publish it again: the written value goes through the point's change filter. (The
+/// router used to publish it past the filter, so the next poll found it changed and sent it
+/// a second time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_value_is_published_once_under_on_change() {
+    let broker = Mosquitto::start();
+    let state = DeviceState::new(&[1]);
+    let device = TcpDevice::start(state.clone());
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let _gateway = Gateway::start(&format!(
+        "{}{}",
+        header(broker.port(), device.port()),
+        r#"
+devices:
+  - name: plc
+    bus: b
+    unit: 1
+    interval: 100ms
+    points:
+      - { name: sp, address: 0, type: u16, writable: true, publish: { mode: on_change } }
+      - { name: tick, address: 1, type: u16 }
+"#
+    ));
+    // (Its first value, 0, went by while waiting.)
+    wait_ready(&mut probe).await;
+    probe
+        .publish("t/plc/sp/set", "7", QoS::AtLeastOnce, false)
+        .await;
+    // Everything on the point's topic from the command on, until five polls after its result.
+    let deadline = Instant::now() + WAIT;
+    let (mut result, mut ticks, mut sp) = (None, 0, Vec::new());
+    while ticks < 5 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(m) = probe.next(left).await else {
+            panic!("five polls after the result did not come within {WAIT:?}");
+        };
+        match m.topic.as_str() {
+            "t/plc/sp/set/result" => result = Some(m.json()),
+            "t/plc/sp" => sp.push(m.json()["value"].clone()),
+            "t/plc/tick" if result.is_some() => ticks += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(result.expect("a result")["ok"], json!(true));
+    assert_eq!(state.holding(1, 0, 1), vec![7]);
+    assert_eq!(
+        sp,
+        vec![json!(7)],
+        "the written value must be published once, not again by the next poll"
+    );
+}

@@ -37,17 +37,21 @@ struct Running {
     commands: mpsc::Receiver<InMessage>,
 }
 
+/// The link as the gateway runs it: with the publisher stage's announcer (the will, the
+/// retained `online` first in every session, the held-back mark).
 fn start(cfg: &Config, subscriptions: &[&str], outbox: Option<Outbox>) -> Running {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let _ = tracing_subscriber::fmt()
         .with_env_filter("fieldbridge=debug")
         .with_test_writer()
         .try_init();
+    let (_, announcer) = fieldbridge::publish::encoding(cfg);
     let mut settings = LinkSettings::from_config(&cfg.mqtt);
     if outbox.is_some() {
         settings = settings.with_store(&cfg.store);
     }
     settings.subscriptions = subscriptions.iter().map(ToString::to_string).collect();
+    settings.announcer = Some(announcer);
     let (tx, commands) = mpsc::channel(16);
     let link = link::spawn(&cfg.mqtt, settings, outbox, Some(tx), 1024).expect("link");
     Running { link, commands }
@@ -61,7 +65,7 @@ fn msg(topic: &str, payload: &str) -> OutMessage {
         retain: false,
         created: Instant::now(),
         correlation: None,
-        json_object: false,
+        kind: link::AS_IS,
     }
 }
 
@@ -633,8 +637,9 @@ async fn the_memory_queue_is_bounded_in_bytes() {
 // --- The held-back mark goes on the publisher's JSON objects only ------------------------
 
 /// Readings held back while the broker is down get `"buffered":true` only when the publisher
-/// built a JSON object (`OutMessage::json_object`); a string point whose value is `{x}` (or a
-/// JSON line field) arrives as it was. The link used to guess from the first and last bytes.
+/// built a JSON object (`OutMessage::kind` `publish::json::OBJECT`, marked by the stage's
+/// announcer when the link sends it); a string point whose value is `{x}` (or a JSON line
+/// field) arrives as it was. The link used to guess from the first and last bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_held_back_mark_goes_on_json_objects_only() {
     let mut broker = Mosquitto::start();
@@ -658,7 +663,7 @@ async fn the_held_back_mark_goes_on_json_objects_only() {
     };
     let json = OutMessage {
         retain: true,
-        json_object: true,
+        kind: fieldbridge::publish::json::OBJECT,
         ..msg("t/d/j", r#"{"value":1}"#)
     };
     run.link.sender.send(string_point).await.unwrap();

@@ -26,10 +26,10 @@ use super::{
     ResponseTopics, Seen, Step, Verdict, MAX_TOPIC, REFUSAL_BUDGET,
 };
 use crate::codec::{self, Raw};
-use crate::link::{InMessage, OutMessage};
+use crate::link::InMessage;
 use crate::modbus::{BusHandle, BusRequest, Data, Op};
-use crate::model::{Config, MessageMode, Qos, RegisterKind};
-use crate::publish;
+use crate::model::{Config, MessageMode, RegisterKind};
+use crate::publish::{CommandResult, Input};
 
 /// What a router hands to its successor on a reload: the outcome of every remembered command
 /// id, by device and point name, so that a redelivery after the reload is not executed again.
@@ -42,7 +42,7 @@ pub fn spawn(
     config: Arc<Config>,
     buses: &[BusHandle],
     commands: mpsc::Receiver<InMessage>,
-    link: mpsc::Sender<OutMessage>,
+    publisher: mpsc::Sender<Input>,
     stats: Arc<CommandStats>,
     memory: Memory,
     cancel: CancellationToken,
@@ -70,6 +70,7 @@ pub fn spawn(
         }
     }
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let sparkplug = SparkplugRoutes::new(&config).map(Arc::new);
     let router = Router {
         response_topics: ResponseTopics::new(&config),
         config,
@@ -78,7 +79,7 @@ pub fn spawn(
         executors: HashMap::new(),
         points,
         outstanding: 0,
-        link,
+        publisher,
         done_tx,
         stats,
         budgets: [(); 2].map(|()| {
@@ -91,6 +92,7 @@ pub fn spawn(
             )
         }),
         suppressed: [0; 2],
+        sparkplug,
     };
     tokio::spawn(router.run(commands, done_rx, cancel))
 }
@@ -152,7 +154,8 @@ struct Router {
     points: HashMap<(usize, usize), PointState>,
     /// Jobs handed to executors whose outcome has not come back.
     outstanding: usize,
-    link: mpsc::Sender<OutMessage>,
+    /// The publisher stage, told of results and written values.
+    publisher: mpsc::Sender<Input>,
     done_tx: mpsc::UnboundedSender<Done>,
     response_topics: ResponseTopics,
     stats: Arc<CommandStats>,
@@ -162,6 +165,49 @@ struct Router {
     budgets: [RateLimiter; 2],
     /// Refusals not answered since the last one that was, per budget.
     suppressed: [u64; 2],
+    /// Sparkplug mode: where NCMD and DCMD arrive, and the metrics by alias.
+    sparkplug: Option<Arc<SparkplugRoutes>>,
+}
+
+/// How Sparkplug commands find their point.
+struct SparkplugRoutes {
+    ncmd: String,
+    /// DCMD topic → device index.
+    dcmd: HashMap<String, usize>,
+    /// Alias → (device, point).
+    aliases: HashMap<u64, (usize, usize)>,
+    datatypes: Vec<Vec<u32>>,
+}
+
+impl SparkplugRoutes {
+    fn new(config: &Config) -> Option<SparkplugRoutes> {
+        let topics = crate::publish::sparkplug::Topics::new(config)?;
+        let aliases = crate::publish::sparkplug::aliases(config);
+        Some(SparkplugRoutes {
+            ncmd: topics.ncmd,
+            dcmd: topics
+                .dcmd
+                .into_iter()
+                .enumerate()
+                .map(|(d, t)| (t, d))
+                .collect(),
+            aliases: aliases
+                .iter()
+                .enumerate()
+                .flat_map(|(d, ps)| ps.iter().enumerate().map(move |(p, a)| (*a, (d, p))))
+                .collect(),
+            datatypes: config
+                .devices
+                .iter()
+                .map(|d| {
+                    d.points
+                        .iter()
+                        .map(crate::publish::sparkplug::point_datatype)
+                        .collect()
+                })
+                .collect(),
+        })
+    }
 }
 
 const UNROUTED: usize = 0;
@@ -203,8 +249,8 @@ impl Router {
         commands.close();
         while let Ok(msg) = commands.try_recv() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            let out = overloaded(&self.config, &msg);
-            if !self.send(out).await {
+            let out = overloaded(&self.config, &msg).map(Input::Result);
+            if !self.send(out.into_iter().collect()).await {
                 return self.memory();
             }
         }
@@ -226,10 +272,10 @@ impl Router {
         self.memory()
     }
 
-    /// Hands messages to the link; `false` when it is gone.
-    async fn send(&mut self, out: Vec<OutMessage>) -> bool {
+    /// Tells the publisher; `false` when it is gone.
+    async fn send(&mut self, out: Vec<Input>) -> bool {
         for m in out {
-            if self.link.send(m).await.is_err() {
+            if self.publisher.send(m).await.is_err() {
                 return false;
             }
         }
@@ -257,7 +303,7 @@ impl Router {
         id: Option<&str>,
         refusal: &Refusal,
         reply: Option<&Reply>,
-    ) -> Vec<OutMessage> {
+    ) -> Vec<Input> {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
         let body = err_result(target.device, target.point, id, refusal);
         let b = target.budget;
@@ -289,11 +335,11 @@ impl Router {
             topic = %log_topic(topic), value = %text, id = id.unwrap_or(""),
             outcome = %refusal.reason, error = %refusal.error, "command refused"
         );
-        results(target.result_topic.clone(), &body, reply)
+        results(target.result_topic.clone(), body, reply)
     }
 
     /// Validates one incoming command; returns the messages to publish now.
-    fn on_command(&mut self, msg: InMessage) -> Vec<OutMessage> {
+    fn on_command(&mut self, msg: InMessage) -> Vec<Input> {
         let received = Instant::now();
         if msg.topic.len() > MAX_TOPIC {
             // No result: its topic would be built from (and as long as) this one.
@@ -307,8 +353,13 @@ impl Router {
             }
             return Vec::new();
         }
+        if let Some(sp) = &self.sparkplug {
+            if msg.topic.starts_with(crate::publish::sparkplug::NAMESPACE) {
+                let sp = sp.clone();
+                return self.on_sparkplug(&sp, msg, received);
+            }
+        }
         let text = log_text(&msg.payload);
-        let config = self.config.clone();
         // Which point? Either an exact command topic, or the default form under the wildcard.
         let (d, p) = match self.topics.get(&msg.topic) {
             Some(&t) => t,
@@ -325,6 +376,19 @@ impl Router {
                 return self.refuse(&target, &msg.topic, &text, None, &refusal, reply.as_ref());
             }
         };
+        self.on_point(d, p, &msg, received, &text)
+    }
+
+    /// A command for point `p` of device `d` (found by its topic, or by a Sparkplug DCMD).
+    fn on_point(
+        &mut self,
+        d: usize,
+        p: usize,
+        msg: &InMessage,
+        received: Instant,
+        text: &str,
+    ) -> Vec<Input> {
+        let config = self.config.clone();
         let device = &config.devices[d];
         let point = &device.points[p];
         let settings = &device.commands[p];
@@ -334,7 +398,7 @@ impl Router {
             result_topic: settings.result_topic.clone(),
             budget: ROUTED,
         };
-        let reply = match Reply::of(&msg, &self.response_topics) {
+        let reply = match Reply::of(msg, &self.response_topics) {
             Ok(r) => r,
             Err(why) => {
                 if self.budgets[ROUTED].allow(received) {
@@ -358,7 +422,7 @@ impl Router {
                 return self.refuse(
                     &target,
                     &msg.topic,
-                    &text,
+                    text,
                     id.as_deref(),
                     &refusal,
                     reply.as_ref(),
@@ -376,19 +440,12 @@ impl Router {
                     return Vec::new();
                 }
                 tracing::info!(device = %device.name, point = %point.name, id = %body["id"], outcome = "duplicate", "command not executed again: same id");
-                return results(settings.result_topic.clone(), &body, reply.as_ref());
+                return results(settings.result_topic.clone(), body, reply.as_ref());
             }
         };
         let Some(handle) = self.buses.get(device.bus).cloned().flatten() else {
             let r = Refusal::new("unavailable", "the device's bus is not running");
-            let out = self.refuse(
-                &target,
-                &msg.topic,
-                &text,
-                id.as_deref(),
-                &r,
-                reply.as_ref(),
-            );
+            let out = self.refuse(&target, &msg.topic, text, id.as_deref(), &r, reply.as_ref());
             // Not remembered: a retry once the bus runs again should execute.
             if let Some(id) = &id {
                 self.points.entry((d, p)).or_default().ids.forget(id);
@@ -400,7 +457,7 @@ impl Router {
             point: p,
             id,
             topic: msg.topic.clone(),
-            text: text.clone(),
+            text: text.to_owned(),
             plan,
             received,
             deadline,
@@ -422,7 +479,7 @@ impl Router {
             let out = self.refuse(
                 &target,
                 &msg.topic,
-                &text,
+                text,
                 job.id.as_deref(),
                 &r,
                 job.reply.as_ref(),
@@ -434,6 +491,94 @@ impl Router {
             return out;
         }
         Vec::new()
+    }
+
+    /// A Sparkplug NCMD (rebirth) or DCMD (writes, each metric one command through the same
+    /// checks as a JSON command; a metric by alias, or by name when it has none). Sparkplug
+    /// has no result topic: refusals are logged (within the budget) and counted.
+    fn on_sparkplug(
+        &mut self,
+        sp: &SparkplugRoutes,
+        msg: InMessage,
+        received: Instant,
+    ) -> Vec<Input> {
+        use crate::publish::sparkplug::{command_text, proto};
+        use prost::Message as _;
+        let refuse = |router: &mut Router, why: &str| {
+            router.stats.refused.fetch_add(1, Ordering::Relaxed);
+            if router.budgets[UNROUTED].allow(received) {
+                tracing::warn!(topic = %log_topic(&msg.topic), "Sparkplug command refused: {why}");
+            } else {
+                router.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+            }
+            Vec::new()
+        };
+        if msg.retain {
+            return refuse(self, "retained (a retained command is never executed)");
+        }
+        let Ok(payload) = proto::Payload::decode(msg.payload.as_slice()) else {
+            return refuse(self, "not a Sparkplug B payload");
+        };
+        if msg.topic == sp.ncmd {
+            let rebirth = payload.metrics.iter().any(|m| {
+                m.name.as_deref() == Some("Node Control/Rebirth")
+                    && m.value == Some(proto::MetricValue::BooleanValue(true))
+            });
+            if rebirth {
+                tracing::info!("Sparkplug rebirth requested: NBIRTH and every DBIRTH again");
+                return vec![Input::Rebirth];
+            }
+            return refuse(self, "NCMD without `Node Control/Rebirth = true`");
+        }
+        let Some(&d) = sp.dcmd.get(&msg.topic) else {
+            return refuse(self, "not this node's NCMD or a DCMD of one of its devices");
+        };
+        let config = self.config.clone();
+        let mut out = Vec::new();
+        for m in payload
+            .metrics
+            .iter()
+            .take(crate::command::MAX_SPARKPLUG_METRICS)
+        {
+            let found = match (m.alias, m.name.as_deref()) {
+                (Some(a), _) => sp.aliases.get(&a).copied().filter(|&(dd, _)| dd == d),
+                (None, Some(name)) => config.devices[d]
+                    .points
+                    .iter()
+                    .position(|p| p.name == name)
+                    .map(|p| (d, p)),
+                (None, None) => None,
+            };
+            let Some((_, p)) = found else {
+                out.extend(refuse(
+                    self,
+                    "a metric that is not one of the device's (alias or name)",
+                ));
+                continue;
+            };
+            let t = sp.datatypes[d][p];
+            let Some(text) = m.value.as_ref().and_then(|v| command_text(t, v)) else {
+                out.extend(refuse(self, "a value that is not of the metric's datatype"));
+                continue;
+            };
+            let one = InMessage {
+                topic: msg.topic.clone(),
+                payload: text.clone().into_bytes(),
+                retain: false,
+                response_topic: None,
+                correlation: None,
+                correlation_refused: false,
+                expires_at: msg.expires_at,
+            };
+            out.extend(self.on_point(d, p, &one, received, &text));
+        }
+        if payload.metrics.len() > crate::command::MAX_SPARKPLUG_METRICS {
+            out.extend(refuse(
+                self,
+                "more metrics than one DCMD may carry (the rest ignored)",
+            ));
+        }
+        out
     }
 
     /// A topic that is no writable point's command topic: names, result topic and refusal.
@@ -486,7 +631,7 @@ impl Router {
     }
 
     /// An executor finished a job: remember, log, publish the result and the new value.
-    fn on_done(&mut self, done: Done) -> Vec<OutMessage> {
+    fn on_done(&mut self, done: Done) -> Vec<Input> {
         self.outstanding = self.outstanding.saturating_sub(1);
         let Done { job, outcome } = done;
         let config = self.config.clone();
@@ -510,23 +655,14 @@ impl Router {
                         Json::String(format!("{}: {}", r.reason, r.error)),
                     );
                 }
-                if device.message_mode == MessageMode::PerPoint {
-                    let value = codec::to_value(point, &e.raw);
-                    out.push(OutMessage {
-                        topic: point.topic.clone(),
-                        payload: publish::point_payload(
-                            point,
-                            &value,
-                            codec::label(point, &e.raw),
-                            e.written_at,
-                        ),
-                        qos: point.qos,
-                        retain: point.retain,
-                        created: Instant::now(),
-                        correlation: None,
-                        json_object: point.payload == crate::model::PayloadFormat::Json,
-                    });
-                }
+                // The publisher decides whether and how the written value is published.
+                out.push(Input::Written {
+                    config: config.clone(),
+                    device: job.device,
+                    point: job.point,
+                    raw: e.raw.clone(),
+                    at: e.written_at,
+                });
                 body
             }
             Err(r) => err_result(Some(&device.name), Some(&point.name), job.id.as_deref(), r),
@@ -557,12 +693,20 @@ impl Router {
             state.ids.put(id, Seen::Done(body.clone()));
         }
         // The result goes first: a consumer waiting on it then already finds the new value.
-        let mut msgs = results(settings.result_topic.clone(), &body, job.reply.as_ref());
+        let mut msgs = results(
+            settings.result_topic.clone(),
+            body.clone(),
+            job.reply.as_ref(),
+        );
         if !waiting.is_empty() {
             let mut dup = body.clone();
             dup.insert("duplicate".into(), Json::Bool(true));
             for reply in &waiting {
-                msgs.extend(results(settings.result_topic.clone(), &dup, reply.as_ref()));
+                msgs.extend(results(
+                    settings.result_topic.clone(),
+                    dup.clone(),
+                    reply.as_ref(),
+                ));
             }
         }
         msgs.extend(out);
@@ -572,9 +716,9 @@ impl Router {
 
 /// The `busy` result of a command that could not even be queued (see `app`); none for a
 /// topic too long to build a result topic from.
-pub fn overloaded(config: &Config, msg: &InMessage) -> Vec<OutMessage> {
+pub fn overloaded(config: &Config, msg: &InMessage) -> Option<CommandResult> {
     if msg.topic.len() > MAX_TOPIC {
-        return Vec::new();
+        return None;
     }
     let found = config.devices.iter().find_map(|d| {
         let p = d.commands.iter().position(|c| c.topic == msg.topic)?;
@@ -592,37 +736,21 @@ pub fn overloaded(config: &Config, msg: &InMessage) -> Vec<OutMessage> {
         ),
         None => (None, None, format!("{}/result", msg.topic)),
     };
-    vec![result_message(topic, &err_result(device, point, None, &r))]
-}
-
-fn result_message(topic: String, body: &Map<String, Json>) -> OutMessage {
-    OutMessage {
+    Some(CommandResult {
         topic,
-        payload: serde_json::to_vec(body).unwrap_or_default(),
-        qos: Qos::AtLeastOnce,
-        retain: false,
-        created: Instant::now(),
-        correlation: None,
-        json_object: true,
-    }
+        body: err_result(device, point, None, &r),
+        reply: None,
+    })
 }
 
-/// The result on its result topic and, for an MQTT 5 request with a response topic, a copy
-/// there carrying the request's correlation data.
-fn results(topic: String, body: &Map<String, Json>, reply: Option<&Reply>) -> Vec<OutMessage> {
-    let result = result_message(topic, body);
-    match reply {
-        None => vec![result],
-        Some(reply) => {
-            let answer = OutMessage {
-                topic: reply.topic.clone(),
-                // Present even when empty: the requester may match on it.
-                correlation: Some(reply.correlation.clone().unwrap_or_default()),
-                ..result.clone()
-            };
-            vec![result, answer]
-        }
-    }
+/// A result for the publisher (which publishes it on its result topic and, for an MQTT 5
+/// request with a response topic, a copy there).
+fn results(topic: String, body: Map<String, Json>, reply: Option<&Reply>) -> Vec<Input> {
+    vec![Input::Result(CommandResult {
+        topic,
+        body,
+        reply: reply.cloned(),
+    })]
 }
 
 /// Runs the jobs of one bus, one at a time.
@@ -787,16 +915,17 @@ mod tests {
             "t.yaml",
         )
         .unwrap();
-        let out = overloaded(&config, &message("t/d/p/set"));
+        let busy = overloaded(&config, &message("t/d/p/set")).expect("a result");
+        let out = crate::publish::json::results(&busy);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].topic, "r/p");
         let body: Json = serde_json::from_slice(&out[0].payload).unwrap();
         assert_eq!(body["reason"], "busy");
         assert_eq!(body["point"], "p");
-        let unknown = overloaded(&config, &message("t/x/y/set"));
-        assert_eq!(unknown[0].topic, "t/x/y/set/result");
+        let unknown = overloaded(&config, &message("t/x/y/set")).expect("a result");
+        assert_eq!(unknown.topic, "t/x/y/set/result");
         // No result topic is built from a topic too long to carry one.
         let long = format!("t/{}/p/set", "x".repeat(MAX_TOPIC));
-        assert!(overloaded(&config, &message(&long)).is_empty());
+        assert!(overloaded(&config, &message(&long)).is_none());
     }
 }

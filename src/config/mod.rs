@@ -25,10 +25,12 @@ use crate::model::{BitWrite, ClockPolicy, PointCommand, Rate};
 use crate::model::{
     Bus, BusKind, Config, DataType, Device, Durability, Gateway, MessageMode, Mqtt, MqttProtocol,
     MqttTransport, Parity, PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind,
-    Secret, Serial, Store, Synchronous, TlsFiles, WhenFull, WordOrder,
+    Secret, Serial, Sparkplug, Store, Synchronous, TlsFiles, WhenFull, WordOrder,
 };
 use locate::{join_key, Locator};
-use raw::{RawBus, RawCommand, RawConfig, RawDevice, RawMqtt, RawPoint, RawPublish, RawStore};
+use raw::{
+    RawBus, RawCommand, RawConfig, RawDevice, RawMqtt, RawPoint, RawPublish, RawSparkplug, RawStore,
+};
 
 /// One problem found in the configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -984,12 +986,45 @@ impl Validator {
         }
 
         let store = self.store(raw.store);
+        let sparkplug = raw.sparkplug.map(|s| self.sparkplug(s));
         Config {
             gateway,
             mqtt,
             buses,
             devices,
             store,
+            sparkplug,
+        }
+    }
+
+    fn sparkplug(&mut self, raw: RawSparkplug) -> Sparkplug {
+        // Sparkplug 3.0 §4.1.1: ids are UTF-8 without `+`, `/` or `#`.
+        for (path, id) in [
+            ("sparkplug.group_id", Some(&raw.group_id)),
+            ("sparkplug.edge_node_id", Some(&raw.edge_node_id)),
+            ("sparkplug.primary_host_id", raw.primary_host_id.as_ref()),
+        ] {
+            if let Some(id) = id {
+                self.level(path, id);
+            }
+        }
+        let data_qos = match raw.data_qos {
+            None | Some(0) => Qos::AtMostOnce,
+            Some(1) => Qos::AtLeastOnce,
+            Some(n) => {
+                self.err(
+                    "sparkplug.data_qos",
+                    format!("{n} is not 0 or 1"),
+                    Some("0 as the Sparkplug specification demands; 1 (outside it) for PUBACK-tracked delivery".into()),
+                );
+                Qos::AtMostOnce
+            }
+        };
+        Sparkplug {
+            group_id: raw.group_id,
+            edge_node_id: raw.edge_node_id,
+            primary_host_id: raw.primary_host_id,
+            data_qos,
         }
     }
 

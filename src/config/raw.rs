@@ -15,6 +15,16 @@ pub struct RawConfig {
     pub buses: Vec<RawBus>,
     pub devices: Vec<RawDevice>,
     pub store: Option<RawStore>,
+    pub sparkplug: Option<RawSparkplug>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSparkplug {
+    pub group_id: String,
+    pub edge_node_id: String,
+    pub primary_host_id: Option<String>,
+    pub data_qos: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

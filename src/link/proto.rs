@@ -102,8 +102,12 @@ pub(super) enum Session {
     V5(Box<v5::EventLoop>),
 }
 
-/// Builds the client and its event loop for the configured protocol.
-pub(super) fn connect(mqtt: &Mqtt) -> Result<(Client, Session), LinkError> {
+/// Builds the client and its event loop for the configured protocol, with `will` as the last
+/// will (the publisher stage's, handed over as data).
+pub(super) fn connect(
+    mqtt: &Mqtt,
+    will: Option<&super::Will>,
+) -> Result<(Client, Session), LinkError> {
     let cap = usize::from(mqtt.inflight) + 16;
     let (transport, broker) = super::transport(mqtt)?;
     let password = mqtt
@@ -121,13 +125,15 @@ pub(super) fn connect(mqtt: &Mqtt) -> Result<(Client, Session), LinkError> {
                 .set_max_packet_size(mqtt.max_packet_size, mqtt.max_packet_size)
                 // One more than our window: rumqttc's flow control never holds a request back.
                 .set_inflight(mqtt.inflight.saturating_add(1))
-                .set_request_channel_capacity(cap)
-                .set_last_will(rumqttc::LastWill::new(
-                    mqtt.status_topic.clone(),
-                    "offline",
-                    QoS::AtLeastOnce,
-                    true,
+                .set_request_channel_capacity(cap);
+            if let Some(w) = will {
+                options.set_last_will(rumqttc::LastWill::new(
+                    w.topic.clone(),
+                    w.payload.clone(),
+                    qos3(w.qos),
+                    w.retain,
                 ));
+            }
             if let Some(user) = &mqtt.username {
                 options.set_credentials(user.clone(), password);
             }
@@ -149,14 +155,16 @@ pub(super) fn connect(mqtt: &Mqtt) -> Result<(Client, Session), LinkError> {
                 .set_max_packet_size(Some(max_packet))
                 .set_outgoing_inflight_upper_limit(mqtt.inflight.saturating_add(1))
                 .set_request_channel_capacity(cap)
-                .set_network_options(network)
-                .set_last_will(v5::mqttbytes::v5::LastWill::new(
-                    mqtt.status_topic.clone(),
-                    "offline",
-                    v5::mqttbytes::QoS::AtLeastOnce,
-                    true,
+                .set_network_options(network);
+            if let Some(w) = will {
+                options.set_last_will(v5::mqttbytes::v5::LastWill::new(
+                    w.topic.clone(),
+                    w.payload.clone(),
+                    qos5(w.qos),
+                    w.retain,
                     None,
                 ));
+            }
             if let Some(user) = &mqtt.username {
                 options.set_credentials(user.clone(), password);
             }
@@ -185,12 +193,18 @@ fn qos5(q: Qos) -> v5::mqttbytes::QoS {
 impl Client {
     /// Hands a publish over at `qos` without waiting; fails when rumqttc's request channel is
     /// full.
-    pub(super) fn try_publish(&self, m: &OutMessage, qos: Qos) -> Result<(), String> {
+    /// `payload` is what goes on the wire for `m` (see `Announcer::render`).
+    pub(super) fn try_publish(
+        &self,
+        m: &OutMessage,
+        payload: Vec<u8>,
+        qos: Qos,
+    ) -> Result<(), String> {
         match self {
             // 3.1.1 has no properties: correlation data cannot be carried (and is never set,
             // since no 3.1.1 command carries any).
             Client::V3(c) => c
-                .try_publish(&m.topic, qos3(qos), m.retain, m.payload.clone())
+                .try_publish(&m.topic, qos3(qos), m.retain, payload)
                 .map_err(|e| e.to_string()),
             // No properties and empty ones are the same bytes on the wire (length 0).
             Client::V5(c) => c
@@ -198,7 +212,7 @@ impl Client {
                     &m.topic,
                     qos5(qos),
                     m.retain,
-                    m.payload.clone(),
+                    payload,
                     PublishProperties {
                         correlation_data: m.correlation.clone().map(Into::into),
                         ..PublishProperties::default()
@@ -235,6 +249,31 @@ impl Client {
 }
 
 impl Session {
+    /// The last will of the next connection rumqttc makes.
+    pub(super) fn set_will(&mut self, w: &super::Will) {
+        match self {
+            Session::V3(eventloop) => {
+                eventloop.mqtt_options.set_last_will(rumqttc::LastWill::new(
+                    w.topic.clone(),
+                    w.payload.clone(),
+                    qos3(w.qos),
+                    w.retain,
+                ));
+            }
+            Session::V5(eventloop) => {
+                eventloop
+                    .options
+                    .set_last_will(v5::mqttbytes::v5::LastWill::new(
+                        w.topic.clone(),
+                        w.payload.clone(),
+                        qos5(w.qos),
+                        w.retain,
+                        None,
+                    ));
+            }
+        }
+    }
+
     /// The next event; an error ends the session (rumqttc reconnects on the next poll).
     pub(super) async fn poll(&mut self) -> Result<Polled, Ended> {
         match self {
