@@ -411,6 +411,8 @@ pub fn spawn(
             max_packet_size: settings.max_packet_size,
             keep_alive: mqtt.keep_alive,
             announcer: settings.announcer.clone(),
+            mqtt: mqtt.clone(),
+            server: 0,
         },
     ));
     let (sender, inbound) = mpsc::channel(inbound_capacity.max(1));
@@ -494,6 +496,10 @@ struct Driver {
     max_packet_size: usize,
     keep_alive: Duration,
     announcer: Option<Arc<dyn Announcer>>,
+    /// The configuration (for the options of the next server) and which of `mqtt.servers`
+    /// the current or next connection goes to.
+    mqtt: Mqtt,
+    server: usize,
 }
 
 /// What a CONNACK may not say to us, and why (each is a protocol error that ends the session).
@@ -708,8 +714,21 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                 }
                 backoff = (backoff * 2).min(d.reconnect_max);
                 // The next connection attempt carries the announcer's will for it (Sparkplug's
-                // NDEATH counts `bdSeq` up per attempt).
-                if let Some(will) = d.announcer.as_ref().and_then(|a| a.will()) {
+                // NDEATH counts `bdSeq` up per attempt), and goes to the next broker of
+                // `mqtt.servers` (a dead one is left within the back-off).
+                let will = d.announcer.as_ref().and_then(|a| a.will());
+                if d.mqtt.servers.len() > 1 {
+                    d.server = (d.server + 1) % d.mqtt.servers.len();
+                    let next = d.mqtt.with_server(&d.mqtt.servers[d.server]);
+                    match proto::options(&next, will.as_ref()) {
+                        Ok(o) => {
+                            session.set_options(o);
+                            d.broker = (next.host.clone(), next.port);
+                            tracing::info!(broker = %format!("{}:{}", next.host, next.port), "trying the next MQTT server");
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot use the next MQTT server"),
+                    }
+                } else if let Some(will) = will {
                     session.set_will(&will);
                 }
                 continue;

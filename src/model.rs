@@ -198,6 +198,31 @@ pub struct Mqtt {
     /// MQTT 5 response topics a command may ask its result to be copied to (filters); empty:
     /// any topic outside the gateway's own. Never one the gateway itself publishes or reads.
     pub response_topics: Vec<String>,
+    /// Every broker to try, in turn (`mqtt.servers`); the first is `transport`, `host`,
+    /// `port`, `ws_path` above. One entry without `servers`.
+    pub servers: Vec<Server>,
+}
+
+/// One broker of `mqtt.servers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub transport: MqttTransport,
+    pub host: String,
+    pub port: u16,
+    pub ws_path: String,
+}
+
+impl Mqtt {
+    /// The same settings, for broker `s`.
+    pub fn with_server(&self, s: &Server) -> Mqtt {
+        Mqtt {
+            transport: s.transport,
+            host: s.host.clone(),
+            port: s.port,
+            ws_path: s.ws_path.clone(),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -427,3 +427,29 @@ async fn with_a_primary_host_nothing_goes_out_before_its_state_says_online() {
         check["summary"]
     );
 }
+
+/// `check` prints the Sparkplug topics, and every metric's alias and datatype.
+#[test]
+fn check_prints_the_sparkplug_topics_and_aliases() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, config(1883, 502, 0).replace("{dir}", "/tmp")).unwrap();
+    let out = common::gateway::run_cli(&["check", "--config", path.to_str().unwrap()]);
+    assert!(out.success(), "{}{}", out.stdout, out.stderr);
+    for line in [
+        "spBv1.0/plant/NBIRTH/gw1 (seq 0, bdSeq, Node Control/Rebirth)",
+        "spBv1.0/plant/NCMD/gw1 (rebirth)",
+        "alias     4  UInt64   Gateway/Commands refused",
+        "alias   100  UInt16   count",
+        "alias   101  Double   volts [V]",
+        "alias   102  UInt16   sp (writable: spBv1.0/plant/DCMD/gw1/m1)",
+        "alias   103  Int16    t",
+        "alias   104  Boolean  run",
+    ] {
+        assert!(
+            out.stdout.contains(line),
+            "missing {line:?} in:\n{}",
+            out.stdout
+        );
+    }
+}

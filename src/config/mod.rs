@@ -25,7 +25,7 @@ use crate::model::{BitWrite, ClockPolicy, PointCommand, Rate};
 use crate::model::{
     Bus, BusKind, Config, DataType, Device, Durability, Gateway, MessageMode, Mqtt, MqttProtocol,
     MqttTransport, Parity, PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind,
-    Secret, Serial, Sparkplug, Store, Synchronous, TlsFiles, WhenFull, WordOrder,
+    Secret, Serial, Server, Sparkplug, Store, Synchronous, TlsFiles, WhenFull, WordOrder,
 };
 use locate::{join_key, Locator};
 use raw::{
@@ -1212,7 +1212,42 @@ impl Validator {
             MqttProtocol::V311,
             &[("3.1.1", MqttProtocol::V311), ("5", MqttProtocol::V5)],
         );
-        let (transport, host, port, ws_path) = if let Some(url) = &m.url {
+        let mut servers = Vec::new();
+        let (transport, host, port, ws_path) = if let Some(list) = &m.servers {
+            if m.url.is_some()
+                || m.host.is_some()
+                || m.port.is_some()
+                || m.transport.is_some()
+                || m.ws_path.is_some()
+            {
+                self.err(
+                    "mqtt.servers",
+                    "`servers` cannot be combined with url, host, port, transport or ws_path",
+                    Some("list every broker's URL under `servers`".into()),
+                );
+            }
+            if list.is_empty() || list.len() > MAX_SERVERS {
+                self.err(
+                    "mqtt.servers",
+                    format!("{} servers; give 1 to {MAX_SERVERS}", list.len()),
+                    None,
+                );
+            }
+            for (i, url) in list.iter().take(MAX_SERVERS).enumerate() {
+                let (transport, host, port, ws_path) =
+                    self.broker_url(&format!("mqtt.servers[{i}]"), url);
+                servers.push(Server {
+                    transport,
+                    host,
+                    port,
+                    ws_path,
+                });
+            }
+            match servers.first() {
+                Some(s) => (s.transport, s.host.clone(), s.port, s.ws_path.clone()),
+                None => (MqttTransport::Tcp, String::new(), 1883, String::new()),
+            }
+        } else if let Some(url) = &m.url {
             if m.host.is_some() || m.port.is_some() || m.transport.is_some() || m.ws_path.is_some()
             {
                 self.err(
@@ -1221,27 +1256,7 @@ impl Validator {
                     Some("give either url, or host with port and transport".into()),
                 );
             }
-            match parse_url(url) {
-                Ok((t, host, port, path)) => {
-                    let path = if is_ws(t) {
-                        path.unwrap_or_else(|| "/mqtt".into())
-                    } else {
-                        if path.is_some() {
-                            self.err(
-                                "mqtt.url",
-                                "a path is only meaningful for ws:// and wss://",
-                                None,
-                            );
-                        }
-                        String::new()
-                    };
-                    (t, host, port.unwrap_or(default_port(t)), path)
-                }
-                Err((msg, hint)) => {
-                    self.err("mqtt.url", msg, Some(hint));
-                    (MqttTransport::Tcp, String::new(), 1883, String::new())
-                }
-            }
+            self.broker_url("mqtt.url", url)
         } else {
             let t = self.choice(
                 "mqtt.transport",
@@ -1444,6 +1459,14 @@ impl Validator {
             }
         }
 
+        if servers.is_empty() {
+            servers.push(Server {
+                transport,
+                host: host.clone(),
+                port,
+                ws_path: ws_path.clone(),
+            });
+        }
         Mqtt {
             protocol,
             transport,
@@ -1464,6 +1487,35 @@ impl Validator {
             reconnect_max,
             status_topic,
             response_topics,
+            servers,
+        }
+    }
+
+    /// A broker URL: transport, host, port (the transport's default if none), WebSocket path.
+    fn broker_url(&mut self, path: &str, url: &str) -> (MqttTransport, String, u16, String) {
+        let default_port = |t| match t {
+            MqttTransport::Tcp => 1883,
+            MqttTransport::Tls => 8883,
+            MqttTransport::Ws => 80,
+            MqttTransport::Wss => 443,
+        };
+        let is_ws = |t| matches!(t, MqttTransport::Ws | MqttTransport::Wss);
+        match parse_url(url) {
+            Ok((t, host, port, p)) => {
+                let p = if is_ws(t) {
+                    p.unwrap_or_else(|| "/mqtt".into())
+                } else {
+                    if p.is_some() {
+                        self.err(path, "a path is only meaningful for ws:// and wss://", None);
+                    }
+                    String::new()
+                };
+                (t, host, port.unwrap_or(default_port(t)), p)
+            }
+            Err((msg, hint)) => {
+                self.err(path, msg, Some(hint));
+                (MqttTransport::Tcp, String::new(), 1883, String::new())
+            }
         }
     }
 
@@ -2754,6 +2806,9 @@ const CREDENTIAL_HINT: &str = "under systemd prefer password_credential with Loa
 type BrokerUrl = (MqttTransport, String, Option<u16>, Option<String>);
 
 /// `mqtt://host[:port]`, `mqtts://…`, `ws://host[:port][/path]`, `wss://…`.
+/// Brokers `mqtt.servers` may list.
+const MAX_SERVERS: usize = 16;
+
 fn parse_url(url: &str) -> Result<BrokerUrl, (String, String)> {
     let hint = "e.g. mqtts://broker.example.com:8883 or wss://broker.example.com/mqtt".to_string();
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -3096,5 +3151,37 @@ mod tests {
             Some("address")
         );
         assert_eq!(closest("zzzzzz", &["name", "address"]), None);
+    }
+
+    #[test]
+    fn servers_list_every_broker_and_exclude_url() {
+        let text = |mqtt: &str| {
+            format!("gateway: {{ id: gw }}\nmqtt: {mqtt}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1 }}\ndevices:\n  - {{ name: d, bus: b, points: [ {{ name: p, address: 0 }} ] }}\n")
+        };
+        let ok = parse(
+            &text(r#"{ servers: ["mqtt://a.example:1884", "mqtts://b.example"] }"#),
+            "t.yaml",
+        )
+        .expect("two servers");
+        assert_eq!(ok.mqtt.servers.len(), 2);
+        assert_eq!((ok.mqtt.host.as_str(), ok.mqtt.port), ("a.example", 1884));
+        assert_eq!(ok.mqtt.servers[1].transport, MqttTransport::Tls);
+        assert_eq!(ok.mqtt.servers[1].port, 8883);
+        let one = parse(&text(r#"{ url: "mqtt://a.example" }"#), "t.yaml").unwrap();
+        assert_eq!(one.mqtt.servers.len(), 1);
+        let both = parse(
+            &text(r#"{ url: "mqtt://a.example", servers: ["mqtt://b.example"] }"#),
+            "t.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("cannot be combined"), "{both}");
+        let bad = parse(
+            &text(r#"{ servers: ["mqtt://a.example", "ftp://b"] }"#),
+            "t.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("mqtt.servers[1]"), "{bad}");
     }
 }

@@ -57,6 +57,8 @@ pub struct RawMqtt {
     /// `3.1.1` (a string) or `5` (a number in YAML): taken as a value and checked.
     pub protocol: Option<Value>,
     pub url: Option<String>,
+    /// Several brokers (a cluster, a standby): URLs tried in turn.
+    pub servers: Option<Vec<String>>,
     pub host: Option<String>,
     pub port: Option<i64>,
     pub transport: Option<String>,

@@ -102,12 +102,15 @@ pub(super) enum Session {
     V5(Box<v5::EventLoop>),
 }
 
-/// Builds the client and its event loop for the configured protocol, with `will` as the last
-/// will (the publisher stage's, handed over as data).
-pub(super) fn connect(
-    mqtt: &Mqtt,
-    will: Option<&super::Will>,
-) -> Result<(Client, Session), LinkError> {
+/// rumqttc's options for either protocol.
+pub(super) enum Options {
+    V3(rumqttc::MqttOptions),
+    V5(v5::MqttOptions),
+}
+
+/// The options of a connection to the broker `mqtt` names, with `will` as the last will (the
+/// publisher stage's, handed over as data).
+pub(super) fn options(mqtt: &Mqtt, will: Option<&super::Will>) -> Result<Options, LinkError> {
     let cap = usize::from(mqtt.inflight) + 16;
     let (transport, broker) = super::transport(mqtt)?;
     let password = mqtt
@@ -137,11 +140,7 @@ pub(super) fn connect(
             if let Some(user) = &mqtt.username {
                 options.set_credentials(user.clone(), password);
             }
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, cap);
-            // rumqttc leaves Nagle on: a small publish (a command result, a PUBACK) then waits
-            // for the peer's delayed ACK, about 40 ms per hop on Linux.
-            eventloop.network_options.set_tcp_nodelay(true);
-            (Client::V3(client), Session::V3(Box::new(eventloop)))
+            Options::V3(options)
         }
         MqttProtocol::V5 => {
             let mut options = v5::MqttOptions::new(mqtt.client_id.clone(), broker, mqtt.port);
@@ -168,6 +167,26 @@ pub(super) fn connect(
             if let Some(user) = &mqtt.username {
                 options.set_credentials(user.clone(), password);
             }
+            Options::V5(options)
+        }
+    })
+}
+
+/// Builds the client and its event loop for the configured protocol (see [`options`]).
+pub(super) fn connect(
+    mqtt: &Mqtt,
+    will: Option<&super::Will>,
+) -> Result<(Client, Session), LinkError> {
+    let cap = usize::from(mqtt.inflight) + 16;
+    Ok(match options(mqtt, will)? {
+        Options::V3(options) => {
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, cap);
+            // rumqttc leaves Nagle on: a small publish (a command result, a PUBACK) then waits
+            // for the peer's delayed ACK, about 40 ms per hop on Linux.
+            eventloop.network_options.set_tcp_nodelay(true);
+            (Client::V3(client), Session::V3(Box::new(eventloop)))
+        }
+        Options::V5(options) => {
             let (client, eventloop) = v5::AsyncClient::new(options, cap);
             (Client::V5(client), Session::V5(Box::new(eventloop)))
         }
@@ -249,6 +268,16 @@ impl Client {
 }
 
 impl Session {
+    /// The broker (and everything else) of the next connection rumqttc makes.
+    pub(super) fn set_options(&mut self, options: Options) {
+        match (self, options) {
+            (Session::V3(eventloop), Options::V3(o)) => eventloop.mqtt_options = o,
+            (Session::V5(eventloop), Options::V5(o)) => eventloop.options = o,
+            // The protocol is the configuration's, the same for every server.
+            _ => {}
+        }
+    }
+
     /// The last will of the next connection rumqttc makes.
     pub(super) fn set_will(&mut self, w: &super::Will) {
         match self {
