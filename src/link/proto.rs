@@ -104,8 +104,8 @@ pub(super) enum Session {
 
 /// rumqttc's options for either protocol.
 pub(super) enum Options {
-    V3(rumqttc::MqttOptions),
-    V5(v5::MqttOptions),
+    V3(Box<rumqttc::MqttOptions>),
+    V5(Box<v5::MqttOptions>),
 }
 
 /// The options of a connection to the broker `mqtt` names, with `will` as the last will (the
@@ -140,7 +140,7 @@ pub(super) fn options(mqtt: &Mqtt, will: Option<&super::Will>) -> Result<Options
             if let Some(user) = &mqtt.username {
                 options.set_credentials(user.clone(), password);
             }
-            Options::V3(options)
+            Options::V3(Box::new(options))
         }
         MqttProtocol::V5 => {
             let mut options = v5::MqttOptions::new(mqtt.client_id.clone(), broker, mqtt.port);
@@ -167,7 +167,7 @@ pub(super) fn options(mqtt: &Mqtt, will: Option<&super::Will>) -> Result<Options
             if let Some(user) = &mqtt.username {
                 options.set_credentials(user.clone(), password);
             }
-            Options::V5(options)
+            Options::V5(Box::new(options))
         }
     })
 }
@@ -180,14 +180,14 @@ pub(super) fn connect(
     let cap = usize::from(mqtt.inflight) + 16;
     Ok(match options(mqtt, will)? {
         Options::V3(options) => {
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, cap);
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(*options, cap);
             // rumqttc leaves Nagle on: a small publish (a command result, a PUBACK) then waits
             // for the peer's delayed ACK, about 40 ms per hop on Linux.
             eventloop.network_options.set_tcp_nodelay(true);
             (Client::V3(client), Session::V3(Box::new(eventloop)))
         }
         Options::V5(options) => {
-            let (client, eventloop) = v5::AsyncClient::new(options, cap);
+            let (client, eventloop) = v5::AsyncClient::new(*options, cap);
             (Client::V5(client), Session::V5(Box::new(eventloop)))
         }
     })
@@ -271,8 +271,8 @@ impl Session {
     /// The broker (and everything else) of the next connection rumqttc makes.
     pub(super) fn set_options(&mut self, options: Options) {
         match (self, options) {
-            (Session::V3(eventloop), Options::V3(o)) => eventloop.mqtt_options = o,
-            (Session::V5(eventloop), Options::V5(o)) => eventloop.options = o,
+            (Session::V3(eventloop), Options::V3(o)) => eventloop.mqtt_options = *o,
+            (Session::V5(eventloop), Options::V5(o)) => eventloop.options = *o,
             // The protocol is the configuration's, the same for every server.
             _ => {}
         }
