@@ -1,11 +1,14 @@
-//! Gateway benchmark: prints the figures W1, W2 and W3 of issue 2 (see `benches/README.md`).
+//! Gateway benchmark: prints the figures W1, W2 and W3 of issue 2, and W1 with per-point JSON
+//! (`w1p`) and in Sparkplug B mode (`w1s`) with the MQTT bytes per reading of each (see
+//! `benches/README.md`).
 //!
 //! One binary, three roles (the first argument):
 //! - `run`: the harness. Starts a private mosquitto on a free loopback port and the simulated
 //!   devices (this binary again, `devices`, in its own process so that the gateway's CPU is
 //!   measured alone), then for W1 and W2 writes a config, starts `fieldbridge run`, measures it
 //!   from `/proc/PID/stat` and `/proc/PID/status`, stops it with SIGTERM and reads its `bus
-//!   summary` / `link summary` lines, and counts what a subscriber received. W3 then compares
+//!   summary` / `link summary` lines, and counts what a subscriber received (messages, the
+//!   values they carry, the bytes of their PUBLISH packets). W3 then compares
 //!   request rates on one TCP connection in this process. Everything it starts is stopped by
 //!   PID; every wait is bounded.
 //! - `devices`: N Modbus TCP servers (tokio-modbus) on free loopback ports, one thread each,
@@ -34,10 +37,16 @@ use fieldbridge::model::{BusKind, RegisterKind};
 const REGISTERS: u16 = 50;
 /// Simulated devices polled by the gateway; one more serves W3 alone.
 const DEVICES: usize = 10;
+/// Every workload `--only` accepts, in the order they run (the default is `DEFAULT_ONLY`).
+const WORKLOADS: [&str; 6] = ["w1", "w1p", "w1s", "w2", "w1n", "w3"];
+const DEFAULT_ONLY: [&str; 4] = ["w1", "w2", "w1n", "w3"];
+/// W1s: the Sparkplug group and edge node (topics `spBv1.0/bench/…/gw[/devN]`).
+const SP_GROUP: &str = "bench";
+const SP_NODE: &str = "gw";
 const USAGE: &str = "\
 usage: gateway run [--gateway PATH] [--warmup SECS] [--measure SECS] [--w3-secs SECS]
                    [--w3-rounds N] [--load-max LOAD] [--load-wait SECS] [--workdir DIR]
-                   [--only w1,w2,w1n,w3]
+                   [--only w1,w2,w1n,w3]   (also: w1p, w1s)
        gateway devices [--count N] [--max-secs SECS]
 Run through scripts/bench, which builds the release binaries first (see benches/README.md).";
 
@@ -89,7 +98,7 @@ impl Opts {
             load_max: 1.0,
             load_wait: Duration::from_secs(300),
             workdir: PathBuf::from("target/bench-run"),
-            only: ["w1", "w2", "w1n", "w3"].map(String::from).to_vec(),
+            only: DEFAULT_ONLY.map(String::from).to_vec(),
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -121,7 +130,15 @@ impl Opts {
                     o.load_max = value.parse().map_err(|_| "--load-max: a number")?;
                 }
                 "--workdir" => o.workdir = PathBuf::from(value),
-                "--only" => o.only = value.split(',').map(str::to_owned).collect(),
+                "--only" => {
+                    o.only = value.split(',').map(str::to_owned).collect();
+                    if let Some(bad) = o.only.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
+                        return Err(format!(
+                            "--only: unknown workload `{bad}` (known: {})",
+                            WORKLOADS.join(",")
+                        ));
+                    }
+                }
                 _ => return Err(format!("unknown option {flag}\n{USAGE}")),
             }
         }
@@ -163,21 +180,26 @@ fn run(o: &Opts) -> Res<()> {
 
     let mut results = Vec::new();
     // w1n: W1 against a mosquitto with `set_tcp_nodelay true` (its default is false, and then
-    // its PUBACKs wait on Nagle's algorithm; see benches/README.md).
-    for (w, interval, nodelay) in [
-        ("w1", Duration::from_secs(1), false),
-        ("w2", Duration::from_millis(100), false),
-        ("w1n", Duration::from_secs(1), true),
+    // its PUBACKs wait on Nagle's algorithm; see benches/README.md). w1p and w1s: W1 with
+    // per-point JSON and in Sparkplug mode, run next to W1 so that their figures compare.
+    let second = Duration::from_secs(1);
+    for (w, interval, nodelay, format) in [
+        ("w1", second, false, Format::PerDevice),
+        ("w1p", second, false, Format::PerPoint),
+        ("w1s", second, false, Format::Sparkplug),
+        ("w2", Duration::from_millis(100), false, Format::PerDevice),
+        ("w1n", second, true, Format::PerDevice),
     ] {
         if !o.wants(w) {
             continue;
         }
         wait_for_quiet(o.load_max, o.load_wait);
         let broker = Mosquitto::start(&workdir, nodelay)?;
-        let mut r = gateway_workload(
+        let r = gateway_workload(
             o,
             w,
             interval,
+            format,
             &gateway,
             &workdir,
             broker.port,
@@ -185,8 +207,10 @@ fn run(o: &Opts) -> Res<()> {
             devices.child.id(),
             broker.child.id(),
         )?;
-        r.broker_nodelay = nodelay;
-        results.push(r);
+        if let Some(mut r) = r {
+            r.broker_nodelay = nodelay;
+            results.push(r);
+        }
     }
     let w3 = if o.wants("w3") {
         Some(w3(o, devices.ports[DEVICES])?)
@@ -201,6 +225,7 @@ fn run(o: &Opts) -> Res<()> {
     for r in &results {
         r.print_summary();
     }
+    print_comparison(&results);
     if let Some(w3) = w3 {
         w3.print_summary();
     }
@@ -210,9 +235,75 @@ fn run(o: &Opts) -> Res<()> {
 // ---------------------------------------------------------------------------------------------
 // W1 / W2: the gateway process against 10 devices and mosquitto
 
+/// How the gateway publishes the readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `message: per_device`: one JSON message per device and poll on `bench/devN`.
+    PerDevice,
+    /// `message: per_point`: one JSON message per point and poll on `bench/devN/rM`.
+    PerPoint,
+    /// A `sparkplug` section: protobuf on `spBv1.0/bench/{NBIRTH|DBIRTH|DDATA|…}/gw[/devN]`.
+    Sparkplug,
+}
+
+impl Format {
+    fn describe(self) -> &'static str {
+        match self {
+            Format::PerDevice => "per_device JSON, QoS 1",
+            Format::PerPoint => "per_point JSON, QoS 1",
+            Format::Sparkplug => "Sparkplug B (births QoS 0, DDATA data_qos 0)",
+        }
+    }
+
+    /// What the subscriber subscribes to. In Sparkplug mode also `bench/#`, to see anything the
+    /// gateway still publishes under its JSON prefix.
+    fn filters(self) -> &'static [&'static str] {
+        match self {
+            Format::PerDevice | Format::PerPoint => &["bench/#"],
+            Format::Sparkplug => &["spBv1.0/#", "bench/#"],
+        }
+    }
+
+    /// The device whose readings a message on `topic` carries (`None`: not a data message, such
+    /// as a status, a birth or a node message).
+    fn data_device(self, topic: &str) -> Option<usize> {
+        let rest = match self {
+            Format::PerDevice => topic.strip_prefix("bench/dev")?,
+            Format::PerPoint => {
+                let (dev, point) = topic.strip_prefix("bench/dev")?.split_once('/')?;
+                point.strip_prefix('r')?.parse::<u16>().ok()?;
+                dev
+            }
+            Format::Sparkplug => {
+                let mut l = topic.split('/');
+                match [l.next(), l.next(), l.next(), l.next(), l.next(), l.next()] {
+                    [Some("spBv1.0"), Some(SP_GROUP), Some("DDATA"), Some(SP_NODE), Some(d), None] => {
+                        d.strip_prefix("dev")?
+                    }
+                    _ => return None,
+                }
+            }
+        };
+        rest.parse().ok()
+    }
+
+    /// The kind of message on `topic`, for the byte breakdown: `data`, else the Sparkplug
+    /// message type (`NBIRTH`, `DBIRTH`, …) or the last topic level (`status`, …).
+    fn category(self, topic: &str) -> String {
+        if self.data_device(topic).is_some() {
+            return "data".into();
+        }
+        match topic.strip_prefix("spBv1.0/") {
+            Some(rest) => rest.split('/').nth(1).unwrap_or(rest).to_owned(),
+            None => topic.rsplit('/').next().unwrap_or(topic).to_owned(),
+        }
+    }
+}
+
 struct Workload {
     name: String,
     interval: Duration,
+    format: Format,
     measured: Duration,
     cpu_pct: f64,
     devices_cpu_pct: f64,
@@ -224,15 +315,23 @@ struct Workload {
     load: Vec<[f64; 3]>,
     buses: Vec<BTreeMap<String, String>>,
     link: BTreeMap<String, String>,
-    /// Per device topic: (messages received, distinct `ts`).
-    received: BTreeMap<String, (u64, u64)>,
+    /// What the subscriber received, per topic.
+    received: Received,
     exit: String,
     log: PathBuf,
 }
 
 /// The gateway's config. `store`: the outbox file (the default settings otherwise), or `None`
-/// for a gateway that has no `store` section (before store-and-forward).
-fn gateway_config(broker: u16, ports: &[u16], interval: Duration, store: Option<&Path>) -> String {
+/// for a gateway that has no `store` section (before store-and-forward). Sparkplug: the same
+/// config plus `sparkplug: { group_id, edge_node_id }` (`data_qos` its default, 0); the
+/// devices' `message` is then not used.
+fn gateway_config(
+    broker: u16,
+    ports: &[u16],
+    interval: Duration,
+    store: Option<&Path>,
+    format: Format,
+) -> String {
     let mut y = String::new();
     let _ = write!(
         y,
@@ -241,6 +340,12 @@ fn gateway_config(broker: u16, ports: &[u16], interval: Duration, store: Option<
     );
     if let Some(store) = store {
         let _ = write!(y, "store:\n  path: {}\n", store.display());
+    }
+    if format == Format::Sparkplug {
+        let _ = writeln!(
+            y,
+            "sparkplug: {{ group_id: {SP_GROUP}, edge_node_id: {SP_NODE} }}"
+        );
     }
     y.push_str("buses:\n");
     for (i, port) in ports.iter().enumerate() {
@@ -254,8 +359,13 @@ fn gateway_config(broker: u16, ports: &[u16], interval: Duration, store: Option<
         let _ = write!(
             y,
             "  - name: dev{i}\n    bus: bus{i}\n    unit: 1\n    interval: {}ms\n    \
-             timeout: 500ms\n    message: per_device\n    points:\n",
-            interval.as_millis()
+             timeout: 500ms\n    message: {}\n    points:\n",
+            interval.as_millis(),
+            if format == Format::PerPoint {
+                "per_point"
+            } else {
+                "per_device"
+            }
         );
         for r in 0..REGISTERS {
             let _ = writeln!(y, "      - {{ name: r{r}, address: {r} }}");
@@ -269,17 +379,19 @@ fn gateway_workload(
     o: &Opts,
     name: &str,
     interval: Duration,
+    format: Format,
     gateway: &Path,
     workdir: &Path,
     broker: u16,
     ports: &[u16],
     devices_pid: u32,
     broker_pid: u32,
-) -> Res<Workload> {
+) -> Res<Option<Workload>> {
     println!(
         "\n== {name}: {} devices x {REGISTERS} holding registers every {interval:?}, \
-         per_device JSON, QoS 1; warm-up {:?}, measure {:?}",
+         {}; warm-up {:?}, measure {:?}",
         ports.len(),
+        format.describe(),
         o.warmup,
         o.measure
     );
@@ -291,7 +403,7 @@ fn gateway_workload(
     }
     std::fs::write(
         &config,
-        gateway_config(broker, ports, interval, Some(&store)),
+        gateway_config(broker, ports, interval, Some(&store), format),
     )
     .map_err(|e| format!("{}: {e}", config.display()))?;
     let check = Command::new(gateway)
@@ -303,6 +415,10 @@ fn gateway_workload(
     if !check.status.success() {
         let text = String::from_utf8_lossy(&check.stderr).into_owned()
             + &String::from_utf8_lossy(&check.stdout);
+        if format == Format::Sparkplug && text.contains("sparkplug") {
+            println!("this gateway has no Sparkplug mode: {name} skipped\n{text}");
+            return Ok(None);
+        }
         if !text.contains("store") {
             return Err(format!(
                 "fieldbridge check refused {}:\n{text}",
@@ -310,12 +426,15 @@ fn gateway_workload(
             ));
         }
         println!("this gateway has no `store` section: config without it");
-        std::fs::write(&config, gateway_config(broker, ports, interval, None))
-            .map_err(|e| format!("{}: {e}", config.display()))?;
+        std::fs::write(
+            &config,
+            gateway_config(broker, ports, interval, None, format),
+        )
+        .map_err(|e| format!("{}: {e}", config.display()))?;
     }
     let log = workdir.join(format!("{name}.gateway.log"));
 
-    let sub = Subscriber::start(broker, "bench/#")?;
+    let sub = Subscriber::start(broker, format.filters())?;
     let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let child = Command::new(gateway)
         .args(["run", "--config"])
@@ -382,6 +501,7 @@ fn gateway_workload(
     let w = Workload {
         name: name.to_owned(),
         interval,
+        format,
         measured,
         cpu_pct: pct(cpu0, cpu1),
         devices_cpu_pct: pct(dev0, dev1),
@@ -397,7 +517,7 @@ fn gateway_workload(
         log,
     };
     w.print_detail();
-    Ok(w)
+    Ok(Some(w))
 }
 
 impl Workload {
@@ -417,25 +537,50 @@ impl Workload {
             .unwrap_or(0)
     }
 
+    /// What the subscriber received of device `b`'s readings: its data messages (the device
+    /// topic; its point topics; its DDATA).
+    fn device(&self, b: usize) -> TopicCount {
+        let mut c = TopicCount::default();
+        for (t, n) in &self.received.topics {
+            if self.format.data_device(t) == Some(b) {
+                c += *n;
+            }
+        }
+        c
+    }
+
+    /// (polls, skipped ticks, data messages received, their distinct timestamps).
     fn totals(&self) -> (u64, u64, u64, u64) {
         let n = self.buses.len();
         let polls = (0..n).map(|b| self.bus_u(b, "polls")).sum();
         let skipped = (0..n).map(|b| self.bus_u(b, "skipped_ticks")).sum();
-        let received = (0..n)
-            .map(|b| {
-                self.received
-                    .get(&format!("bench/dev{b}"))
-                    .map_or(0, |r| r.0)
-            })
-            .sum();
-        let distinct = (0..n)
-            .map(|b| {
-                self.received
-                    .get(&format!("bench/dev{b}"))
-                    .map_or(0, |r| r.1)
-            })
-            .sum();
+        let received = (0..n).map(|b| self.device(b).messages).sum();
+        let distinct = (0..n).map(|b| self.device(b).distinct).sum();
         (polls, skipped, received, distinct)
+    }
+
+    /// Point values the gateway read: polls (one device per bus) x points.
+    fn readings(&self) -> u64 {
+        self.totals().0 * u64::from(REGISTERS)
+    }
+
+    /// Every PUBLISH received, and those that carried readings (`data`).
+    fn bytes(&self) -> (TopicCount, TopicCount) {
+        let (mut all, mut data) = (TopicCount::default(), TopicCount::default());
+        for (t, n) in &self.received.topics {
+            all += *n;
+            if self.format.data_device(t).is_some() {
+                data += *n;
+            }
+        }
+        (all, data)
+    }
+
+    /// Upstream MQTT bytes per reading: (every PUBLISH, the data messages only).
+    fn bytes_per_reading(&self) -> (f64, f64) {
+        let (all, data) = self.bytes();
+        let r = self.readings().max(1) as f64;
+        (all.bytes as f64 / r, data.bytes as f64 / r)
     }
 
     fn load_max(&self) -> f64 {
@@ -449,25 +594,65 @@ impl Workload {
             self.measured.as_secs_f64()
         );
         println!(
-            "{:<6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>10}",
-            "device", "polls", "skipped", "failed", "received", "distinct", "rcvd/polls"
+            "{:<6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>10} {:>8} {:>11}",
+            "device",
+            "polls",
+            "skipped",
+            "failed",
+            "received",
+            "distinct",
+            "rcvd/polls",
+            "values",
+            "values/read"
         );
         for b in 0..self.buses.len() {
             let polls = self.bus_u(b, "polls");
-            let (rcv, dist) = self
-                .received
-                .get(&format!("bench/dev{b}"))
-                .copied()
-                .unwrap_or((0, 0));
+            let c = self.device(b);
             println!(
-                "{:<6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>10.4}",
+                "{:<6} {:>7} {:>7} {:>8} {:>9} {:>9} {:>10.4} {:>8} {:>11.4}",
                 format!("dev{b}"),
                 polls,
                 self.bus_u(b, "skipped_ticks"),
                 self.bus_u(b, "failed"),
-                rcv,
-                dist,
-                rcv as f64 / polls.max(1) as f64
+                c.messages,
+                c.distinct,
+                c.messages as f64 / polls.max(1) as f64,
+                c.values,
+                c.values as f64 / (polls * u64::from(REGISTERS)).max(1) as f64
+            );
+        }
+        // The upstream bytes by kind of message.
+        let mut kinds: BTreeMap<String, TopicCount> = BTreeMap::new();
+        for (t, n) in &self.received.topics {
+            *kinds.entry(self.format.category(t)).or_default() += *n;
+        }
+        let list: Vec<String> = kinds
+            .iter()
+            .map(|(k, n)| {
+                format!(
+                    "{k} {} msgs / {} B (values {})",
+                    n.messages, n.bytes, n.values
+                )
+            })
+            .collect();
+        println!("PUBLISH packets received by kind: {}", list.join("; "));
+        let (all, data) = self.bytes();
+        let (per, per_data) = self.bytes_per_reading();
+        println!(
+            "upstream MQTT bytes: {} in {} PUBLISH packets ({} in data messages) over {} \
+             readings (polls x {REGISTERS} points): {per:.2} bytes/reading, data messages \
+             only {per_data:.2}",
+            all.bytes,
+            all.messages,
+            data.bytes,
+            self.readings()
+        );
+        if self.format == Format::Sparkplug {
+            println!(
+                "Sparkplug seq: {} messages with a seq, {} not following the one before; \
+                 readings are what the gateway read: DDATA carries the changed metrics only, \
+                 and a device's first poll goes out as its DBIRTH",
+                self.received.seq_messages, self.received.seq_breaks
             );
         }
         println!("link summary: {:?}", self.link);
@@ -527,6 +712,82 @@ impl Workload {
             "    targets: CPU <= {cpu_target} %: {}{extra}   (log: {})",
             verdict(self.cpu_pct <= cpu_target),
             self.log.display()
+        );
+        let (per, per_data) = self.bytes_per_reading();
+        let (_, data) = self.bytes();
+        let readings = self.readings();
+        let note = match self.format {
+            Format::Sparkplug => {
+                " (readings = what the gateway read; DDATA carries changed metrics only and \
+                 each device's first poll is its DBIRTH)"
+            }
+            _ => "",
+        };
+        println!(
+            "    {}: {per:.2} bytes/reading upstream (data messages only {per_data:.2}); values \
+             received {} of {readings} read = {:.4}{note}",
+            self.format.describe(),
+            data.values,
+            data.values as f64 / readings.max(1) as f64
+        );
+        if self.format == Format::Sparkplug && self.received.seq_breaks > 0 {
+            println!(
+                "    Sparkplug seq broken {} times in {} messages",
+                self.received.seq_breaks, self.received.seq_messages
+            );
+        }
+    }
+}
+
+/// W1 in its three encodings side by side: bytes per reading, and CPU and peak RSS against
+/// JSON per device.
+fn print_comparison(results: &[Workload]) {
+    let find = |name: &str| results.iter().find(|r| r.name == name);
+    let w1 = [find("w1p"), find("w1"), find("w1s")];
+    if w1.iter().flatten().count() > 1 {
+        let show = |w: Option<&Workload>, data: bool| {
+            w.map_or("-".to_owned(), |w| {
+                let (all, d) = w.bytes_per_reading();
+                format!("{:.2}", if data { d } else { all })
+            })
+        };
+        println!(
+            "W1 bytes per reading: JSON per point {} | JSON per device {} | Sparkplug {}",
+            show(w1[0], false),
+            show(w1[1], false),
+            show(w1[2], false)
+        );
+        println!(
+            "    data messages only: JSON per point {} | JSON per device {} | Sparkplug {}   \
+             (MQTT 3.1.1 PUBLISH packets: header, topic, packet id, payload; readings = \
+             devices x points x polls the gateway read)",
+            show(w1[0], true),
+            show(w1[1], true),
+            show(w1[2], true)
+        );
+    }
+    let Some(base) = w1[1] else { return };
+    for (w, label, within) in [
+        (w1[2], "Sparkplug", Some(1.10)),
+        (w1[0], "JSON per point", None),
+    ] {
+        let Some(w) = w else { continue };
+        let cpu = w.cpu_pct / base.cpu_pct;
+        let rss = w.hwm_kib as f64 / base.hwm_kib.max(1) as f64;
+        let target = within.map_or(String::new(), |t| {
+            format!(
+                " (target within 10 %: CPU {}, RSS {})",
+                verdict(cpu <= t),
+                verdict(rss <= t)
+            )
+        });
+        println!(
+            "{label}/JSON per device: CPU {cpu:.2}, RSS {rss:.2}{target}   ({:.3} vs {:.3} % of \
+             one core, {:.2} vs {:.2} MiB)",
+            w.cpu_pct,
+            base.cpu_pct,
+            w.hwm_kib as f64 / 1024.0,
+            base.hwm_kib as f64 / 1024.0
         );
     }
 }
@@ -882,25 +1143,138 @@ impl Drop for Mosquitto {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The subscriber: counts messages per topic (and distinct `ts` per topic, to see duplicates)
+// The subscriber: per topic, the messages, their distinct timestamps (to see duplicates), the
+// values they carry and the bytes of their PUBLISH packets
+
+/// What the subscriber counted on one topic.
+#[derive(Debug, Default, Clone, Copy)]
+struct TopicCount {
+    messages: u64,
+    /// Distinct timestamps (JSON `ts`, Sparkplug payload `timestamp`): fewer than `messages`
+    /// when a message came twice.
+    distinct: u64,
+    /// Point values carried: the entries of a per-device JSON `values` object, 1 for a
+    /// per-point JSON `value`, the metrics of a Sparkplug payload.
+    values: u64,
+    /// The PUBLISH packets, MQTT 3.1.1: fixed header, topic, packet id, payload.
+    bytes: u64,
+}
+
+impl std::ops::AddAssign for TopicCount {
+    fn add_assign(&mut self, o: TopicCount) {
+        self.messages += o.messages;
+        self.distinct += o.distinct;
+        self.values += o.values;
+        self.bytes += o.bytes;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Received {
+    topics: BTreeMap<String, TopicCount>,
+    /// Sparkplug messages that carry a `seq`, and how many of them did not follow the one
+    /// received before (an NBIRTH starts again at 0): a message lost or reordered on the way.
+    seq_messages: u64,
+    seq_breaks: u64,
+}
+
+/// Bytes of an MQTT 3.1.1 PUBLISH packet: the fixed header (1 byte, and the remaining length
+/// as a 1-4 byte varint), the topic (2-byte length, then its bytes), the packet id at QoS 1
+/// and 2, the payload. The broker forwards the gateway's packet with the same topic and
+/// payload, at the publish's QoS (the subscription's is 1): the same size as what the gateway
+/// sent.
+fn publish_bytes(topic: usize, payload: usize, qos_above_0: bool) -> u64 {
+    let remaining = 2 + topic + if qos_above_0 { 2 } else { 0 } + payload;
+    let varint = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    (1 + varint + remaining) as u64
+}
+
+/// The top-level fields of a Sparkplug B payload the harness needs: `timestamp` (field 1),
+/// the number of `metrics` (field 2) and `seq` (field 3). The protobuf wire format read by
+/// hand rather than with the gateway's `proto` module, so that `scripts/bench --rev` still
+/// builds this harness against commits from before Sparkplug. `None`: not a protobuf message.
+fn sparkplug_fields(mut b: &[u8]) -> Option<(Option<u64>, u64, Option<u64>)> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let (mut ts, mut metrics, mut seq) = (None, 0, None);
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let field = key >> 3;
+        match key & 7 {
+            0 => {
+                let v = varint(&mut b)?;
+                match field {
+                    1 => ts = Some(v),
+                    3 => seq = Some(v),
+                    _ => {}
+                }
+            }
+            1 => b = b.get(8..)?,
+            2 => {
+                let n = usize::try_from(varint(&mut b)?).ok()?;
+                b = b.get(n..)?;
+                if field == 2 {
+                    metrics += 1;
+                }
+            }
+            5 => b = b.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some((ts, metrics, seq))
+}
+
+/// (distinct key, values carried) of a JSON payload: `ts`, and the entries of `values` (per
+/// device) or 1 for a `value` (per point).
+fn json_fields(payload: &[u8]) -> (String, u64) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return (String::new(), 0);
+    };
+    let ts = v
+        .get("ts")
+        .and_then(|t| t.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let values = match (v.get("values"), v.get("value")) {
+        (Some(serde_json::Value::Object(m)), _) => m.len() as u64,
+        (None, Some(_)) => 1,
+        _ => 0,
+    };
+    (ts, values)
+}
 
 struct Subscriber {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Res<BTreeMap<String, (u64, u64)>>>,
+    thread: std::thread::JoinHandle<Res<Received>>,
 }
 
 impl Subscriber {
-    fn start(port: u16, filter: &str) -> Res<Subscriber> {
+    fn start(port: u16, filters: &[&str]) -> Res<Subscriber> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std_mpsc::channel::<()>();
-        let filter = filter.to_owned();
+        let filters: Vec<String> = filters.iter().map(|f| (*f).to_owned()).collect();
         let stop2 = stop.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
-            rt.block_on(subscribe(port, filter, stop2, ready_tx))
+            rt.block_on(subscribe(port, filters, stop2, ready_tx))
         });
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(()) => Ok(Subscriber { stop, thread }),
@@ -912,7 +1286,7 @@ impl Subscriber {
         }
     }
 
-    fn stop(self) -> Res<BTreeMap<String, (u64, u64)>> {
+    fn stop(self) -> Res<Received> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().map_err(|_| "subscriber panicked")?
     }
@@ -920,20 +1294,26 @@ impl Subscriber {
 
 async fn subscribe(
     port: u16,
-    filter: String,
+    filters: Vec<String>,
     stop: Arc<AtomicBool>,
     ready: std_mpsc::Sender<()>,
-) -> Res<BTreeMap<String, (u64, u64)>> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+) -> Res<Received> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
     let mut opts = MqttOptions::new(format!("bench-sub-{}", std::process::id()), LOCALHOST, port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    // One SUBSCRIBE for all filters: one SUBACK says they all hold.
     client
-        .subscribe(filter, QoS::AtLeastOnce)
+        .subscribe_many(
+            filters
+                .into_iter()
+                .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce)),
+        )
         .await
         .map_err(|e| e.to_string())?;
-    let mut seen: HashMap<String, (u64, HashSet<String>)> = HashMap::new();
+    let mut seen: HashMap<String, (TopicCount, HashSet<String>)> = HashMap::new();
+    let (mut seq_messages, mut seq_breaks, mut last_seq) = (0u64, 0u64, None::<u64>);
     let mut errors = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let event = match tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await {
@@ -945,13 +1325,29 @@ async fn subscribe(
                 let _ = ready.send(());
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let ts = serde_json::from_slice::<serde_json::Value>(&p.payload)
-                    .ok()
-                    .and_then(|v| v.get("ts").and_then(|t| t.as_str()).map(str::to_owned))
-                    .unwrap_or_default();
+                let bytes = publish_bytes(p.topic.len(), p.payload.len(), p.qos != QoS::AtMostOnce);
+                let (key, values) = if p.topic.starts_with("spBv1.0/") {
+                    let (ts, metrics, seq) = sparkplug_fields(&p.payload).unwrap_or_default();
+                    if let Some(seq) = seq {
+                        let nbirth = p.topic.split('/').nth(2) == Some("NBIRTH");
+                        let follows = if nbirth {
+                            seq == 0
+                        } else {
+                            last_seq.is_some_and(|l| seq == (l + 1) % 256)
+                        };
+                        seq_messages += 1;
+                        seq_breaks += u64::from(!follows);
+                        last_seq = Some(seq);
+                    }
+                    (ts.map(|t| t.to_string()).unwrap_or_default(), metrics)
+                } else {
+                    json_fields(&p.payload)
+                };
                 let e = seen.entry(p.topic).or_default();
-                e.0 += 1;
-                e.1.insert(ts);
+                e.0.messages += 1;
+                e.0.values += values;
+                e.0.bytes += bytes;
+                e.1.insert(key);
             }
             Ok(_) => {}
             Err(e) => {
@@ -964,10 +1360,17 @@ async fn subscribe(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
-    Ok(seen
-        .into_iter()
-        .map(|(t, (n, ts))| (t, (n, ts.len() as u64)))
-        .collect())
+    Ok(Received {
+        topics: seen
+            .into_iter()
+            .map(|(t, (mut c, keys))| {
+                c.distinct = keys.len() as u64;
+                (t, c)
+            })
+            .collect(),
+        seq_messages,
+        seq_breaks,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -695,10 +695,11 @@ impl Encoder for Encoding {
             .filter(|s| s.changed)
             .map(|s| {
                 let t = node.datatypes[d][s.point];
+                // No datatype in DATA: the birth declared it (Sparkplug 3.0 recommends
+                // leaving it out; 2 bytes a metric).
                 let mut m = Metric {
                     alias: Some(node.aliases[d][s.point]),
                     timestamp: Some(ts),
-                    datatype: Some(t),
                     ..Metric::default()
                 };
                 match &s.value {
@@ -774,9 +775,9 @@ impl Encoder for Encoding {
     /// metrics `Gateway/Commands refused` and `…executed`).
     fn result(&mut self, _result: &CommandResult, _out: &mut Vec<OutMessage>) {}
 
-    fn rebirth(&mut self, out: &mut Vec<OutMessage>) {
-        let mut state = self.node.lock();
-        out.extend(self.node.births_locked(&mut state));
+    /// The link's next births (NBIRTH and every DBIRTH) are computed when it asks.
+    fn announce(&mut self) -> bool {
+        true
     }
 
     fn tick(&mut self, figures: NodeFigures, out: &mut Vec<OutMessage>) {
@@ -798,7 +799,6 @@ impl Encoder for Encoding {
             .map(|((_, alias), (new, _))| Metric {
                 alias: Some(*alias),
                 timestamp: Some(now),
-                datatype: Some(datatype::UINT64),
                 value: Some(MetricValue::LongValue(new)),
                 ..Metric::default()
             })
