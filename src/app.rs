@@ -251,9 +251,9 @@ pub async fn run_with_reload(
     let mut settings = LinkSettings::from_config(&config.mqtt);
     settings.subscriptions = crate::command::subscriptions(&config);
     settings.announcer = Some(announcer);
-    let rebirths = config
-        .sparkplug
-        .is_some()
+    // Births wanted again within a session: a Sparkplug rebirth, Home Assistant's birth or a
+    // reload (the discovery configs).
+    let rebirths = (config.sparkplug.is_some() || config.homeassistant.is_some())
         .then(|| Arc::new(tokio::sync::Notify::new()));
     settings.rebirths = rebirths.clone();
     let (commands_tx, mut commands_rx) = mpsc::channel(crate::command::QUEUE);
@@ -404,6 +404,7 @@ pub async fn run_with_reload(
                         changed
                     });
                 config = new;
+                let _ = tagged_tx.send(Input::Reconfigured(config.clone())).await;
                 sidecars = Sidecars::start(
                     &config,
                     &handles(&running),

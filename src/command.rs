@@ -111,6 +111,10 @@ pub fn subscriptions(config: &Config) -> Vec<String> {
     }
     let wildcard = wildcard_filter(&config.gateway.prefix);
     let mut out = vec![wildcard.clone()];
+    // Home Assistant's birth message: the discovery configs are sent again.
+    if let Some(ha) = &config.homeassistant {
+        out.push(format!("{}/status", ha.prefix));
+    }
     for d in &config.devices {
         for (p, c) in d.points.iter().zip(&d.commands) {
             if p.writable

@@ -18,6 +18,49 @@ pub struct Config {
     pub store: Store,
     /// Sparkplug B edge node mode (`sparkplug:`); `None`: JSON topics and payloads.
     pub sparkplug: Option<Sparkplug>,
+    /// Home Assistant MQTT discovery (`homeassistant: { discovery: true }`).
+    pub homeassistant: Option<HomeAssistant>,
+}
+
+/// Home Assistant MQTT discovery: every device and point announced under `prefix`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HomeAssistant {
+    pub prefix: String,
+}
+
+/// A device's Home Assistant settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeviceHa {
+    pub manufacturer: Option<String>,
+    pub model: Option<String>,
+    /// By point index.
+    pub points: Vec<PointHa>,
+}
+
+/// A point's Home Assistant settings (overrides of what the gateway derives).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointHa {
+    /// Announced at all (`homeassistant: false` opts out).
+    pub enabled: bool,
+    pub device_class: Option<String>,
+    pub state_class: Option<String>,
+    pub entity_category: Option<String>,
+    pub icon: Option<String>,
+    /// The entity's name in Home Assistant (default: the point's name).
+    pub name: Option<String>,
+}
+
+impl Default for PointHa {
+    fn default() -> Self {
+        PointHa {
+            enabled: true,
+            device_class: None,
+            state_class: None,
+            entity_category: None,
+            icon: None,
+            name: None,
+        }
+    }
 }
 
 /// Sparkplug B 3.0: the gateway is edge node `edge_node_id` of group `group_id`; every device
@@ -435,6 +478,8 @@ pub struct Device {
     /// Set for the devices of a `lines` bus (their points have no register: `kind` and
     /// `address` are unused, the field each point reads is in `LineDevice::points`).
     pub line: Option<LineDevice>,
+    /// Home Assistant discovery settings.
+    pub ha: DeviceHa,
 }
 
 /// How a bit inside a register is written.

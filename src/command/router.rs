@@ -353,6 +353,19 @@ impl Router {
             }
             return Vec::new();
         }
+        if let Some(ha) = &self.config.homeassistant {
+            if msg.topic.len() == ha.prefix.len() + 7
+                && msg.topic.starts_with(&ha.prefix)
+                && msg.topic.ends_with("/status")
+            {
+                // Home Assistant's birth (`online`): it may have lost what it knew.
+                if msg.payload == b"online" {
+                    tracing::info!("Home Assistant is online: discovery configs again");
+                    return vec![Input::Rebirth];
+                }
+                return Vec::new();
+            }
+        }
         if let Some(sp) = &self.sparkplug {
             if msg.topic.starts_with(crate::publish::sparkplug::NAMESPACE) {
                 let sp = sp.clone();

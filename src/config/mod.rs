@@ -23,13 +23,15 @@ use serde_yaml::Value;
 
 use crate::model::{BitWrite, ClockPolicy, PointCommand, Rate};
 use crate::model::{
-    Bus, BusKind, Config, DataType, Device, Durability, Gateway, MessageMode, Mqtt, MqttProtocol,
-    MqttTransport, Parity, PayloadFormat, Point, PollGroup, PublishPolicy, Qos, RegisterKind,
-    Secret, Serial, Server, Sparkplug, Store, Synchronous, TlsFiles, WhenFull, WordOrder,
+    Bus, BusKind, Config, DataType, Device, DeviceHa, Durability, Gateway, HomeAssistant,
+    MessageMode, Mqtt, MqttProtocol, MqttTransport, Parity, PayloadFormat, Point, PointHa,
+    PollGroup, PublishPolicy, Qos, RegisterKind, Secret, Serial, Server, Sparkplug, Store,
+    Synchronous, TlsFiles, WhenFull, WordOrder,
 };
 use locate::{join_key, Locator};
 use raw::{
-    RawBus, RawCommand, RawConfig, RawDevice, RawMqtt, RawPoint, RawPublish, RawSparkplug, RawStore,
+    RawBus, RawCommand, RawConfig, RawDevice, RawHomeAssistant, RawMqtt, RawPoint, RawPointHa,
+    RawPublish, RawSparkplug, RawStore,
 };
 
 /// One problem found in the configuration.
@@ -987,6 +989,14 @@ impl Validator {
 
         let store = self.store(raw.store);
         let sparkplug = raw.sparkplug.map(|s| self.sparkplug(s));
+        let homeassistant = raw.homeassistant.and_then(|h| self.homeassistant(h));
+        if homeassistant.is_some() && sparkplug.is_some() {
+            self.err(
+                "homeassistant",
+                "Home Assistant discovery announces the JSON topics, which Sparkplug mode does not publish",
+                Some("use one of `sparkplug` and `homeassistant`".into()),
+            );
+        }
         Config {
             gateway,
             mqtt,
@@ -994,6 +1004,85 @@ impl Validator {
             devices,
             store,
             sparkplug,
+            homeassistant,
+        }
+    }
+
+    fn homeassistant(&mut self, raw: RawHomeAssistant) -> Option<HomeAssistant> {
+        let prefix = raw.prefix.unwrap_or_else(|| "homeassistant".into());
+        if let Err(e) = check_topic(&prefix) {
+            self.err("homeassistant.prefix", e, None);
+        }
+        raw.discovery
+            .unwrap_or(true)
+            .then_some(HomeAssistant { prefix })
+    }
+
+    /// A point's `homeassistant:` (`false`, or overrides).
+    fn point_ha(&mut self, path: &str, raw: Option<RawPointHa>) -> PointHa {
+        let s = match raw {
+            None | Some(RawPointHa::Enabled(true)) => return PointHa::default(),
+            Some(RawPointHa::Enabled(false)) => {
+                return PointHa {
+                    enabled: false,
+                    ..PointHa::default()
+                }
+            }
+            Some(RawPointHa::Settings(s)) => s,
+        };
+        let state_class = s.state_class.map(|c| {
+            let allowed = ["measurement", "total", "total_increasing"];
+            if !allowed.contains(&c.as_str()) {
+                self.err(
+                    &format!("{path}.homeassistant.state_class"),
+                    format!("`{c}` is not one of {}", allowed.join(", ")),
+                    closest(&c, &allowed).map(|a| format!("did you mean `{a}`?")),
+                );
+            }
+            c
+        });
+        let entity_category = s.entity_category.map(|c| {
+            let allowed = ["config", "diagnostic"];
+            if !allowed.contains(&c.as_str()) {
+                self.err(
+                    &format!("{path}.homeassistant.entity_category"),
+                    format!("`{c}` is not one of {}", allowed.join(", ")),
+                    None,
+                );
+            }
+            c
+        });
+        for (key, v) in [
+            ("device_class", &s.device_class),
+            ("icon", &s.icon),
+            ("name", &s.name),
+        ] {
+            if v.as_ref()
+                .is_some_and(|v| v.trim().is_empty() || v.len() > 255)
+            {
+                self.err(
+                    &format!("{path}.homeassistant.{key}"),
+                    "empty or longer than 255 bytes",
+                    None,
+                );
+            }
+        }
+        if let Some(icon) = &s.icon {
+            if !icon.contains(':') {
+                self.err(
+                    &format!("{path}.homeassistant.icon"),
+                    format!("`{icon}` is not an icon name"),
+                    Some("e.g. `mdi:flash`".into()),
+                );
+            }
+        }
+        PointHa {
+            enabled: true,
+            device_class: s.device_class,
+            state_class,
+            entity_category,
+            icon: s.icon,
+            name: s.name,
         }
     }
 
@@ -2219,9 +2308,16 @@ impl Validator {
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut address_valid: Vec<bool> = Vec::new();
         let mut line_points = Vec::new();
+        let mut ha = DeviceHa {
+            manufacturer: d.manufacturer.take(),
+            model: d.model.take(),
+            points: Vec::new(),
+        };
         for (j, mut rp) in d.points.into_iter().enumerate() {
             let raw_command = rp.command.take();
             let pp = format!("{path}.points[{j}]");
+            let raw_ha = rp.homeassistant.take();
+            ha.points.push(self.point_ha(&pp, raw_ha));
             if line_bus {
                 line_points.push(self.line_point(&pp, &mut rp, raw_command.as_ref(), bus));
             } else {
@@ -2298,6 +2394,7 @@ impl Validator {
             points_by_name,
             commands,
             line,
+            ha,
         };
         (device, unit_ok)
     }

@@ -16,6 +16,32 @@ pub struct RawConfig {
     pub devices: Vec<RawDevice>,
     pub store: Option<RawStore>,
     pub sparkplug: Option<RawSparkplug>,
+    pub homeassistant: Option<RawHomeAssistant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHomeAssistant {
+    pub discovery: Option<bool>,
+    pub prefix: Option<String>,
+}
+
+/// A point's Home Assistant settings: `false` (not announced) or overrides.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawPointHa {
+    Enabled(bool),
+    Settings(RawPointHaSettings),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPointHaSettings {
+    pub device_class: Option<String>,
+    pub state_class: Option<String>,
+    pub entity_category: Option<String>,
+    pub icon: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +185,9 @@ pub struct RawDevice {
     /// Defaults for the command settings of this device's writable points.
     pub command: Option<RawCommand>,
     pub points: Vec<RawPoint>,
+    /// Home Assistant's device registry (optional).
+    pub manufacturer: Option<String>,
+    pub model: Option<String>,
     /// Devices of `lines` buses: `stream` or `poll`.
     pub mode: Option<String>,
     pub query: Option<String>,
@@ -215,6 +244,7 @@ pub struct RawPoint {
     pub min: Option<f64>,
     pub max: Option<f64>,
     pub command: Option<RawCommand>,
+    pub homeassistant: Option<RawPointHa>,
     /// Line points: capture name, key or JSON pointer.
     pub field: Option<String>,
 }

@@ -7,14 +7,16 @@
 //! Numbers are written the way serde_json writes them: integers exactly, floats in their
 //! shortest round-trip form (`230.1`, `1.0`, `1e20`), non-finite floats as `null`.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use serde_json::{Map, Value as Json};
 
-use super::{CommandResult, Encoder, Sample};
+use super::{homeassistant, CommandResult, Encoder, Sample};
 use crate::link::{Announcer, OutMessage, Will, AS_IS};
 use crate::modbus::Reading;
-use crate::model::{Device, MessageMode, PayloadFormat, Point, Qos, Value};
+use crate::model::{Config, Device, MessageMode, PayloadFormat, Point, Qos, Value};
 
 /// `2026-11-21T10:00:00.123Z` (UTC, milliseconds).
 pub fn rfc3339_millis(t: SystemTime) -> String {
@@ -136,7 +138,11 @@ pub const OBJECT: u8 = 1;
 
 /// The JSON encoding ([`crate::publish::Encoder`]): a message per point (`{"value": …}` or the
 /// bare value) or per device, statuses `online`/`offline` (retained), results as JSON objects.
-pub struct JsonEncoding;
+#[derive(Default)]
+pub struct JsonEncoding {
+    /// The announcer the link asks for births (with the discovery configs).
+    pub gateway: Option<std::sync::Arc<Gateway>>,
+}
 
 impl Encoder for JsonEncoding {
     fn reading(
@@ -237,6 +243,14 @@ impl Encoder for JsonEncoding {
     fn result(&mut self, result: &CommandResult, out: &mut Vec<OutMessage>) {
         out.extend(results(result));
     }
+
+    fn announce(&mut self) -> bool {
+        self.gateway.as_ref().is_some_and(|g| g.announce_all())
+    }
+
+    fn reconfigure(&mut self, config: &Config) -> bool {
+        self.gateway.as_ref().is_some_and(|g| g.reconfigure(config))
+    }
 }
 
 fn point_kind(point: &Point) -> u8 {
@@ -290,17 +304,119 @@ pub fn results(result: &CommandResult) -> Vec<OutMessage> {
 }
 
 /// The gateway's own status in JSON mode, said on the link's behalf: `online` (retained) first
-/// in every session, `offline` as the last will and before a clean disconnect; and the
-/// held-back mark on JSON objects.
+/// in every session, `offline` as the last will and before a clean disconnect; the held-back
+/// mark on JSON objects; and the Home Assistant discovery configs when they are due.
 pub struct Gateway {
     status_topic: String,
+    discovery: Option<std::sync::Mutex<Discovery>>,
+}
+
+/// What Home Assistant has been told, and what is due.
+struct Discovery {
+    entities: Vec<homeassistant::Entity>,
+    /// Config topic → payload sent (kept across restarts as topics only, in `file`).
+    announced: BTreeMap<String, String>,
+    /// Due with the next births: `Some(force)` (force: every config again, not only changes).
+    due: Option<bool>,
+    file: Option<PathBuf>,
 }
 
 impl Gateway {
-    pub fn new(status_topic: &str) -> Gateway {
+    pub fn new(config: &Config) -> Gateway {
+        let discovery = config.homeassistant.as_ref().map(|_| {
+            let file = config.store.path.as_ref().map(|p| {
+                p.parent()
+                    .unwrap_or(Path::new("."))
+                    .join(format!("homeassistant-{}.topics", config.gateway.id))
+            });
+            // Topics announced by the last run: those no longer configured are cleared.
+            let announced = file
+                .as_deref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .map(|text| {
+                    text.lines()
+                        .filter(|l| !l.is_empty())
+                        .map(|l| (l.to_owned(), String::new()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            std::sync::Mutex::new(Discovery {
+                entities: homeassistant::entities(config),
+                announced,
+                due: Some(true),
+                file,
+            })
+        });
         Gateway {
-            status_topic: status_topic.to_owned(),
+            status_topic: config.mqtt.status_topic.clone(),
+            discovery,
         }
+    }
+
+    /// Home Assistant (re)started, or asked: every config again with the next births.
+    pub fn announce_all(&self) -> bool {
+        let Some(d) = &self.discovery else {
+            return false;
+        };
+        d.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .due = Some(true);
+        true
+    }
+
+    /// A reload: the new configuration's entities; what changed goes with the next births.
+    pub fn reconfigure(&self, config: &Config) -> bool {
+        let Some(d) = &self.discovery else {
+            return false;
+        };
+        let mut d = d.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        d.entities = homeassistant::entities(config);
+        d.due = Some(d.due.unwrap_or(false));
+        true
+    }
+
+    /// The discovery configs due now (retained, QoS 1; empty payloads clear removed ones).
+    fn discovery(&self) -> Vec<OutMessage> {
+        let Some(d) = &self.discovery else {
+            return Vec::new();
+        };
+        let mut d = d.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(force) = d.due.take() else {
+            return Vec::new();
+        };
+        let Discovery {
+            entities,
+            announced,
+            file,
+            ..
+        } = &mut *d;
+        let changes = homeassistant::changes(entities, announced, force);
+        if let Some(file) = file.as_deref() {
+            let topics: String = announced.keys().map(|t| format!("{t}\n")).collect();
+            let tmp = file.with_extension("topics.tmp");
+            let kept = std::fs::write(&tmp, topics).and_then(|()| std::fs::rename(&tmp, file));
+            if let Err(e) = kept {
+                tracing::warn!(file = %file.display(), error = %e, "cannot keep the announced Home Assistant topics: a point removed before the next start will not be cleared from Home Assistant");
+            }
+        }
+        if !changes.is_empty() {
+            tracing::info!(
+                configs = changes.len(),
+                "Home Assistant discovery announced"
+            );
+        }
+        changes
+            .into_iter()
+            .map(|(topic, payload)| OutMessage {
+                topic,
+                payload,
+                qos: Qos::AtLeastOnce,
+                retain: true,
+                created: Instant::now(),
+                correlation: None,
+                kind: AS_IS,
+            })
+            .collect()
     }
 }
 
@@ -314,8 +430,11 @@ impl Announcer for Gateway {
         })
     }
 
+    /// `online`, then the discovery configs that are due (the gateway's device first).
     fn births(&self) -> Vec<OutMessage> {
-        vec![status_message(&self.status_topic, true)]
+        let mut out = vec![status_message(&self.status_topic, true)];
+        out.extend(self.discovery());
+        out
     }
 
     fn goodbye(&self) -> Vec<OutMessage> {

@@ -25,6 +25,7 @@ use crate::modbus::{BusEvent, Reading};
 use crate::model::{Config, Device, Value};
 
 pub mod filter;
+pub mod homeassistant;
 pub mod json;
 pub mod sparkplug;
 pub mod stats;
@@ -55,8 +56,11 @@ pub enum Input {
     },
     /// A command's result, for its result topic (and its MQTT 5 response topic).
     Result(CommandResult),
-    /// A host application asked for the births again (Sparkplug `Node Control/Rebirth`).
+    /// A host application asked for the births again (Sparkplug `Node Control/Rebirth`; Home
+    /// Assistant's birth message, for the discovery configs).
     Rebirth,
+    /// The configuration was reloaded.
+    Reconfigured(Arc<Config>),
 }
 
 /// The outcome of one command, as the router decided it.
@@ -103,8 +107,15 @@ pub trait Encoder: Send {
     );
     /// A command's result.
     fn result(&mut self, result: &CommandResult, out: &mut Vec<OutMessage>);
-    /// Everything announced at a connect, again, now (Sparkplug rebirth).
-    fn rebirth(&mut self, _out: &mut Vec<OutMessage>) {}
+    /// Everything announced at a connect is wanted again (Sparkplug rebirth, Home Assistant's
+    /// birth): `true` when the link is to send its births again now.
+    fn announce(&mut self) -> bool {
+        false
+    }
+    /// A reload: `true` when the births changed and the link is to send them now.
+    fn reconfigure(&mut self, _config: &Config) -> bool {
+        false
+    }
     /// Once a second, with the gateway's figures.
     fn tick(&mut self, _figures: sparkplug::NodeFigures, _out: &mut Vec<OutMessage>) {}
 }
@@ -113,10 +124,13 @@ pub trait Encoder: Send {
 pub fn encoding(config: &Config) -> (Box<dyn Encoder>, Arc<dyn Announcer>) {
     match sparkplug::Node::new(config) {
         Some(node) => (Box::new(sparkplug::Encoding::new(node.clone())), node),
-        None => (
-            Box::new(json::JsonEncoding),
-            Arc::new(json::Gateway::new(&config.mqtt.status_topic)),
-        ),
+        None => {
+            let gateway = Arc::new(json::Gateway::new(config));
+            let encoding = json::JsonEncoding {
+                gateway: Some(gateway.clone()),
+            };
+            (Box::new(encoding), gateway)
+        }
     }
 }
 
@@ -250,11 +264,21 @@ impl Stage {
                 }
             }
             Input::Result(r) => encoder.result(&r, out),
-            Input::Rebirth => match &self.rebirths {
-                // The link puts the births ahead of what it has queued.
-                Some(link) => link.notify_one(),
-                None => encoder.rebirth(out),
-            },
+            // The link puts the births ahead of what it has queued.
+            Input::Rebirth => {
+                if encoder.announce() {
+                    if let Some(link) = &self.rebirths {
+                        link.notify_one();
+                    }
+                }
+            }
+            Input::Reconfigured(config) => {
+                if encoder.reconfigure(&config) {
+                    if let Some(link) = &self.rebirths {
+                        link.notify_one();
+                    }
+                }
+            }
         }
     }
 
@@ -346,7 +370,7 @@ devices:
 
     /// Runs `inputs` through a stage with the JSON encoding; the payloads published.
     fn publish(stage: &mut Stage, inputs: Vec<Input>) -> Vec<String> {
-        let mut encoder = json::JsonEncoding;
+        let mut encoder = json::JsonEncoding::default();
         let mut out = Vec::new();
         for input in inputs {
             stage.on_input(input, &mut encoder, &mut out);
@@ -457,7 +481,7 @@ devices:
         );
         assert_eq!(publish(&mut stage, vec![online]), ["online"]);
         let mut out = Vec::new();
-        stage.stopped(&mut json::JsonEncoding, &mut out);
+        stage.stopped(&mut json::JsonEncoding::default(), &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].topic, config.devices[0].status_topic);
         assert_eq!(out[0].payload, b"offline");
