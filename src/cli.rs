@@ -370,6 +370,33 @@ pub fn check_report(path: &Path, config: &Config) -> String {
         sparkplug_topics(&mut out, config, &topics);
         return out;
     }
+    let entities = crate::publish::homeassistant::entities(config);
+    if !entities.is_empty() {
+        let _ = writeln!(out, "\nhome assistant entities (retained configs):");
+        for e in &entities {
+            let what = match (&e.device, &e.point) {
+                (Some(d), Some(p)) => format!("{d}/{p}"),
+                _ => "the gateway".into(),
+            };
+            let detail: Vec<String> = ["device_class", "unit_of_measurement", "state_class"]
+                .iter()
+                .filter_map(|k| {
+                    e.payload
+                        .get(*k)
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {:<13} {} ({what}{}{})",
+                e.component,
+                e.topic,
+                if detail.is_empty() { "" } else { ", " },
+                detail.join(", ")
+            );
+        }
+    }
     let _ = writeln!(out, "\ntopics:");
     for device in &config.devices {
         let _ = writeln!(out, "  {} (device status, retained)", device.status_topic);

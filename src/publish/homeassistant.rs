@@ -438,9 +438,15 @@ devices:
         let config = crate::config::parse(CONFIG, "t.yaml").expect("config loads");
         let all = entities(&config);
         assert_eq!(all[0].component, "binary_sensor", "the gateway's own first");
-        assert_eq!(all[0].payload["device"]["identifiers"][0], "fieldbridge_gw1");
+        assert_eq!(
+            all[0].payload["device"]["identifiers"][0],
+            "fieldbridge_gw1"
+        );
         let v = by_name(&all, "voltage");
-        assert_eq!(v.topic, "homeassistant/sensor/fieldbridge_gw1/meter_voltage/config");
+        assert_eq!(
+            v.topic,
+            "homeassistant/sensor/fieldbridge_gw1/meter_voltage/config"
+        );
         assert_eq!(v.payload["device_class"], "voltage");
         assert_eq!(v.payload["state_class"], "measurement");
         assert_eq!(v.payload["unit_of_measurement"], "V");
@@ -458,7 +464,10 @@ devices:
         assert_eq!(t.payload["icon"], "mdi:thermometer");
         assert_eq!(t.payload["suggested_display_precision"], 1);
         let m = by_name(&all, "mode");
-        assert_eq!((m.component, &m.payload["device_class"]), ("sensor", &json!("enum")));
+        assert_eq!(
+            (m.component, &m.payload["device_class"]),
+            ("sensor", &json!("enum"))
+        );
         assert_eq!(m.payload["options"], json!(["OFF", "ON"]));
         assert!(all.iter().all(|e| e.point.as_deref() != Some("hidden")));
         let s = by_name(&all, "serial");
@@ -476,7 +485,10 @@ devices:
         assert_eq!(by_name(&all, "fault").component, "binary_sensor");
         let sp = by_name(&all, "setpoint");
         assert_eq!(sp.component, "number");
-        assert_eq!((sp.payload["min"].as_f64(), sp.payload["max"].as_f64()), (Some(0.0), Some(50.0)));
+        assert_eq!(
+            (sp.payload["min"].as_f64(), sp.payload["max"].as_f64()),
+            (Some(0.0), Some(50.0))
+        );
         assert_eq!(sp.payload["step"], 0.1);
         let pr = by_name(&all, "program");
         assert_eq!(pr.component, "select");
@@ -490,11 +502,21 @@ devices:
         let mut announced = BTreeMap::new();
         announced.insert("homeassistant/sensor/old/config".to_string(), String::new());
         let first = changes(&all, &mut announced, true);
-        assert_eq!(first[0], ("homeassistant/sensor/old/config".to_string(), Vec::new()));
+        assert_eq!(
+            first[0],
+            ("homeassistant/sensor/old/config".to_string(), Vec::new())
+        );
         assert_eq!(first.len(), all.len() + 1);
-        assert!(changes(&all, &mut announced, false).is_empty(), "nothing changed");
+        assert!(
+            changes(&all, &mut announced, false).is_empty(),
+            "nothing changed"
+        );
         assert_eq!(changes(&all, &mut announced, true).len(), all.len());
-        let fewer: Vec<Entity> = all.iter().filter(|e| e.point.as_deref() != Some("temp")).cloned().collect();
+        let fewer: Vec<Entity> = all
+            .iter()
+            .filter(|e| e.point.as_deref() != Some("temp"))
+            .cloned()
+            .collect();
         let cleared = changes(&fewer, &mut announced, false);
         assert_eq!(cleared.len(), 1);
         assert!(cleared[0].0.ends_with("/meter_temp/config") && cleared[0].1.is_empty());
