@@ -94,6 +94,17 @@ pub struct OutMessage {
 /// [`OutMessage::kind`] of a payload that is sent as it is, held back or not.
 pub const AS_IS: u8 = 0;
 
+/// What [`Announcer::render`] makes of a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rendered {
+    /// The payload as it is.
+    AsIs,
+    /// These bytes instead.
+    Bytes(Vec<u8>),
+    /// Not to be sent at all (superseded: a birth of an earlier session); taken as done.
+    Drop,
+}
+
 /// A last will: what the broker publishes for us when our connection dies without a
 /// DISCONNECT.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,10 +127,16 @@ pub trait Announcer: Send + Sync {
     fn births(&self) -> Vec<OutMessage>;
     /// The messages sent before a clean disconnect (which fires no will).
     fn goodbye(&self) -> Vec<OutMessage>;
-    /// The payload to send for a message of `kind` (never [`AS_IS`]), given whether it was held
-    /// back (queued while the broker was unreachable or the link backed up); `None`: the
-    /// payload as it is.
-    fn render(&self, kind: u8, held: bool, payload: &[u8]) -> Option<Vec<u8>>;
+    /// What to send for a message of `kind` (never [`AS_IS`]) created at `created`, given
+    /// whether it was held back (queued while the broker was unreachable or the link backed
+    /// up). Asked once per session for each message (a message rumqttc could not take yet is
+    /// sent later as rendered).
+    fn render(&self, kind: u8, held: bool, created: Instant, payload: &[u8]) -> Rendered;
+
+    /// Whether the births of the last session all went out (`false`: some were still queued
+    /// or unacknowledged when it ended, or a rebirth replaced them): the announcer may want to
+    /// say again what they carried.
+    fn births_done(&self, _all_sent: bool) {}
     /// A subscribed topic whose messages open and close the way out for the births and
     /// everything after them (Sparkplug's primary host STATE): while it is closed, the link
     /// sends nothing and holds new messages back (the store takes them), as in an outage.
@@ -726,7 +743,12 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                             d.broker = (next.host.clone(), next.port);
                             tracing::info!(broker = %format!("{}:{}", next.host, next.port), "trying the next MQTT server");
                         }
-                        Err(e) => tracing::error!(error = %e, "cannot use the next MQTT server"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot use the next MQTT server");
+                            if let Some(will) = &will {
+                                session.set_will(will);
+                            }
+                        }
                     }
                 } else if let Some(will) = will {
                     session.set_will(&will);
@@ -761,6 +783,8 @@ struct Entry {
     /// Queued while the broker was unreachable or the link backed up (see
     /// [`Announcer::render`]); kept in the store with the row.
     held: bool,
+    /// What `render` gave in session (generation) `.0`, when rumqttc could not take it yet.
+    rendered: Option<(u64, Vec<u8>)>,
     /// Bytes counted in `Manager::held_bytes` for it (messages that entered through
     /// `enqueue`; rows read back from the store are bounded by the read size instead).
     bytes: usize,
@@ -1182,6 +1206,7 @@ impl Manager {
             store_id: None,
             volatile: false,
             held: held_back,
+            rendered: None,
             bytes,
         });
     }
@@ -1439,6 +1464,7 @@ impl Manager {
             store_id,
             volatile: false,
             held: m.held,
+            rendered: None,
             bytes: 0,
         }
     }
@@ -1449,7 +1475,7 @@ impl Manager {
         if self.generation.is_none() || !self.gate_open {
             return;
         }
-        self.queue.retain(|e| !e.volatile);
+        self.births_replaced();
         let births = self.settings.announcer.as_ref().map(|a| a.births());
         for msg in births.unwrap_or_default().into_iter().rev() {
             self.queue.push_front(Entry {
@@ -1458,8 +1484,19 @@ impl Manager {
                 store_id: None,
                 volatile: true,
                 held: false,
+                rendered: None,
                 bytes: 0,
             });
+        }
+    }
+
+    /// Drops the births still queued (a new set replaces them) and tells the announcer whether
+    /// the last ones all went out.
+    fn births_replaced(&mut self) {
+        let before = self.queue.len();
+        self.queue.retain(|e| !e.volatile);
+        if let Some(a) = &self.settings.announcer {
+            a.births_done(self.queue.len() == before);
         }
     }
 
@@ -1576,7 +1613,7 @@ impl Manager {
                     self.queue.push_front(entry);
                 }
                 // Stale births are not re-sent; the next CONNACK queues fresh ones.
-                self.queue.retain(|e| !e.volatile);
+                self.births_replaced();
             }
             LinkEvent::Written { pkid } => match self.handed.pop_front() {
                 Some(entry) if entry.msg.qos == Qos::AtMostOnce || pkid == 0 => {
@@ -1824,11 +1861,22 @@ impl Manager {
                     continue;
                 }
             }
-            let payload = match &self.settings.announcer {
-                Some(a) if entry.msg.kind != AS_IS => a
-                    .render(entry.msg.kind, entry.held, &entry.msg.payload)
-                    .unwrap_or_else(|| entry.msg.payload.clone()),
-                _ => entry.msg.payload.clone(),
+            let mut entry = entry;
+            let (payload, rendered) = match (entry.rendered.take(), &self.settings.announcer) {
+                (Some((g, p)), _) if g == generation => (p.clone(), Some(p)),
+                (_, Some(a)) if entry.msg.kind != AS_IS => {
+                    let (kind, held, created) = (entry.msg.kind, entry.held, entry.msg.created);
+                    match a.render(kind, held, created, &entry.msg.payload) {
+                        Rendered::AsIs => (entry.msg.payload.clone(), None),
+                        Rendered::Bytes(p) => (p.clone(), Some(p)),
+                        Rendered::Drop => {
+                            tracing::debug!(topic = %entry.msg.topic, "superseded by this session's births: not sent");
+                            self.finished(&entry);
+                            continue;
+                        }
+                    }
+                }
+                _ => (entry.msg.payload.clone(), None),
             };
             match self
                 .client
@@ -1837,6 +1885,8 @@ impl Manager {
                 Ok(()) => self.handed.push_back(entry),
                 Err(e) => {
                     tracing::debug!(error = %e, "rumqttc request channel full; retrying later");
+                    // Sent later as rendered now (a Sparkplug `seq` is given once).
+                    entry.rendered = rendered.map(|p| (generation, p));
                     self.queue.push_front(entry);
                     break;
                 }

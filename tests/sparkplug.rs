@@ -232,8 +232,16 @@ async fn an_independent_host_application_finds_the_edge_node_correct() {
     let nbirth = host.message("NBIRTH", None, "the NBIRTH");
     assert_eq!(nbirth["seq"], 0);
     let first_bd = nbirth["bdSeq"].as_i64().expect("bdSeq");
-    let m2 = host.message("DBIRTH", Some("m2"), "m2's DBIRTH");
-    assert_eq!(metric(&m2, "t").expect("t declared")["value"], -5);
+    // Declared by the births at once (with nulls if not read yet), born with values by its
+    // first reading.
+    let m2 = host.wait(
+        |e| {
+            e["type"] == "DBIRTH"
+                && e["device"] == "m2"
+                && metric(e, "t").is_some_and(|m| m["value"] == -5)
+        },
+        "m2's DBIRTH with its values",
+    );
     assert_eq!(metric(&m2, "t").unwrap()["datatype"], "Int16");
     // seq wraps: m1 changes every 20 ms poll.
     host.wait(

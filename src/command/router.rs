@@ -93,6 +93,13 @@ pub fn spawn(
         }),
         suppressed: [0; 2],
         sparkplug,
+        announce_budget: RateLimiter::new(
+            crate::model::Rate {
+                count: 1,
+                per: ANNOUNCE_EVERY,
+            },
+            Instant::now(),
+        ),
     };
     tokio::spawn(router.run(commands, done_rx, cancel))
 }
@@ -167,7 +174,16 @@ struct Router {
     suppressed: [u64; 2],
     /// Sparkplug mode: where NCMD and DCMD arrive, and the metrics by alias.
     sparkplug: Option<Arc<SparkplugRoutes>>,
+    /// Requests for the births again (Sparkplug rebirth, Home Assistant's birth): at most one
+    /// per [`ANNOUNCE_EVERY`], so that a flood of them cannot keep the link sending births.
+    announce_budget: RateLimiter,
 }
+
+/// Bytes of a Sparkplug command we decode at most (64 metrics with long strings fit).
+const MAX_SPARKPLUG_COMMAND: usize = 64 * 1024;
+
+/// How often a rebirth may be asked for.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
 /// How Sparkplug commands find their point.
 struct SparkplugRoutes {
@@ -360,8 +376,7 @@ impl Router {
             {
                 // Home Assistant's birth (`online`): it may have lost what it knew.
                 if msg.payload == b"online" {
-                    tracing::info!("Home Assistant is online: discovery configs again");
-                    return vec![Input::Rebirth];
+                    return self.announce("Home Assistant is online: discovery configs again");
                 }
                 return Vec::new();
             }
@@ -506,6 +521,16 @@ impl Router {
         Vec::new()
     }
 
+    /// The births again, within [`ANNOUNCE_EVERY`] (more often: counted as dropped).
+    fn announce(&mut self, why: &str) -> Vec<Input> {
+        if self.announce_budget.allow(Instant::now()) {
+            tracing::info!("{why}");
+            return vec![Input::Rebirth];
+        }
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        Vec::new()
+    }
+
     /// A Sparkplug NCMD (rebirth) or DCMD (writes, each metric one command through the same
     /// checks as a JSON command; a metric by alias, or by name when it has none). Sparkplug
     /// has no result topic: refusals are logged (within the budget) and counted.
@@ -529,6 +554,10 @@ impl Router {
         if msg.retain {
             return refuse(self, "retained (a retained command is never executed)");
         }
+        // Decoded only when small enough to hold at most a few hundred metrics.
+        if msg.payload.len() > MAX_SPARKPLUG_COMMAND {
+            return refuse(self, "larger than a Sparkplug command of ours can be");
+        }
         let Ok(payload) = proto::Payload::decode(msg.payload.as_slice()) else {
             return refuse(self, "not a Sparkplug B payload");
         };
@@ -538,8 +567,7 @@ impl Router {
                     && m.value == Some(proto::MetricValue::BooleanValue(true))
             });
             if rebirth {
-                tracing::info!("Sparkplug rebirth requested: NBIRTH and every DBIRTH again");
-                return vec![Input::Rebirth];
+                return self.announce("Sparkplug rebirth requested: NBIRTH and every DBIRTH again");
             }
             return refuse(self, "NCMD without `Node Control/Rebirth = true`");
         }
@@ -548,11 +576,11 @@ impl Router {
         };
         let config = self.config.clone();
         let mut out = Vec::new();
-        for m in payload
-            .metrics
-            .iter()
-            .take(crate::command::MAX_SPARKPLUG_METRICS)
-        {
+        if payload.metrics.len() > crate::command::MAX_SPARKPLUG_METRICS {
+            // All or nothing: the sender has no result to tell it which were written.
+            return refuse(self, "more metrics than one DCMD may carry: none written");
+        }
+        for m in &payload.metrics {
             let found = match (m.alias, m.name.as_deref()) {
                 (Some(a), _) => sp.aliases.get(&a).copied().filter(|&(dd, _)| dd == d),
                 (None, Some(name)) => config.devices[d]
@@ -584,12 +612,6 @@ impl Router {
                 expires_at: msg.expires_at,
             };
             out.extend(self.on_point(d, p, &one, received, &text));
-        }
-        if payload.metrics.len() > crate::command::MAX_SPARKPLUG_METRICS {
-            out.extend(refuse(
-                self,
-                "more metrics than one DCMD may carry (the rest ignored)",
-            ));
         }
         out
     }

@@ -211,7 +211,7 @@ fn entity(
     let bare =
         device.message_mode == MessageMode::PerPoint && point.payload == PayloadFormat::Value;
     c.insert("state_topic".into(), json!(state_topic));
-    let template = match (component, bare) {
+    let mut template = match (component, bare) {
         ("binary_sensor" | "switch", true) => {
             "{{ 'ON' if value == 'true' else 'OFF' }}".to_string()
         }
@@ -221,6 +221,12 @@ fn entity(
         (_, true) => "{{ value }}".to_string(),
         (_, false) => format!("{{{{ None if {value} is none else {value} }}}}"),
     };
+    if device.message_mode == MessageMode::PerDevice {
+        // A device message carries the points of the group that was read: another group's
+        // message renders nothing, which Home Assistant ignores (the state stays).
+        let key = point.name.replace('\'', "\\'");
+        template = format!("{{% if '{key}' in value_json['values'] %}}{template}{{% endif %}}");
+    }
     c.insert("value_template".into(), json!(template));
     match component {
         "switch" => {
@@ -238,6 +244,8 @@ fn entity(
         "select" => {
             let command = command.expect("writable");
             c.insert("command_topic".into(), json!(command.topic));
+            // As a JSON string: a label `2` sent bare would be read as the number 2.
+            c.insert("command_template".into(), json!("{{ value | tojson }}"));
             c.insert(
                 "options".into(),
                 json!(point.labels.values().collect::<Vec<_>>()),
@@ -249,9 +257,11 @@ fn entity(
             let (lo, hi) = number_range(point);
             c.insert("min".into(), json!(lo));
             c.insert("max".into(), json!(hi));
-            let step = match precision(point) {
-                Some(d) => 10f64.powi(-(d as i32)),
-                None => 0.001,
+            // What one raw step is worth (the gateway refuses values between); Home
+            // Assistant takes no step below 0.001.
+            let step = match point.data_type {
+                DataType::F32 | DataType::F64 => 0.001,
+                _ => point.scale.abs().max(0.001),
             };
             c.insert("step".into(), json!(step));
             c.insert("mode".into(), json!("box"));
@@ -259,6 +269,7 @@ fn entity(
         "text" => {
             let command = command.expect("writable");
             c.insert("command_topic".into(), json!(command.topic));
+            c.insert("command_template".into(), json!("{{ value | tojson }}"));
             if let DataType::Ascii(n) = point.data_type {
                 c.insert("max".into(), json!(usize::from(n) * 2));
             }
@@ -480,7 +491,7 @@ devices:
         assert_eq!(run.payload["state_topic"], "plant/plc");
         assert_eq!(
             run.payload["value_template"],
-            "{{ None if value_json['values']['run'] is none else ('ON' if value_json['values']['run'] else 'OFF') }}"
+            "{% if 'run' in value_json['values'] %}{{ None if value_json['values']['run'] is none else ('ON' if value_json['values']['run'] else 'OFF') }}{% endif %}"
         );
         assert_eq!(by_name(&all, "fault").component, "binary_sensor");
         let sp = by_name(&all, "setpoint");
@@ -489,10 +500,11 @@ devices:
             (sp.payload["min"].as_f64(), sp.payload["max"].as_f64()),
             (Some(0.0), Some(50.0))
         );
-        assert_eq!(sp.payload["step"], 0.1);
+        assert_eq!(sp.payload["step"], 0.5, "one raw step");
         let pr = by_name(&all, "program");
         assert_eq!(pr.component, "select");
         assert_eq!(pr.payload["options"], json!(["A", "B"]));
+        assert_eq!(pr.payload["command_template"], "{{ value | tojson }}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 use serde_json::{Map, Value as Json};
 
 use super::{homeassistant, CommandResult, Encoder, Sample};
-use crate::link::{Announcer, OutMessage, Will, AS_IS};
+use crate::link::{Announcer, OutMessage, Rendered, Will, AS_IS};
 use crate::modbus::Reading;
 use crate::model::{Config, Device, MessageMode, PayloadFormat, Point, Qos, Value};
 
@@ -149,7 +149,7 @@ impl Encoder for JsonEncoding {
         &mut self,
         device: &Device,
         reading: &Reading,
-        samples: &[Sample<'_>],
+        samples: &[Sample],
         out: &mut Vec<OutMessage>,
     ) {
         match device.message_mode {
@@ -160,8 +160,13 @@ impl Encoder for JsonEncoding {
                     }
                     let point = &device.points[s.point];
                     let payload = match &s.value {
-                        Ok((value, label)) => Some(point_payload(point, value, *label, reading.ts)),
-                        Err(reason) => bad_quality_payload(point, reason, reading.ts),
+                        Some(value) => Some(point_payload(
+                            point,
+                            value,
+                            s.label(device, reading),
+                            reading.ts,
+                        )),
+                        None => bad_quality_payload(point, s.error(reading), reading.ts),
                     };
                     if let Some(payload) = payload {
                         out.push(OutMessage {
@@ -185,10 +190,10 @@ impl Encoder for JsonEncoding {
                 let mut values: Vec<Option<Option<Json>>> = Vec::new();
                 values.resize_with(device.points.len(), || None);
                 for s in samples {
-                    values[s.point] = Some(match &s.value {
-                        Ok((_, Some(label))) => Some(Json::String((*label).to_string())),
-                        Ok((value, None)) => Some(value_json(value)),
-                        Err(_) => None,
+                    values[s.point] = Some(match (&s.value, s.label(device, reading)) {
+                        (Some(_), Some(label)) => Some(Json::String(label.to_string())),
+                        (Some(value), None) => Some(value_json(value)),
+                        (None, _) => None,
                     });
                 }
                 let entries: Vec<(&str, Option<Json>)> = device
@@ -319,6 +324,31 @@ struct Discovery {
     /// Due with the next births: `Some(force)` (force: every config again, not only changes).
     due: Option<bool>,
     file: Option<PathBuf>,
+    /// What was announced before the configs last handed to the link, until they are known to
+    /// have gone out (`Announcer::births_done`).
+    previous: Option<BTreeMap<String, String>>,
+}
+
+impl Discovery {
+    /// Keeps the announced topics (and those whose clearing is not known to be out yet) for
+    /// the next start.
+    fn keep(&self) {
+        let Some(file) = self.file.as_deref() else {
+            return;
+        };
+        let mut topics: Vec<&String> = self.announced.keys().collect();
+        if let Some(previous) = &self.previous {
+            topics.extend(previous.keys());
+        }
+        topics.sort();
+        topics.dedup();
+        let text: String = topics.iter().map(|t| format!("{t}\n")).collect();
+        let tmp = file.with_extension("topics.tmp");
+        let kept = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = kept {
+            tracing::warn!(file = %file.display(), error = %e, "cannot keep the announced Home Assistant topics: a point removed before the next start will not be cleared from Home Assistant");
+        }
+    }
 }
 
 impl Gateway {
@@ -345,6 +375,7 @@ impl Gateway {
                 announced,
                 due: Some(true),
                 file,
+                previous: None,
             })
         });
         Gateway {
@@ -384,21 +415,24 @@ impl Gateway {
         let Some(force) = d.due.take() else {
             return Vec::new();
         };
+        let before = d.announced.clone();
         let Discovery {
             entities,
             announced,
-            file,
             ..
         } = &mut *d;
         let changes = homeassistant::changes(entities, announced, force);
-        if let Some(file) = file.as_deref() {
-            let topics: String = announced.keys().map(|t| format!("{t}\n")).collect();
-            let tmp = file.with_extension("topics.tmp");
-            let kept = std::fs::write(&tmp, topics).and_then(|()| std::fs::rename(&tmp, file));
-            if let Err(e) = kept {
-                tracing::warn!(file = %file.display(), error = %e, "cannot keep the announced Home Assistant topics: a point removed before the next start will not be cleared from Home Assistant");
+        // Until these are out, what was announced before counts too (for a retry, and for the
+        // clears after a restart).
+        match &mut d.previous {
+            Some(previous) => {
+                for (topic, payload) in before {
+                    previous.entry(topic).or_insert(payload);
+                }
             }
+            None => d.previous = Some(before),
         }
+        d.keep();
         if !changes.is_empty() {
             tracing::info!(
                 configs = changes.len(),
@@ -441,13 +475,32 @@ impl Announcer for Gateway {
         vec![status_message(&self.status_topic, false)]
     }
 
-    fn render(&self, kind: u8, held: bool, payload: &[u8]) -> Option<Vec<u8>> {
+    fn render(&self, kind: u8, held: bool, _created: Instant, payload: &[u8]) -> Rendered {
         if kind != OBJECT || !held {
-            return None;
+            return Rendered::AsIs;
         }
         let mut marked = payload.to_vec();
         mark_buffered(&mut marked);
-        Some(marked)
+        Rendered::Bytes(marked)
+    }
+
+    /// Discovery configs that did not all go out are sent again, all of them, with the next
+    /// births (and the clears among them: what was announced before is restored).
+    fn births_done(&self, all_sent: bool) {
+        let Some(d) = &self.discovery else {
+            return;
+        };
+        let mut d = d.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match d.previous.take() {
+            Some(previous) if !all_sent => {
+                for (topic, payload) in previous {
+                    d.announced.entry(topic).or_insert(payload);
+                }
+                d.due = Some(true);
+            }
+            Some(_) => d.keep(),
+            None => {}
+        }
     }
 }
 

@@ -71,13 +71,33 @@ pub struct CommandResult {
     pub reply: Option<Reply>,
 }
 
-/// One point of a reading, as the stage hands it to the encoding.
-pub struct Sample<'a> {
+/// One point of a reading, as the stage hands it to the encoding (owned, so that the stage
+/// reuses one buffer of them for every reading).
+pub struct Sample {
     pub point: usize,
-    /// The value and its label, or why the point could not be read.
-    pub value: Result<(Value, Option<&'a str>), &'a str>,
+    /// Its place in `Reading::values`.
+    pub index: usize,
+    /// The value; `None`: the point could not be read ([`Sample::error`] says why).
+    pub value: Option<Value>,
     /// The point's change filter says it is worth publishing (always, for a bad one).
     pub changed: bool,
+}
+
+impl Sample {
+    /// The value's enum label, if its point has one.
+    pub fn label<'d>(&self, device: &'d Device, reading: &Reading) -> Option<&'d str> {
+        let raw = reading.values.get(self.index)?.1.as_ref().ok()?;
+        codec::label(&device.points[self.point], raw)
+    }
+
+    /// Why the point could not be read.
+    pub fn error<'r>(&self, reading: &'r Reading) -> &'r str {
+        reading
+            .values
+            .get(self.index)
+            .and_then(|(_, r)| r.as_ref().err())
+            .map_or("", String::as_str)
+    }
 }
 
 /// A payload format: how the stage's decisions become messages.
@@ -87,7 +107,7 @@ pub trait Encoder: Send {
         &mut self,
         device: &Device,
         reading: &Reading,
-        samples: &[Sample<'_>],
+        samples: &[Sample],
         out: &mut Vec<OutMessage>,
     );
     /// A device went online or offline.
@@ -188,6 +208,8 @@ pub struct Stage {
     events_seen: u64,
     /// Devices currently online, by status topic (a device kept across reloads is one device).
     online: BTreeMap<String, (Arc<Config>, usize)>,
+    /// Reused for every reading.
+    samples: Vec<Sample>,
     /// The link's rebirth request (`link::LinkSettings::rebirths`), when it has one.
     pub rebirths: Option<Arc<tokio::sync::Notify>>,
 }
@@ -237,7 +259,7 @@ impl Stage {
                     }
                     BusEvent::Reading(reading) => {
                         filters.used_by(reading.device, self.events_seen);
-                        render(&config, &reading, filters, encoder, out);
+                        render(&config, &reading, filters, &mut self.samples, encoder, out);
                     }
                 }
             }
@@ -295,14 +317,15 @@ fn render(
     config: &Config,
     reading: &Reading,
     filters: &mut filter::Filters,
+    samples: &mut Vec<Sample>,
     encoder: &mut dyn Encoder,
     out: &mut Vec<OutMessage>,
 ) {
     let device = &config.devices[reading.device];
     let now = Instant::now();
     let points = filters.device(reading.device);
-    let mut samples = Vec::with_capacity(reading.values.len());
-    for (p, raw) in &reading.values {
+    samples.clear();
+    for (index, (p, raw)) in reading.values.iter().enumerate() {
         let point = &device.points[*p];
         samples.push(match raw {
             Ok(raw) => {
@@ -310,18 +333,24 @@ fn render(
                 let changed = points[*p].should_publish(&value, now);
                 Sample {
                     point: *p,
-                    value: Ok((value, codec::label(point, raw))),
+                    index,
+                    value: Some(value),
                     changed,
                 }
             }
-            Err(e) => Sample {
-                point: *p,
-                value: Err(e.as_str()),
-                changed: true,
-            },
+            Err(_) => {
+                // The next good value is news even if it equals the one before the fault.
+                points[*p].reset();
+                Sample {
+                    point: *p,
+                    index,
+                    value: None,
+                    changed: true,
+                }
+            }
         });
     }
-    encoder.reading(device, reading, &samples, out);
+    encoder.reading(device, reading, samples, out);
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use std::time::{Instant, SystemTime};
 use prost::Message as _;
 
 use super::{CommandResult, Encoder, Sample};
-use crate::link::{Announcer, OutMessage, Will};
+use crate::link::{Announcer, OutMessage, Rendered, Will};
 use crate::modbus::Reading;
 use crate::model::{Config, DataType, Device, Point, Qos, Value};
 
@@ -271,6 +271,8 @@ struct State {
     figures: NodeFigures,
     /// The timestamp of the newest primary host STATE seen.
     host_timestamp: u64,
+    /// When the births of the current session (or rebirth) were made.
+    session_start: Option<Instant>,
 }
 
 /// The edge node, as the link sees it: the will, the births, the goodbye and the `seq`.
@@ -321,6 +323,7 @@ impl Node {
                 deaths_due: Vec::new(),
                 figures: NodeFigures::default(),
                 host_timestamp: 0,
+                session_start: None,
             }),
             config: Arc::new(config.clone()),
         }))
@@ -491,20 +494,19 @@ impl Node {
         )
     }
 
-    /// The births of a new session (or of a rebirth): NBIRTH, then a DBIRTH for every device
-    /// with known values, online or not (what the store holds for it may follow); the offline
-    /// ones are owed a DDEATH, which the publisher sends behind that.
+    /// The births of a new session (or of a rebirth): NBIRTH, then a DBIRTH for every device,
+    /// online or not, with its last values (or `is_null`): what the store holds for a device
+    /// (kept from before a restart, too) then always follows a birth. The offline ones are
+    /// owed a DDEATH, which the publisher sends behind that.
     fn births_locked(&self, state: &mut State) -> Vec<OutMessage> {
+        state.session_start = Some(Instant::now());
         let mut out = vec![self.nbirth(state)];
         state.deaths_due.clear();
         for d in 0..self.config.devices.len() {
-            let known = state.last[d].iter().any(|l| *l != Last::Unknown);
-            state.born[d] = known || state.online[d];
-            if state.born[d] {
-                out.push(self.dbirth(state, d));
-                if !state.online[d] {
-                    state.deaths_due.push(d);
-                }
+            state.born[d] = true;
+            out.push(self.dbirth(state, d));
+            if !state.online[d] {
+                state.deaths_due.push(d);
             }
         }
         out
@@ -521,7 +523,7 @@ fn read_bd_seq(path: &Path) -> u64 {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
-        .map_or(0, |n| (n + 1) % 256)
+        .map_or(0, |n| (n % 256 + 1) % 256)
 }
 
 /// Keeps `bd_seq` (the last one used) for the next run; written aside and renamed, so a power
@@ -617,9 +619,19 @@ impl Announcer for Node {
 
     /// Gives the message its `seq` (0 for an NBIRTH, which starts the count again) and, for
     /// held-back data, `is_historical` on every metric.
-    fn render(&self, kind: u8, held: bool, payload: &[u8]) -> Option<Vec<u8>> {
-        let mut p = Payload::decode(payload).ok()?;
+    /// A DBIRTH or DDEATH made before this session's births is dropped (they declared the
+    /// current state); DATA made before them is historical, held back or not (a message
+    /// re-sent after a reconnect must not roll current values back).
+    fn render(&self, kind: u8, held: bool, created: Instant, payload: &[u8]) -> Rendered {
+        let Ok(mut p) = Payload::decode(payload) else {
+            return Rendered::AsIs;
+        };
         let mut state = self.lock();
+        let before_births = state.session_start.is_some_and(|s| created < s);
+        if kind == KIND_BIRTH && before_births {
+            return Rendered::Drop;
+        }
+        let held = held || before_births;
         let seq = if kind == KIND_NBIRTH {
             state.seq = 1;
             0
@@ -634,7 +646,7 @@ impl Announcer for Node {
                 m.is_historical = Some(true);
             }
         }
-        Some(p.encode_to_vec())
+        Rendered::Bytes(p.encode_to_vec())
     }
 }
 
@@ -665,7 +677,7 @@ impl Encoder for Encoding {
         &mut self,
         device: &Device,
         reading: &Reading,
-        samples: &[Sample<'_>],
+        samples: &[Sample],
         out: &mut Vec<OutMessage>,
     ) {
         let node = &self.node;
@@ -678,8 +690,8 @@ impl Encoder for Encoding {
         self.deaths_due(&mut state, out);
         for s in samples {
             state.last[d][s.point] = match &s.value {
-                Ok((v, _)) => Last::Good(v.clone(), ts),
-                Err(_) => Last::Bad(ts),
+                Some(v) => Last::Good(v.clone(), ts),
+                None => Last::Bad(ts),
             };
         }
         if !state.born[d] {
@@ -703,13 +715,13 @@ impl Encoder for Encoding {
                     ..Metric::default()
                 };
                 match &s.value {
-                    Ok((v, _)) => {
+                    Some(v) => {
                         m.value = metric_value(t, v);
                         if m.value.is_none() {
                             m.is_null = Some(true);
                         }
                     }
-                    Err(_) => {
+                    None => {
                         m.is_null = Some(true);
                         let mut q = PropertySet::default();
                         q.push("Quality", datatype::INT32, PropertyKind::IntValue(0));
@@ -851,6 +863,13 @@ devices:
         (config, node, enc)
     }
 
+    fn bytes(r: Rendered) -> Vec<u8> {
+        match r {
+            Rendered::Bytes(b) => b,
+            other => panic!("rendered {other:?}"),
+        }
+    }
+
     fn decode(m: &OutMessage) -> Payload {
         Payload::decode(m.payload.as_slice()).expect("protobuf")
     }
@@ -960,37 +979,53 @@ devices:
         assert_eq!(data.metrics[0].timestamp, Some(1_700_000_000_000));
         // The link numbers what it sends: NBIRTH 0, then on; held data is historical.
         let births = node.births();
-        assert_eq!(births.len(), 2, "NBIRTH and m1's DBIRTH (m2 never read)");
+        assert_eq!(
+            births.len(),
+            3,
+            "NBIRTH and every device's DBIRTH (m2, never read, with nulls)"
+        );
+        let m2 = Payload::decode(births[2].payload.as_slice()).unwrap();
+        assert!(m2.metrics.iter().all(|m| m.is_null == Some(true)));
         let n = Payload::decode(
-            node.render(births[0].kind, false, &births[0].payload)
-                .unwrap()
+            bytes(node.render(births[0].kind, false, Instant::now(), &births[0].payload))
                 .as_slice(),
         )
         .unwrap();
         assert_eq!(n.seq, Some(0));
         assert_eq!(n.metrics[0].name.as_deref(), Some("bdSeq"));
-        let d = node
-            .render(births[1].kind, false, &births[1].payload)
-            .unwrap();
+        let d = bytes(node.render(births[1].kind, false, Instant::now(), &births[1].payload));
         assert_eq!(Payload::decode(d.as_slice()).unwrap().seq, Some(1));
-        let h = node.render(out[0].kind, true, &out[0].payload).unwrap();
+        // The DDATA was made before these births: historical even if not held back.
+        let h = bytes(node.render(out[0].kind, false, out[0].created, &out[0].payload));
         let h = Payload::decode(h.as_slice()).unwrap();
         assert_eq!(h.seq, Some(2));
         assert_eq!(h.metrics[0].is_historical, Some(true));
+        // A DBIRTH made before this session's births is superseded by them: not sent.
+        let old_birth = node.dbirth(&node.lock(), 0);
+        let mut stale = old_birth.clone();
+        stale.created = Instant::now() - Duration::from_secs(1);
+        assert_eq!(
+            node.render(stale.kind, false, stale.created, &stale.payload),
+            Rendered::Drop
+        );
         out.clear();
         stage.on_input(input(&config, online(0, false)), &mut enc, &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].topic, "spBv1.0/plant/DDEATH/gw1/m1");
+        // m2, declared by the births while offline, is owed its DDEATH first; then m1's.
+        let topics: Vec<&str> = out.iter().map(|m| m.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["spBv1.0/plant/DDEATH/gw1/m2", "spBv1.0/plant/DDEATH/gw1/m1"]
+        );
     }
 
     #[test]
     fn seq_wraps_after_255() {
         let (_, node, _) = setup();
         let births = node.births();
-        node.render(KIND_NBIRTH, false, &births[0].payload);
+        node.render(KIND_NBIRTH, false, Instant::now(), &births[0].payload);
         let mut last = 0;
         for _ in 0..300 {
-            let p = node.render(KIND_DATA, false, &births[0].payload).unwrap();
+            let p = bytes(node.render(KIND_DATA, false, Instant::now(), &births[0].payload));
             last = Payload::decode(p.as_slice()).unwrap().seq.unwrap();
         }
         assert_eq!(last, 300 % 256);
