@@ -529,3 +529,205 @@ pub fn expand(library: &Library, name: &str) -> Result<crate::model::Device, sup
 
 /// Profile sources by name for one validation; `None` for one that failed.
 pub(super) type Cache = HashMap<String, Option<Rc<Source>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DataType, Device, WordOrder};
+    use std::time::Duration;
+
+    const METER: &str = "\
+name: meter
+vendor: Acme
+model: M1
+document: Acme M1 register map, rev. 3
+device:
+  interval: 5s
+  timeout: 300ms
+  unit: 7
+  order: CDAB
+points:
+  - { name: voltage, register: input, address: 0, type: f32, unit: V }
+  - { name: current, register: input, address: 2, type: f32, unit: A }
+  - { name: energy, register: input, address: 4, type: u32, scale: 0.1, unit: kWh }
+";
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write profile");
+        }
+        dir
+    }
+
+    fn config(device: &str) -> String {
+        format!(
+            "gateway: {{ id: gw }}\nmqtt: {{ host: localhost }}\nbuses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: 502 }}\ndevices:\n  - name: m\n    bus: b\n{device}"
+        )
+    }
+
+    fn library(user: &Path, shipped: &Path) -> Library {
+        Library {
+            dirs: vec![
+                (user.to_path_buf(), Origin::User),
+                (shipped.to_path_buf(), Origin::Shipped),
+            ],
+        }
+    }
+
+    fn device(text: &str, lib: &Library) -> Device {
+        match super::super::parse_with_library(text, "fieldbridge.yaml", lib) {
+            Ok(l) => l.config.devices.into_iter().next().expect("a device"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn names(d: &Device) -> Vec<&str> {
+        d.points.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_profile_brings_its_points_and_defaults() {
+        let shipped = dir_with(&[("meter.yaml", METER)]);
+        let user = tempfile::tempdir().unwrap();
+        let d = device(
+            &config("    profile: meter\n"),
+            &library(user.path(), shipped.path()),
+        );
+        assert_eq!(names(&d), ["voltage", "current", "energy"]);
+        assert_eq!(d.unit, 7);
+        assert_eq!(d.timeout, Duration::from_millis(300));
+        assert_eq!(d.groups[0].interval, Duration::from_secs(5));
+        assert!(d.points.iter().all(|p| p.order == WordOrder::Cdab));
+        assert_eq!(d.ha.manufacturer.as_deref(), Some("Acme"));
+        let prof = d.profile.as_ref().expect("profile recorded");
+        assert_eq!(prof.sources, [PointSource::Profile; 3]);
+        assert_eq!(prof.document, "Acme M1 register map, rev. 3");
+    }
+
+    #[test]
+    fn device_points_override_by_name_add_and_device_keys_win() {
+        let shipped = dir_with(&[("meter.yaml", METER)]);
+        let user = tempfile::tempdir().unwrap();
+        let text = config(
+            "    profile: meter\n    unit: 3\n    interval: 1s\n    points:\n      - { name: energy, scale: 0.01 }\n      - { name: current, register: holding, address: 10, type: u16 }\n      - { name: state, register: holding, address: 20, type: u16 }\n",
+        );
+        let d = device(&text, &library(user.path(), shipped.path()));
+        assert_eq!(names(&d), ["voltage", "current", "energy", "state"]);
+        assert_eq!(d.unit, 3);
+        assert_eq!(d.groups[0].interval, Duration::from_secs(1));
+        // Only the given key changed: address, type and unit are the profile's.
+        let energy = &d.points[2];
+        assert_eq!((energy.address, energy.scale), (4, 0.01));
+        assert_eq!(energy.data_type, DataType::U32);
+        assert_eq!(energy.unit.as_deref(), Some("kWh"));
+        // With an address, the device's point replaces the profile's whole.
+        let current = &d.points[1];
+        assert_eq!((current.address, current.data_type), (10, DataType::U16));
+        assert_eq!(current.unit, None);
+        let prof = d.profile.as_ref().unwrap();
+        assert_eq!(
+            prof.sources,
+            [
+                PointSource::Profile,
+                PointSource::Overridden,
+                PointSource::Overridden,
+                PointSource::Device
+            ]
+        );
+    }
+
+    #[test]
+    fn points_exclude_drops_profile_points_and_refuses_unknown_names() {
+        let shipped = dir_with(&[("meter.yaml", METER)]);
+        let user = tempfile::tempdir().unwrap();
+        let lib = library(user.path(), shipped.path());
+        let d = device(
+            &config("    profile: meter\n    points_exclude: [current]\n"),
+            &lib,
+        );
+        assert_eq!(names(&d), ["voltage", "energy"]);
+        assert_eq!(d.profile.as_ref().unwrap().excluded, ["current"]);
+        let err = super::super::parse_with_library(
+            &config("    profile: meter\n    points_exclude: [curent]\n"),
+            "fieldbridge.yaml",
+            &lib,
+        )
+        .unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        let e = &err.errors[0];
+        assert_eq!(e.path, "devices[0].points_exclude[0]");
+        assert_eq!(e.line, Some(9));
+        assert!(e.hint.as_deref().unwrap().contains("`current`"), "{e}");
+    }
+
+    #[test]
+    fn the_users_directory_wins_over_the_shipped_one() {
+        let shipped = dir_with(&[("meter.yaml", METER)]);
+        let mine = METER.replace("model: M1", "model: M1 (mine)").replace(
+            "  - { name: energy, register: input, address: 4, type: u32, scale: 0.1, unit: kWh }\n",
+            "",
+        );
+        let user = dir_with(&[("meter.yaml", &mine)]);
+        let lib = library(user.path(), shipped.path());
+        let d = device(&config("    profile: meter\n"), &lib);
+        assert_eq!(names(&d), ["voltage", "current"]);
+        assert_eq!(d.ha.model.as_deref(), Some("M1 (mine)"));
+        let listed = lib.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].origin, Origin::User);
+        assert_eq!(listed[0].shadows, [shipped.path().join("meter.yaml")]);
+    }
+
+    #[test]
+    fn an_error_in_a_profile_names_the_profile_file_and_line() {
+        let bad = METER.replace("address: 2, type: f32", "address: 2, type: f33");
+        let shipped = dir_with(&[("meter.yaml", &bad)]);
+        let user = tempfile::tempdir().unwrap();
+        let text = config("    profile: meter\n");
+        // Two devices using it: the profile's error is reported once.
+        let text = format!("{text}  - {{ name: m2, bus: b, unit: 2, profile: meter }}\n");
+        let err = super::super::parse_with_library(
+            &text,
+            "fieldbridge.yaml",
+            &library(user.path(), shipped.path()),
+        )
+        .unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        let e = &err.errors[0];
+        let file = shipped.path().join("meter.yaml").display().to_string();
+        assert_eq!(e.file.as_deref(), Some(file.as_str()));
+        assert_eq!((e.path.as_str(), e.line), ("points[1].type", Some(12)));
+        let shown = err.to_string();
+        assert!(shown.contains(&format!("{file}:12:")), "{shown}");
+    }
+
+    #[test]
+    fn an_unknown_profile_suggests_the_nearest_name() {
+        let shipped = dir_with(&[("meter.yaml", METER)]);
+        let user = tempfile::tempdir().unwrap();
+        let err = super::super::parse_with_library(
+            &config("    profile: meterr\n"),
+            "fieldbridge.yaml",
+            &library(user.path(), shipped.path()),
+        )
+        .unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        assert_eq!(err.errors[0].path, "devices[0].profile");
+        assert!(err.errors[0].hint.as_deref().unwrap().contains("`meter`"));
+    }
+
+    #[test]
+    fn a_profile_whose_name_is_not_its_file_is_refused() {
+        let shipped = dir_with(&[("other.yaml", METER)]);
+        let user = tempfile::tempdir().unwrap();
+        let err = super::super::parse_with_library(
+            &config("    profile: other\n"),
+            "fieldbridge.yaml",
+            &library(user.path(), shipped.path()),
+        )
+        .unwrap_err();
+        assert_eq!(err.errors[0].path, "name", "{err}");
+        assert_eq!(err.errors[0].line, Some(1));
+    }
+}
