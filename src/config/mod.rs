@@ -2481,7 +2481,8 @@ impl Validator {
         let mut points: Vec<Point> = Vec::new();
         let mut commands: Vec<PointCommand> = Vec::new();
         let command_defaults = self.command_defaults(&p("command"), d.command.as_ref());
-        let mut names: HashMap<String, String> = HashMap::new();
+        // Name → (path, as messages name it).
+        let mut names: HashMap<String, (String, String)> = HashMap::new();
         let mut address_valid: Vec<bool> = Vec::new();
         let mut line_points = Vec::new();
         let mut ha = DeviceHa {
@@ -2527,7 +2528,7 @@ impl Validator {
             } else {
                 self.no_line_point_keys(&pp, &rp, raw_command.as_ref());
             }
-            if let Some(first) = names.get(&rp.name) {
+            if let Some((_, first)) = names.get(&rp.name) {
                 let first = first.clone();
                 self.err(
                     &format!("{pp}.name"),
@@ -2538,9 +2539,13 @@ impl Validator {
                     Some("point names must be unique within a device".into()),
                 );
             } else {
-                names.insert(rp.name.clone(), pp.clone());
+                let shown = match pp.strip_prefix(&format!("{path}.")) {
+                    Some(own) => own.to_string(),
+                    None => format!("the profile's {pp}"),
+                };
+                names.insert(rp.name.clone(), (pp.clone(), shown));
             }
-            let duplicate = names.get(&rp.name) != Some(&pp);
+            let duplicate = names.get(&rp.name).map(|(at, _)| at) != Some(&pp);
             let address_ok = !line_bus && rp.address.is_some_and(|a| (0..=65_535).contains(&a));
             let mut point = self.point(&pp, rp, &groups, &defaults, gw, &d.name);
             commands.push(self.point_command(
