@@ -1,4 +1,4 @@
-//! Command line: `run`, `check`, `read`. Exit codes: 0 ok, 2 configuration error, 1 runtime
+//! Command line: `run`, `check`, `read`, `status`, `profiles`. Exit codes: 0 ok, 2 configuration error, 1 runtime
 //! failure.
 
 use std::fmt::Write as _;
@@ -62,6 +62,21 @@ enum Command {
         /// Point name; all points of the device when omitted.
         point: Option<String>,
     },
+    /// List the device profiles (the `profiles/` directory next to the config, then the
+    /// shipped ones), or show one's points.
+    Profiles {
+        /// The configuration whose `profiles/` directory is searched first (it need not exist).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: Option<ProfilesAction>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfilesAction {
+    /// Validate profile NAME and print its defaults and points.
+    Show { name: String },
 }
 
 pub fn main() -> i32 {
@@ -77,6 +92,25 @@ pub fn main() -> i32 {
         | Command::Check { config, .. }
         | Command::Status { config }
         | Command::Read { config, .. } => config.clone(),
+        Command::Profiles { config, action } => {
+            let library = config::profile::Library::for_config(config);
+            return match action {
+                None => {
+                    print!("{}", profiles_report(&library));
+                    EXIT_OK
+                }
+                Some(ProfilesAction::Show { name }) => match profile_show(&library, name) {
+                    Ok(report) => {
+                        print!("{report}");
+                        EXIT_OK
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        EXIT_CONFIG
+                    }
+                },
+            };
+        }
     };
     let (config, warnings) = match config::load_with_warnings(&path) {
         Ok(l) => (l.config, l.warnings),
@@ -118,6 +152,7 @@ pub fn main() -> i32 {
             crate::logging::init("warn", crate::logging::Sink::Terminal);
             read(&config, &device, point.as_deref())
         }
+        Command::Profiles { .. } => unreachable!("answered before the config is loaded"),
     }
 }
 
@@ -295,6 +330,9 @@ pub fn check_report(path: &Path, config: &Config) -> String {
                 humantime::format_duration(device.timeout),
                 device.points.len()
             );
+            if let Some(prof) = &device.profile {
+                profile_points(&mut out, device, prof);
+            }
             for (g, group) in device.groups.iter().enumerate() {
                 let selected: Vec<usize> = device
                     .points
@@ -609,5 +647,153 @@ fn status(config: &Config) -> i32 {
             eprintln!("cannot read the store: {e}");
             EXIT_RUNTIME
         }
+    }
+}
+
+/// `fieldbridge profiles`: every profile with its vendor, model, points, document and file.
+pub fn profiles_report(library: &config::profile::Library) -> String {
+    let mut out = String::new();
+    let entries = library.list();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<18} {:<28} {:>6}  {:<7}  DOCUMENT",
+        "NAME", "VENDOR", "MODEL", "POINTS", "FROM"
+    );
+    for e in &entries {
+        match config::profile::info(&e.file) {
+            Ok(i) => {
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:<18} {:<28} {:>6}  {:<7}  {}",
+                    e.name,
+                    i.vendor,
+                    i.model,
+                    i.points,
+                    e.origin.name(),
+                    i.document
+                );
+            }
+            Err(err) => {
+                let _ = writeln!(out, "{:<24} (does not load: {err})", e.name);
+            }
+        }
+        for shadowed in &e.shadows {
+            let _ = writeln!(out, "{:<24} (hides {})", "", shadowed.display());
+        }
+    }
+    let _ = writeln!(out, "\n{} profile(s), searched in order:", entries.len());
+    for (dir, origin) in &library.dirs {
+        let state = if dir.is_dir() { "" } else { " (absent)" };
+        let _ = writeln!(out, "  {} ({}){state}", dir.display(), origin.name());
+    }
+    out
+}
+
+/// `fieldbridge profiles show NAME`: the profile validated, its defaults and points.
+fn profile_show(
+    library: &config::profile::Library,
+    name: &str,
+) -> Result<String, config::ConfigErrors> {
+    let device = config::profile::expand(library, name)?;
+    let mut out = String::new();
+    if let Some((file, origin)) = library.find(name) {
+        let i = config::profile::info(&file)?;
+        let _ = writeln!(out, "profile {name}: {} {}", i.vendor, i.model);
+        let _ = writeln!(out, "file: {} ({})", file.display(), origin.name());
+        let _ = writeln!(out, "document: {}", i.document);
+        if let Some(n) = &i.notes {
+            let _ = writeln!(out, "notes: {}", n.trim());
+        }
+    }
+    let groups: Vec<String> = device
+        .groups
+        .iter()
+        .map(|g| {
+            format!(
+                "{} every {}",
+                g.name,
+                humantime::format_duration(g.interval)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "defaults: unit {}, timeout {}, groups: {}",
+        device.unit,
+        humantime::format_duration(device.timeout),
+        groups.join(", ")
+    );
+    let _ = writeln!(out, "{} point(s):", device.points.len());
+    for p in &device.points {
+        let _ = writeln!(out, "  {}", point_line(&device, p));
+    }
+    Ok(out)
+}
+
+/// One point as `check` and `profiles show` print it.
+fn point_line(device: &Device, p: &crate::model::Point) -> String {
+    let mut s = format!(
+        "{:<28} {} {:<5} {:<6}",
+        p.name,
+        kind_name(p.kind),
+        p.address,
+        codec::type_name(p.data_type)
+    );
+    match p.data_type {
+        crate::model::DataType::Bit(b) => {
+            let _ = write!(s, " bit {b}");
+        }
+        crate::model::DataType::Ascii(n) => {
+            let _ = write!(s, " {n} regs");
+        }
+        t if t.width() > 1 => {
+            let _ = write!(s, " {}", p.order.name());
+        }
+        _ => {}
+    }
+    if p.scale != 1.0 {
+        let _ = write!(s, " x{}", p.scale);
+    }
+    if p.offset != 0.0 {
+        let _ = write!(s, " {:+}", p.offset);
+    }
+    if let Some(u) = &p.unit {
+        let _ = write!(s, " {u}");
+    }
+    if p.group != 0 {
+        if let Some(g) = device.groups.get(p.group) {
+            let _ = write!(s, " (group {})", g.name);
+        }
+    }
+    if p.writable {
+        s.push_str(" writable");
+    }
+    s
+}
+
+/// The expanded points of a device with a profile, each saying where it came from.
+fn profile_points(out: &mut String, device: &Device, prof: &crate::model::DeviceProfile) {
+    use crate::model::PointSource;
+    let count = |k: PointSource| prof.sources.iter().filter(|s| **s == k).count();
+    let _ = writeln!(
+        out,
+        "    profile {} ({}; {}): {} point(s) from the profile, {} changed on the device, {} of the device's own",
+        prof.name,
+        prof.file,
+        prof.document,
+        count(PointSource::Profile),
+        count(PointSource::Overridden),
+        count(PointSource::Device)
+    );
+    if !prof.excluded.is_empty() {
+        let _ = writeln!(out, "    excluded: {}", prof.excluded.join(", "));
+    }
+    for (p, src) in device.points.iter().zip(&prof.sources) {
+        let from = match src {
+            PointSource::Profile => "profile",
+            PointSource::Overridden => "profile, changed on the device",
+            PointSource::Device => "device",
+        };
+        let _ = writeln!(out, "      {} [{from}]", point_line(device, p));
     }
 }

@@ -480,6 +480,31 @@ pub struct Device {
     pub line: Option<LineDevice>,
     /// Home Assistant discovery settings.
     pub ha: DeviceHa,
+    /// The profile the device's points came from, if any.
+    pub profile: Option<DeviceProfile>,
+}
+
+/// A device's profile as `check` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceProfile {
+    pub name: String,
+    /// The profile file read.
+    pub file: String,
+    pub document: String,
+    /// Where each point came from: `sources[i]` belongs to `points[i]`.
+    pub sources: Vec<PointSource>,
+    /// Profile points left out by `points_exclude`.
+    pub excluded: Vec<String>,
+}
+
+/// Where a point of a device with a profile came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointSource {
+    Profile,
+    /// A profile point that the device replaces or changes by name.
+    Overridden,
+    /// A point of the device's own.
+    Device,
 }
 
 /// How a bit inside a register is written.

@@ -53,7 +53,15 @@ fn reference_config_loads() {
     assert_eq!(c.gateway.prefix, "plant/hall3");
     assert_eq!(c.mqtt.status_topic, "plant/hall3/status");
     assert_eq!(c.buses.len(), 3);
-    assert_eq!(c.devices.len(), 3);
+    assert_eq!(c.devices.len(), 4);
+    // meter-4: the eastron-sdm630 profile, three points excluded, one changed, one added.
+    let profiled = c.devices[3]
+        .profile
+        .as_ref()
+        .expect("meter-4 uses a profile");
+    assert_eq!(profiled.name, "eastron-sdm630");
+    assert_eq!(profiled.excluded.len(), 3);
+    assert_eq!(c.devices[3].points.len(), 42);
     let meter = &c.devices[0];
     assert_eq!(meter.groups[0].name, "default");
     assert_eq!(meter.groups[1].name, "fast");

@@ -12,6 +12,7 @@
 
 mod lines;
 mod locate;
+pub mod profile;
 mod raw;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
-use crate::model::{BitWrite, ClockPolicy, PointCommand, Rate};
+use crate::model::{BitWrite, ClockPolicy, DeviceProfile, PointCommand, PointSource, Rate};
 use crate::model::{
     Bus, BusKind, Config, DataType, Device, DeviceHa, Durability, Gateway, HomeAssistant,
     MessageMode, Mqtt, MqttProtocol, MqttTransport, Parity, PayloadFormat, Point, PointHa,
@@ -29,9 +30,10 @@ use crate::model::{
     Synchronous, TlsFiles, WhenFull, WordOrder,
 };
 use locate::{join_key, Locator};
+use profile::{Library, MergedPoint};
 use raw::{
     RawBus, RawCommand, RawConfig, RawDevice, RawHomeAssistant, RawMqtt, RawPoint, RawPointHa,
-    RawPublish, RawSparkplug, RawStore,
+    RawProfileDevice, RawPublish, RawSparkplug, RawStore,
 };
 
 /// One problem found in the configuration.
@@ -44,6 +46,8 @@ pub struct ConfigError {
     pub column: Option<usize>,
     pub message: String,
     pub hint: Option<String>,
+    /// The file the error is in when it is not the configuration itself (a profile).
+    pub file: Option<String>,
 }
 
 impl fmt::Display for ConfigError {
@@ -81,10 +85,11 @@ impl fmt::Display for ConfigErrors {
             if n == 1 { "" } else { "s" }
         )?;
         for e in &self.errors {
+            let file = e.file.as_deref().unwrap_or(&self.file);
             if e.line.is_some() {
-                write!(f, "\n{}:{e}", self.file)?;
+                write!(f, "\n{file}:{e}")?;
             } else {
-                write!(f, "\n{}: {e}", self.file)?;
+                write!(f, "\n{file}: {e}")?;
             }
         }
         Ok(())
@@ -113,13 +118,19 @@ pub struct Loaded {
     pub warnings: Vec<ConfigError>,
 }
 
-/// Reads and validates the configuration file at `path`.
+/// Reads and validates the configuration file at `path`; profiles are looked up in its
+/// `profiles/` directory, then in the shipped ones ([`Library::for_config`]).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     load_with_warnings(path).map(|l| l.config)
 }
 
 /// As [`load`], with the warnings.
 pub fn load_with_warnings(path: &Path) -> Result<Loaded, ConfigErrors> {
+    load_with_library(path, &Library::for_config(path))
+}
+
+/// As [`load_with_warnings`], with profiles from `library`.
+pub fn load_with_library(path: &Path, library: &Library) -> Result<Loaded, ConfigErrors> {
     let file = path.display().to_string();
     let whole = |message: String| ConfigErrors {
         file: file.clone(),
@@ -129,6 +140,7 @@ pub fn load_with_warnings(path: &Path) -> Result<Loaded, ConfigErrors> {
             column: None,
             message,
             hint: None,
+            file: None,
         }],
     };
     // Read at most one byte past the cap, whatever the path is (a FIFO, /dev/zero).
@@ -148,7 +160,7 @@ pub fn load_with_warnings(path: &Path) -> Result<Loaded, ConfigErrors> {
         return Err(too_large(&file, &size));
     }
     match String::from_utf8(bytes) {
-        Ok(text) => parse_with_warnings(&text, &file),
+        Ok(text) => parse_with_library(&text, &file, library),
         Err(e) => Err(whole(format!("cannot read the file: {e}"))),
     }
 }
@@ -167,6 +179,7 @@ fn too_large(file: &str, size: &str) -> ConfigErrors {
             hint: Some(
                 "a configuration is a few hundred KiB at most: is this the right file?".into(),
             ),
+            file: None,
         }],
     }
 }
@@ -177,8 +190,18 @@ pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
     parse_with_warnings(text, file_name).map(|l| l.config)
 }
 
-/// As [`parse`], with the warnings.
+/// As [`parse`], with the warnings. Profiles come from the shipped directory only
+/// ([`Library::shipped`]): the text has no directory of its own.
 pub fn parse_with_warnings(text: &str, file_name: &str) -> Result<Loaded, ConfigErrors> {
+    parse_with_library(text, file_name, &Library::shipped())
+}
+
+/// As [`parse_with_warnings`], with profiles from `library`.
+pub fn parse_with_library(
+    text: &str,
+    file_name: &str,
+    library: &Library,
+) -> Result<Loaded, ConfigErrors> {
     let fail = |errors| ConfigErrors {
         file: file_name.to_string(),
         errors,
@@ -193,6 +216,7 @@ pub fn parse_with_warnings(text: &str, file_name: &str) -> Result<Loaded, Config
             column: None,
             message: "the file is empty".into(),
             hint: Some("start from the commented reference config/fieldbridge.yaml".into()),
+            file: None,
         }]));
     }
     // Before serde_yaml, which would expand every alias.
@@ -215,6 +239,7 @@ pub fn parse_with_warnings(text: &str, file_name: &str) -> Result<Loaded, Config
             column: Some(over.pos.column),
             message,
             hint: Some(hint.into()),
+            file: None,
         }]));
     }
     let raw: RawConfig = match serde_yaml::from_str(text) {
@@ -225,6 +250,9 @@ pub fn parse_with_warnings(text: &str, file_name: &str) -> Result<Loaded, Config
         loc,
         errors: Vec::new(),
         warnings: Vec::new(),
+        library: library.clone(),
+        profiles: profile::Cache::new(),
+        current: None,
     };
     let config = v.config(raw);
     if v.errors.is_empty() {
@@ -234,7 +262,23 @@ pub fn parse_with_warnings(text: &str, file_name: &str) -> Result<Loaded, Config
         })
     } else {
         let mut errors = v.errors;
-        errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
+        // The configuration's errors first, then each profile's; a profile used by several
+        // devices reports a problem of its own once.
+        errors.sort_by(|a, b| {
+            (
+                a.file.is_some(),
+                &a.file,
+                a.line.unwrap_or(usize::MAX),
+                a.column.unwrap_or(0),
+            )
+                .cmp(&(
+                    b.file.is_some(),
+                    &b.file,
+                    b.line.unwrap_or(usize::MAX),
+                    b.column.unwrap_or(0),
+                ))
+        });
+        errors.dedup();
         Err(fail(errors))
     }
 }
@@ -319,6 +363,7 @@ fn from_serde(e: &serde_yaml::Error) -> ConfigError {
         column,
         message: msg,
         hint,
+        file: None,
     }
 }
 
@@ -554,6 +599,11 @@ struct Validator {
     loc: Locator,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigError>,
+    library: Library,
+    /// Profiles read so far, by name.
+    profiles: profile::Cache,
+    /// Set while the keys of a profile are checked: errors then name its file and lines.
+    current: Option<std::rc::Rc<profile::Source>>,
 }
 
 /// How the collision table names command topics (the wildcard check skips them).
@@ -566,25 +616,38 @@ struct TopicOwner {
 }
 
 impl Validator {
+    /// The locator of the file being checked (a profile's, while its keys are), and its name
+    /// when it is not the configuration.
+    fn here(&self) -> (&Locator, Option<String>) {
+        match &self.current {
+            Some(s) => (&s.loc, Some(s.file.clone())),
+            None => (&self.loc, None),
+        }
+    }
+
     fn err(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
-        let pos = self.loc.value(path);
+        let (loc, file) = self.here();
+        let pos = loc.value(path);
         self.errors.push(ConfigError {
             path: path.to_string(),
             line: pos.map(|p| p.line),
             column: pos.map(|p| p.column),
             message: message.into(),
             hint,
+            file,
         });
     }
 
     fn err_at_key(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
-        let pos = self.loc.key(path);
+        let (loc, file) = self.here();
+        let pos = loc.key(path);
         self.errors.push(ConfigError {
             path: path.to_string(),
             line: pos.map(|p| p.line),
             column: pos.map(|p| p.column),
             message: message.into(),
             hint,
+            file,
         });
     }
 
@@ -729,13 +792,15 @@ impl Validator {
     }
 
     fn warn(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
-        let pos = self.loc.value(path);
+        let (loc, file) = self.here();
+        let pos = loc.value(path);
         self.warnings.push(ConfigError {
             path: path.to_string(),
             line: pos.map(|p| p.line),
             column: pos.map(|p| p.column),
             message: message.into(),
             hint,
+            file,
         });
     }
 
@@ -931,7 +996,8 @@ impl Validator {
                 }
             };
             let duplicate = device_names.get(&rd.name) != Some(&i);
-            let (device, unit_ok) = self.device(&path, rd, bus.map(|b| &buses[b]), &gateway);
+            let (device, unit_ok, point_paths) =
+                self.device(&path, rd, bus.map(|b| &buses[b]), &gateway);
             if let (Some(b), true) = (bus, unit_ok) {
                 let unit_path = format!("{path}.unit");
                 if let Some(other) = units.get(&(b, device.unit)) {
@@ -949,7 +1015,7 @@ impl Validator {
             }
             if !duplicate {
                 // A second device of the same name collides everywhere: said once above.
-                self.claim_topics(&path, &device, &mut topics);
+                self.claim_topics(&path, &device, &point_paths, &mut topics);
             }
             devices.push(Device {
                 bus: bus.unwrap_or(0),
@@ -1205,7 +1271,15 @@ impl Validator {
         }
     }
 
-    fn claim_topics(&mut self, path: &str, d: &Device, topics: &mut HashMap<String, TopicOwner>) {
+    /// `point_paths[j]`: where point `j` is in the configuration (a profile's point: the
+    /// device's `profile` key, as its topics are the device's).
+    fn claim_topics(
+        &mut self,
+        path: &str,
+        d: &Device,
+        point_paths: &[String],
+        topics: &mut HashMap<String, TopicOwner>,
+    ) {
         let mut claims = vec![(
             d.status_topic.clone(),
             format!("the status topic of device `{}`", d.name),
@@ -1219,11 +1293,23 @@ impl Validator {
             ));
         }
         for (j, p) in d.points.iter().enumerate() {
-            let pp = format!("{path}.points[{j}]");
+            let pp = point_paths
+                .get(j)
+                .cloned()
+                .unwrap_or_else(|| format!("{path}.points[{j}]"));
+            // A profile's point: its topics are the device's, said at the `profile` key.
+            let from_profile = pp.ends_with(".profile");
+            let at = |key: &str| {
+                if from_profile {
+                    pp.clone()
+                } else {
+                    self.present_or(&format!("{pp}.{key}"), &format!("{pp}.name"))
+                }
+            };
             claims.push((
                 p.topic.clone(),
                 format!("point `{}` of device `{}`", p.name, d.name),
-                self.present_or(&format!("{pp}.topic"), &format!("{pp}.name")),
+                at("topic"),
             ));
             if let Some(c) = d.commands.get(j) {
                 if p.writable {
@@ -1233,7 +1319,7 @@ impl Validator {
                             "{COMMAND_TOPIC_OF} point `{}` of device `{}`",
                             p.name, d.name
                         ),
-                        self.present_or(&format!("{pp}.command.topic"), &format!("{pp}.name")),
+                        at("command.topic"),
                     ));
                 }
                 claims.push((
@@ -1242,7 +1328,7 @@ impl Validator {
                         "the result topic of point `{}` of device `{}`",
                         p.name, d.name
                     ),
-                    self.present_or(&format!("{pp}.command.result_topic"), &format!("{pp}.name")),
+                    at("command.result_topic"),
                 ));
             }
         }
@@ -2152,52 +2238,9 @@ impl Validator {
     }
 
     /// The device (with `bus: 0`, set by the caller) and whether its unit id is valid.
-    fn device(
-        &mut self,
-        path: &str,
-        d: RawDevice,
-        bus: Option<&Bus>,
-        gw: &Gateway,
-    ) -> (Device, bool) {
+    /// The keys a device shares with a profile's `device:` defaults.
+    fn device_defaults(&mut self, path: &str, d: &RawProfileDevice, line_bus: bool) -> Defaults {
         let p = |k: &str| format!("{path}.{k}");
-        self.level(&p("name"), &d.name);
-        let tcp = matches!(bus.map(|b| &b.kind), Some(BusKind::Tcp { .. }));
-        let line_bus = lines::is_lines(bus);
-        let mut d = d;
-        let line_keys = lines::LineKeys::take(&mut d);
-        let errors_before = self.errors.len();
-        let unit = match d.unit {
-            Some(_) if line_bus => {
-                self.no_unit(path);
-                1
-            }
-            Some(0) => {
-                self.err(
-                    &p("unit"),
-                    "unit 0 is the broadcast address, which never answers",
-                    Some("use the device's own unit id, 1..=247".into()),
-                );
-                1
-            }
-            Some(255) if tcp => 255,
-            Some(n) if (1..=247).contains(&n) => n as u8,
-            Some(n) => {
-                let range = if tcp { "1..=247 (or 255)" } else { "1..=247" };
-                self.err(&p("unit"), format!("{n} is outside {range}"), None);
-                1
-            }
-            None if tcp || bus.is_none() || line_bus => 1,
-            None => {
-                self.err(
-                    path,
-                    "a device on an rtu bus needs `unit`",
-                    Some("its Modbus slave id, 1..=247, as set on the device".into()),
-                );
-                1
-            }
-        };
-        // Line devices have no unit: never checked for uniqueness.
-        let unit_ok = self.errors.len() == errors_before && !line_bus;
         let min_interval = Duration::from_millis(10);
         let interval = self.duration_range(
             &p("interval"),
@@ -2209,7 +2252,7 @@ impl Validator {
         );
         // Line devices have their own bound (`lines.rs`).
         let max_timeout = if line_bus { Duration::MAX } else { MAX_TIMEOUT };
-        let mut timeout = self.duration_range(
+        let timeout = self.duration_range(
             &p("timeout"),
             d.timeout.as_ref(),
             Duration::from_secs(1),
@@ -2270,6 +2313,139 @@ impl Validator {
                 interval: iv,
             });
         }
+        let order = match d.order.as_deref() {
+            Some(o) if WordOrder::ALL.iter().any(|w| w.name() == o) => Some(o.to_string()),
+            Some(o) => {
+                self.err(
+                    &p("order"),
+                    format!("`{o}` is not one of ABCD, CDAB, BADC, DCBA"),
+                    Some("the default word order of the multi-register points that give none (letters in capitals)".into()),
+                );
+                None
+            }
+            None => None,
+        };
+        Defaults {
+            timeout,
+            offline_after,
+            backoff_max,
+            max_gap,
+            max_registers,
+            max_bits,
+            groups,
+            order,
+        }
+    }
+
+    /// A device; also where each of its points is in the configuration (for topic clashes).
+    fn device(
+        &mut self,
+        path: &str,
+        d: RawDevice,
+        bus: Option<&Bus>,
+        gw: &Gateway,
+    ) -> (Device, bool, Vec<String>) {
+        let p = |k: &str| format!("{path}.{k}");
+        self.level(&p("name"), &d.name);
+        let tcp = matches!(bus.map(|b| &b.kind), Some(BusKind::Tcp { .. }));
+        let line_bus = lines::is_lines(bus);
+        let mut d = d;
+        let line_keys = lines::LineKeys::take(&mut d);
+        let profile_name = d.profile.take();
+        let source = match &profile_name {
+            Some(_) if line_bus => {
+                self.err(
+                    &p("profile"),
+                    "profiles describe Modbus devices, not devices of a `lines` bus",
+                    Some(
+                        "put the device on an rtu, tcp or rtu_over_tcp bus, or list its points"
+                            .into(),
+                    ),
+                );
+                None
+            }
+            Some(name) => self.profile(&p("profile"), name),
+            None => None,
+        };
+        let (merged, excluded) = match &source {
+            Some(s) => self.merge_profile(path, &mut d, s),
+            None => {
+                if d.points_exclude.take().is_some() && profile_name.is_none() {
+                    self.err(
+                        &p("points_exclude"),
+                        "`points_exclude` drops points of a profile, and the device has no `profile`",
+                        Some("add `profile: NAME`, or remove `points_exclude`".into()),
+                    );
+                }
+                let own = std::mem::take(&mut d.points);
+                let merged = own
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, raw)| MergedPoint {
+                        raw,
+                        source: PointSource::Device,
+                        path: format!("{path}.points[{j}]"),
+                        device_index: Some(j),
+                    })
+                    .collect();
+                (merged, Vec::new())
+            }
+        };
+        let errors_before = self.errors.len();
+        let unit = match d.unit {
+            Some(_) if line_bus => {
+                self.no_unit(path);
+                1
+            }
+            Some(0) => {
+                self.err(
+                    &p("unit"),
+                    "unit 0 is the broadcast address, which never answers",
+                    Some("use the device's own unit id, 1..=247".into()),
+                );
+                1
+            }
+            Some(255) if tcp => 255,
+            Some(n) if (1..=247).contains(&n) => n as u8,
+            Some(n) => {
+                let range = if tcp { "1..=247 (or 255)" } else { "1..=247" };
+                self.err(&p("unit"), format!("{n} is outside {range}"), None);
+                1
+            }
+            None if tcp || bus.is_none() || line_bus => 1,
+            None => {
+                self.err(
+                    path,
+                    "a device on an rtu bus needs `unit`",
+                    Some("its Modbus slave id, 1..=247, as set on the device".into()),
+                );
+                1
+            }
+        };
+        // Line devices have no unit: never checked for uniqueness.
+        let unit_ok = self.errors.len() == errors_before && !line_bus;
+        let shared = RawProfileDevice {
+            unit: None,
+            interval: d.interval.take(),
+            timeout: d.timeout.take(),
+            offline_after: d.offline_after,
+            backoff_max: d.backoff_max.take(),
+            max_gap: d.max_gap,
+            max_registers: d.max_registers,
+            max_bits: d.max_bits,
+            groups: d.groups.take(),
+            order: d.order.take(),
+        };
+        let Defaults {
+            mut timeout,
+            offline_after,
+            backoff_max,
+            max_gap,
+            max_registers,
+            max_bits,
+            groups,
+            order: default_order,
+        } = self.device_defaults(path, &shared, line_bus);
 
         let message_mode = self.choice(
             &p("message"),
@@ -2305,7 +2481,8 @@ impl Validator {
         let mut points: Vec<Point> = Vec::new();
         let mut commands: Vec<PointCommand> = Vec::new();
         let command_defaults = self.command_defaults(&p("command"), d.command.as_ref());
-        let mut names: HashMap<String, usize> = HashMap::new();
+        // Name → (path, as messages name it).
+        let mut names: HashMap<String, (String, String)> = HashMap::new();
         let mut address_valid: Vec<bool> = Vec::new();
         let mut line_points = Vec::new();
         let mut ha = DeviceHa {
@@ -2313,9 +2490,37 @@ impl Validator {
             model: d.model.take(),
             points: Vec::new(),
         };
-        for (j, mut rp) in d.points.into_iter().enumerate() {
+        let mut sources = Vec::new();
+        let mut point_paths = Vec::new();
+        for mp in merged {
+            let MergedPoint {
+                raw: mut rp,
+                source: from,
+                path: pp,
+                device_index,
+            } = mp;
+            // A profile's own point is checked in the profile's file.
+            let prev = if from == PointSource::Profile {
+                self.current
+                    .replace(source.clone().expect("profile points need a profile"))
+            } else {
+                self.current.take()
+            };
+            sources.push(from);
+            point_paths.push(match device_index {
+                Some(_) => pp.clone(),
+                None => p("profile"),
+            });
+            if let Some(o) = &default_order {
+                let wide = matches!(
+                    rp.data_type.as_deref(),
+                    Some("u32" | "i32" | "f32" | "u64" | "i64" | "f64")
+                );
+                if rp.order.is_none() && wide {
+                    rp.order = Some(o.clone());
+                }
+            }
             let raw_command = rp.command.take();
-            let pp = format!("{path}.points[{j}]");
             let raw_ha = rp.homeassistant.take();
             ha.points.push(self.point_ha(&pp, raw_ha));
             if line_bus {
@@ -2323,19 +2528,24 @@ impl Validator {
             } else {
                 self.no_line_point_keys(&pp, &rp, raw_command.as_ref());
             }
-            if let Some(first) = names.get(&rp.name) {
+            if let Some((_, first)) = names.get(&rp.name) {
+                let first = first.clone();
                 self.err(
                     &format!("{pp}.name"),
                     format!(
-                        "point name `{}` is already used by points[{first}] of this device",
+                        "point name `{}` is already used by {first} of this device",
                         rp.name
                     ),
                     Some("point names must be unique within a device".into()),
                 );
             } else {
-                names.insert(rp.name.clone(), j);
+                let shown = match pp.strip_prefix(&format!("{path}.")) {
+                    Some(own) => own.to_string(),
+                    None => format!("the profile's {pp}"),
+                };
+                names.insert(rp.name.clone(), (pp.clone(), shown));
             }
-            let duplicate = names.get(&rp.name) != Some(&j);
+            let duplicate = names.get(&rp.name).map(|(at, _)| at) != Some(&pp);
             let address_ok = !line_bus && rp.address.is_some_and(|a| (0..=65_535).contains(&a));
             let mut point = self.point(&pp, rp, &groups, &defaults, gw, &d.name);
             commands.push(self.point_command(
@@ -2360,8 +2570,11 @@ impl Validator {
             }
             address_valid.push(address_ok);
             points.push(point);
+            self.current = prev;
         }
-        if points.is_empty() {
+        // A profile that failed has said why.
+        let broken_profile = profile_name.is_some() && source.is_none();
+        if points.is_empty() && !broken_profile {
             self.err(
                 &p("points"),
                 "the device has no points",
@@ -2395,8 +2608,15 @@ impl Validator {
             commands,
             line,
             ha,
+            profile: source.map(|s| DeviceProfile {
+                name: s.raw.name.clone(),
+                file: s.file.clone(),
+                document: s.raw.document.clone(),
+                sources,
+                excluded,
+            }),
         };
-        (device, unit_ok)
+        (device, unit_ok, point_paths)
     }
 
     /// Points of one device and register kind may not share registers, except bit points with
@@ -2848,6 +3068,18 @@ impl Validator {
             max: r.max,
         }
     }
+}
+
+/// What [`Validator::device_defaults`] found.
+struct Defaults {
+    timeout: Duration,
+    offline_after: u32,
+    backoff_max: Duration,
+    max_gap: u16,
+    max_registers: u16,
+    max_bits: u16,
+    groups: Vec<PollGroup>,
+    order: Option<String>,
 }
 
 struct PointDefaults {

@@ -27,14 +27,14 @@ pub struct RawHomeAssistant {
 }
 
 /// A point's Home Assistant settings: `false` (not announced) or overrides.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum RawPointHa {
     Enabled(bool),
     Settings(RawPointHaSettings),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPointHaSettings {
     pub device_class: Option<String>,
@@ -153,7 +153,7 @@ pub struct RawBus {
     pub encoding: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPublish {
     pub mode: Option<String>,
@@ -184,6 +184,14 @@ pub struct RawDevice {
     pub retain: Option<bool>,
     /// Defaults for the command settings of this device's writable points.
     pub command: Option<RawCommand>,
+    /// Default word order of the multi-register points that give none.
+    pub order: Option<String>,
+    /// A device profile (`profiles/NAME.yaml`): its points and defaults.
+    pub profile: Option<String>,
+    /// Names of the profile's points this device does not read.
+    pub points_exclude: Option<Vec<String>>,
+    /// May be omitted with a profile.
+    #[serde(default)]
     pub points: Vec<RawPoint>,
     /// Home Assistant's device registry (optional).
     pub manufacturer: Option<String>,
@@ -217,7 +225,7 @@ pub struct RawKv {
 #[serde(deny_unknown_fields)]
 pub struct RawJson {}
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPoint {
     pub name: String,
@@ -250,7 +258,7 @@ pub struct RawPoint {
 }
 
 /// Command settings (device defaults or per point).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCommand {
     pub topic: Option<String>,
@@ -263,4 +271,35 @@ pub struct RawCommand {
     /// Line points: the command line (`SET {value:.1}\r\n`) and the reply regex.
     pub template: Option<String>,
     pub reply: Option<String>,
+}
+
+/// A device profile file (`profiles/NAME.yaml`): metadata, device defaults and points.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    pub name: String,
+    pub vendor: String,
+    pub model: String,
+    /// The vendor's register-map document and its revision.
+    pub document: String,
+    /// Anything a user should know (variants, firmware, wiring).
+    pub notes: Option<String>,
+    pub device: Option<RawProfileDevice>,
+    pub points: Vec<RawPoint>,
+}
+
+/// What a profile sets that a device may set; the device's own keys win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfileDevice {
+    pub unit: Option<i64>,
+    pub interval: Option<Value>,
+    pub timeout: Option<Value>,
+    pub offline_after: Option<i64>,
+    pub backoff_max: Option<Value>,
+    pub max_gap: Option<i64>,
+    pub max_registers: Option<i64>,
+    pub max_bits: Option<i64>,
+    pub groups: Option<Mapping>,
+    pub order: Option<String>,
 }
