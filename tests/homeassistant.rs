@@ -194,3 +194,180 @@ fn the_examples_announce_every_point() {
         }
     }
 }
+
+// --- Home Assistant itself -------------------------------------------------------------------
+
+/// Home Assistant 2024.3.3 (the newest that runs on Debian 12's Python 3.11), installed by
+/// `scripts/install-homeassistant` into a venv, driven by `tests/homeassistant/ha.py` (its
+/// REST and websocket APIs) with the MQTT integration on the test broker.
+struct HomeAssistant {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+    _dir: tempfile::TempDir,
+}
+
+impl HomeAssistant {
+    fn start(broker: u16) -> HomeAssistant {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let root = env!("CARGO_MANIFEST_DIR");
+        let install = Command::new(format!("{root}/scripts/install-homeassistant"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/install-homeassistant");
+        assert!(
+            install.status.success(),
+            "scripts/install-homeassistant failed"
+        );
+        let stdout = String::from_utf8_lossy(&install.stdout);
+        let python = stdout
+            .lines()
+            .last()
+            .expect("the venv's python")
+            .trim()
+            .to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(&python)
+            .arg(format!("{root}/tests/homeassistant/ha.py"))
+            .args(["--broker-port", &broker.to_string()])
+            .args(["--config-dir", dir.path().to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ha.py");
+        let stdin = child.stdin.take().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut ha = HomeAssistant {
+            child,
+            stdin,
+            lines,
+            _dir: dir,
+        };
+        let ready = ha.next(Duration::from_secs(120));
+        assert_eq!(
+            ready["event"], "ready",
+            "Home Assistant did not start: {ready}"
+        );
+        ha
+    }
+
+    fn next(&mut self, within: Duration) -> serde_json::Value {
+        self.lines
+            .recv_timeout(within)
+            .unwrap_or_else(|_| panic!("no answer from ha.py within {within:?}"))
+    }
+
+    /// Sends a command and returns its one answer.
+    fn ask(&mut self, cmd: serde_json::Value, within: Duration) -> serde_json::Value {
+        use std::io::Write;
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        self.next(within)
+    }
+
+    /// Waits until `entity` exists (with `state`, if given).
+    fn entity(&mut self, entity: &str, state: Option<&str>) -> serde_json::Value {
+        let answer = self.ask(
+            serde_json::json!({"cmd": "wait_entity", "entity_id": entity, "state": state, "timeout_s": 30}),
+            Duration::from_secs(40),
+        );
+        assert_eq!(
+            answer["event"], "entity",
+            "{entity} (state {state:?}): {answer}"
+        );
+        answer["entity"].clone()
+    }
+}
+
+impl Drop for HomeAssistant {
+    fn drop(&mut self) {
+        let _ = self.ask(serde_json::json!({"cmd": "quit"}), Duration::from_secs(30));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Home Assistant itself sees every point as the right entity (domain, unit, device class,
+/// state, device), marks one unavailable when its device goes offline, and a `number` set from
+/// Home Assistant writes the register through the validated command path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_itself_shows_and_commands_the_points() {
+    let broker = Mosquitto::start();
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 0, &[2301, 0, 0, 17, 2]);
+    state.set_coils(1, 0, &[true]);
+    let device = TcpDevice::start(state.clone());
+    let points = "      - { name: voltage, address: 0, type: u16, scale: 0.1, unit: V }\n      - { name: energy, address: 1, type: u32, unit: kWh }\n      - { name: setpoint, address: 3, type: u16, min: 0, max: 100, writable: true }\n      - { name: mode, address: 4, type: u16, labels: { 1: \"eco\", 2: \"boost\" } }\n      - { name: pump, register: coil, address: 0, writable: true }\n";
+    let yaml = config(broker.port(), device.port(), points).replace(
+        "    interval: 200ms\n",
+        "    interval: 200ms\n    offline_after: 2\n    timeout: 200ms\n",
+    );
+    let _gateway = Gateway::start(&yaml);
+    let mut ha = HomeAssistant::start(broker.port());
+
+    let v = ha.entity("sensor.fieldbridge_gw1_meter_voltage", Some("230.1"));
+    assert_eq!(v["domain"], "sensor");
+    assert_eq!(v["unit_of_measurement"], "V");
+    assert_eq!(
+        v["original_device_class"]
+            .as_str()
+            .or(v["device_class"].as_str()),
+        Some("voltage")
+    );
+    let e = ha.entity("sensor.fieldbridge_gw1_meter_energy", Some("0"));
+    assert_eq!(e["attributes"]["state_class"], "total_increasing");
+    let mode = ha.entity("sensor.fieldbridge_gw1_meter_mode", Some("boost"));
+    // (2024.3's registry shows no options for an MQTT enum sensor; the label is the state.)
+    assert_eq!(mode["original_device_class"], "enum", "{mode}");
+    ha.entity("switch.fieldbridge_gw1_meter_pump", Some("on"));
+    ha.entity("number.fieldbridge_gw1_meter_setpoint", Some("17"));
+    ha.entity("binary_sensor.fieldbridge_gw1_connected", Some("on"));
+    let all = ha.ask(
+        serde_json::json!({"cmd": "entities"}),
+        Duration::from_secs(20),
+    );
+    let meter = all["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "meter")
+        .unwrap_or_else(|| panic!("no device `meter`: {}", all["devices"]));
+    assert_eq!(meter["manufacturer"], "Eastron");
+    assert_eq!(meter["model"], "SDM120");
+    assert!(
+        !meter["via_device_id"].is_null(),
+        "not linked to the gateway's device: {meter}"
+    );
+
+    // Set from Home Assistant: the register is written (through the command path).
+    let set = ha.ask(
+        serde_json::json!({"cmd": "service", "domain": "number", "service": "set_value",
+            "data": {"entity_id": "number.fieldbridge_gw1_meter_setpoint", "value": 42}}),
+        Duration::from_secs(20),
+    );
+    assert_eq!(set["status"], 200, "{set}");
+    state
+        .wait_for_request(|r| r.is_write() && r.address == 3, WAIT)
+        .await;
+    assert_eq!(state.holding(1, 3, 1), vec![42]);
+    ha.entity("number.fieldbridge_gw1_meter_setpoint", Some("42"));
+
+    // The device goes silent: its entities become unavailable; back: available again.
+    state.set_silent(1, true);
+    ha.entity("sensor.fieldbridge_gw1_meter_voltage", Some("unavailable"));
+    state.set_silent(1, false);
+    ha.entity("sensor.fieldbridge_gw1_meter_voltage", Some("230.1"));
+}
