@@ -354,7 +354,7 @@ struct Gate {
     generation: u64,
     /// Set by the manager to end the session of that generation, with the reason (a protocol
     /// error only it can see, e.g. an acknowledgement for nothing in flight).
-    reset: Option<(u64, String)>,
+    reset: Option<(u64, String, proto::Cause)>,
 }
 
 enum LinkEvent {
@@ -578,7 +578,9 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
             _ = d.reset.notified() => {
                 let request = d.gate.lock().expect("gate poisoned").reset.take();
                 match request {
-                    Some((g, why)) if connected && g == generation => Err(proto::Ended::protocol(why)),
+                    Some((g, why, cause)) if connected && g == generation => {
+                        Err(proto::Ended { error: why, cause })
+                    }
                     _ => continue,
                 }
             }
@@ -1662,8 +1664,15 @@ impl Manager {
                                 self.rebirth();
                             }
                             Some(false) if self.gate_open => {
-                                tracing::warn!("primary host offline: holding data back until it is online again");
+                                // Sparkplug 3.0: the node publishes its NDEATH and disconnects
+                                // (ending the session without DISCONNECT fires the will, which
+                                // is the NDEATH), then connects again and waits for the host.
+                                tracing::warn!("primary host offline: NDEATH, connecting again (to the next server if several); data held back until the host is online");
                                 self.gate_open = false;
+                                self.end_session(
+                                    "the primary host went offline".into(),
+                                    proto::Cause::Network,
+                                );
                             }
                             _ => {}
                         }
@@ -1702,12 +1711,18 @@ impl Manager {
 
     /// Asks the event-loop task to end the current session (a protocol error it cannot see).
     fn request_reset(&mut self, why: String) {
+        self.end_session(why, proto::Cause::Protocol);
+    }
+
+    /// Ends the current session without a DISCONNECT (so the broker publishes the will); the
+    /// event loop connects again after the back-off, to the next server if there are several.
+    fn end_session(&mut self, why: String, cause: proto::Cause) {
         let Some(generation) = self.generation else {
             return;
         };
         let mut gate = self.gate.lock().expect("gate poisoned");
         if gate.reset.is_none() {
-            gate.reset = Some((generation, why));
+            gate.reset = Some((generation, why, cause));
             self.reset.notify_one();
         }
     }

@@ -424,6 +424,9 @@ async fn with_a_primary_host_nothing_goes_out_before_its_state_says_online() {
         "STATE offline sent",
     );
     gateway.expect_log("primary host offline", WAIT);
+    // The node leaves (its will is the NDEATH) and connects again, waiting for the host.
+    host.message("NDEATH", None, "the NDEATH after the host went offline");
+    gateway.expect_log("waiting for the primary host's STATE online", WAIT);
     host.send(json!({"cmd": "state", "online": true}));
     host.message("NBIRTH", None, "the NBIRTH after the host is back");
     host.message("DDATA", Some("m1"), "data after the host is back");
