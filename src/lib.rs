@@ -10,9 +10,13 @@
 //! - [`publish`]: the publisher stage, everything between a decoded reading and a message for
 //!   the link: the task (`publish::run`: bus events and the router's written values and
 //!   results in, messages out), the change filters (`publish::filter`), the payload encoding
-//!   behind one seam (`publish::Encoder`; JSON in `publish::json`), the gateway's will,
-//!   births, goodbye and held-back mark (`link::Announcer`, implemented there), the stats
-//!   message (`publish::stats`), the MQTT rules for topics (`publish::topic`).
+//!   behind one seam (`publish::Encoder`: JSON in `publish::json`, Sparkplug B in
+//!   `publish::sparkplug` with its payload schema in `publish::sparkplug::proto`), the will,
+//!   births, goodbye and rendering at send time (`link::Announcer`, implemented by both
+//!   encodings: JSON's `online`/`offline`, the held-back mark and the Home Assistant discovery
+//!   configs of `publish::homeassistant`; Sparkplug's NBIRTH/DBIRTH/NDEATH, `seq`, `bdSeq`,
+//!   `is_historical`, the primary host's STATE gate), the stats message (`publish::stats`),
+//!   the MQTT rules for topics (`publish::topic`).
 //! - [`modbus`]: one task per bus owning its connection; timeouts, reset after a timeout,
 //!   frame gap, reconnect back-off, device scheduling and write priority.
 //! - [`lines`]: serial devices that print lines of text (streamed or polled): pure parsing
@@ -20,7 +24,7 @@
 //! - [`link`]: the MQTT link task: owns the rumqttc event loop, tracks every message until
 //!   its PUBACK, re-sends after reconnect, bounded queue with a declared policy; payloads are
 //!   opaque bytes (what it says around a session, and the mark on a held-back message, it asks
-//!   of the publisher stage's `Announcer`); MQTT 3.1.1
+//!   of the publisher stage's `Announcer`); `mqtt.servers` failover; MQTT 3.1.1
 //!   or 5 behind one face (`link::proto`), prompt TCP ACKs to the broker (`link::quickack`),
 //!   which command filters to subscribe to and how (`link::subscribe`).
 //! - [`store`]: the SQLite outbox (one owner thread): spill, drain, cap, crash safety, reading
