@@ -392,7 +392,8 @@ impl Node {
         let payload = Payload {
             timestamp: Some(now),
             metrics,
-            seq: Some(0),
+            // Given when sent (`Node::render`).
+            seq: None,
             uuid: None,
         };
         self.message(&self.topics.nbirth, &payload, KIND_NBIRTH, Qos::AtMostOnce)
@@ -468,7 +469,8 @@ impl Node {
         let payload = Payload {
             timestamp: Some(now),
             metrics,
-            seq: Some(0),
+            // Given when sent (`Node::render`).
+            seq: None,
             uuid: None,
         };
         self.message(
@@ -483,7 +485,8 @@ impl Node {
         let payload = Payload {
             timestamp: Some(millis(SystemTime::now())),
             metrics: Vec::new(),
-            seq: Some(0),
+            // Given when sent (`Node::render`).
+            seq: None,
             uuid: None,
         };
         self.message(
@@ -623,15 +626,12 @@ impl Announcer for Node {
     /// current state); DATA made before them is historical, held back or not (a message
     /// re-sent after a reconnect must not roll current values back).
     fn render(&self, kind: u8, held: bool, created: Instant, payload: &[u8]) -> Rendered {
-        let Ok(mut p) = Payload::decode(payload) else {
-            return Rendered::AsIs;
-        };
         let mut state = self.lock();
         let before_births = state.session_start.is_some_and(|s| created < s);
         if kind == KIND_BIRTH && before_births {
             return Rendered::Drop;
         }
-        let held = held || before_births;
+        let historical = kind == KIND_DATA && (held || before_births);
         let seq = if kind == KIND_NBIRTH {
             state.seq = 1;
             0
@@ -640,13 +640,26 @@ impl Announcer for Node {
             state.seq = (s + 1) % 256;
             s
         };
-        p.seq = Some(seq);
-        if kind == KIND_DATA && held {
+        drop(state);
+        // Messages are encoded without `seq`: it is appended (protobuf takes fields in any
+        // order), so a live message is not decoded again; historical data is, to mark it.
+        let mut bytes = if historical {
+            let Ok(mut p) = Payload::decode(payload) else {
+                return Rendered::AsIs;
+            };
             for m in &mut p.metrics {
                 m.is_historical = Some(true);
             }
-        }
-        Rendered::Bytes(p.encode_to_vec())
+            p.encode_to_vec()
+        } else {
+            let mut b = Vec::with_capacity(payload.len() + 3);
+            b.extend_from_slice(payload);
+            b
+        };
+        // Field 3 (`seq`), varint: tag 0x18.
+        bytes.push(0x18);
+        prost::encoding::encode_varint(seq, &mut bytes);
+        Rendered::Bytes(bytes)
     }
 }
 
@@ -737,7 +750,8 @@ impl Encoder for Encoding {
         let payload = Payload {
             timestamp: Some(ts),
             metrics,
-            seq: Some(0),
+            // Given when sent (`Node::render`).
+            seq: None,
             uuid: None,
         };
         let mut msg = node.message(&node.topics.ddata[d], &payload, KIND_DATA, node.qos);
@@ -819,7 +833,8 @@ impl Encoder for Encoding {
         let payload = Payload {
             timestamp: Some(now),
             metrics,
-            seq: Some(0),
+            // Given when sent (`Node::render`).
+            seq: None,
             uuid: None,
         };
         out.push(node.message(&node.topics.ndata, &payload, KIND_DATA, node.qos));
