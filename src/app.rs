@@ -31,7 +31,10 @@ pub struct Reload {
 
 /// A running bus task and what it was started from.
 struct RunningBus {
-    def: BusDef,
+    /// The configuration it was started from (the forwarder holds it anyway) and its index:
+    /// compared with a reloaded one through `bus_def`, built only then.
+    config: Arc<Config>,
+    bus: usize,
     handle: BusHandle,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -88,7 +91,7 @@ fn spawn_bus(
     let tracker = TaskTracker::new();
     let handle = spawn(bus, devices, events_tx, cancel.clone(), &tracker);
     tracker.close();
-    let def = bus_def(config, b);
+    let started_from = config.clone();
     let (config, tagged) = (config.clone(), tagged.clone());
     // Ends when the bus task ends and drops its sender.
     let forwarder = tokio::spawn(async move {
@@ -104,7 +107,8 @@ fn spawn_bus(
         }
     });
     Some(RunningBus {
-        def,
+        config: started_from,
+        bus: b,
         handle,
         cancel,
         tracker,
@@ -371,8 +375,8 @@ pub async fn run_with_reload(
                     let same = new
                         .buses
                         .iter()
-                        .position(|b| b.name == r.def.bus.name)
-                        .is_some_and(|b| bus_def(&new, b) == r.def);
+                        .position(|b| b.name == r.config.buses[r.bus].name)
+                        .is_some_and(|b| bus_def(&new, b) == bus_def(&r.config, r.bus));
                     if same {
                         kept.push(r);
                     } else {
@@ -382,7 +386,7 @@ pub async fn run_with_reload(
                 }
                 stopping.join_all().await;
                 old_supervisor.cancel();
-                let kept_names: Vec<String> = kept.iter().map(|r| r.def.bus.name.clone()).collect();
+                let kept_names: Vec<String> = kept.iter().map(|r| r.config.buses[r.bus].name.clone()).collect();
                 let started: Vec<RunningBus> = (0..new.buses.len())
                     .filter(|&b| !kept_names.contains(&new.buses[b].name))
                     .filter_map(|b| spawn_bus(&new, generation, b, &tagged_tx, &cancel))

@@ -356,8 +356,14 @@ proptest! {
             prop_assert!(shown.contains("fuzz.yaml"), "{}", shown);
             for e in &errors.errors {
                 prop_assert!(!e.message.is_empty());
+                // An error in a device profile (a device of the mutated file names one) points
+                // into that file: its lines are counted there.
+                let lines = match &e.file {
+                    Some(f) => yaml_lines(&std::fs::read_to_string(f).unwrap_or_default()),
+                    None => lines,
+                };
                 if let Some(line) = e.line {
-                    prop_assert!(line <= lines, "line {} of {}: {}", line, lines, e.message);
+                    prop_assert!(line <= lines, "line {} of {} ({:?}): {}", line, lines, e.file, e.message);
                 }
             }
         }
@@ -485,6 +491,29 @@ mod regressions {
         // Found before the fix: 50.0 on an f32 point with max 50 wrote 50.0000000000001.
         let point = p(DataType::F32, 0.1, 0.0, None, Some(50.0));
         check_planned(&point, &Value::Float(50.0)).unwrap();
+    }
+
+    #[test]
+    fn an_error_in_a_profile_is_counted_in_the_profile_s_lines() {
+        // Found by config_loader_reports_mutated_configs (scripts/fuzz 150): "line 42 of 41".
+        // `name: &eter-1` (an anchor, no name) made every point a profile brings report its
+        // topic, at its line in the profile file; the oracle counted the configuration's lines.
+        let root = env!("CARGO_MANIFEST_DIR");
+        let example = std::fs::read_to_string(format!(
+            "{root}/config/examples/energy-meters-profiles.yaml"
+        ))
+        .unwrap();
+        let text = example.replacen("name: meter-1", "name: &eter-1", 1);
+        assert_ne!(text, example, "the example changed: update this test");
+        let errors = fieldbridge::config::parse(&text, &format!("{root}/config/examples/x.yaml"))
+            .unwrap_err();
+        let in_profile: Vec<_> = errors.errors.iter().filter(|e| e.file.is_some()).collect();
+        assert!(!in_profile.is_empty(), "{errors}");
+        for e in in_profile {
+            let file = e.file.as_deref().unwrap();
+            let lines = std::fs::read_to_string(file).unwrap().lines().count();
+            assert!(e.line.is_some_and(|l| l <= lines), "{file}: {e:?}");
+        }
     }
 
     #[test]

@@ -2607,7 +2607,20 @@ impl Validator {
             points_by_name,
             commands,
             line,
-            ha,
+            ha: DeviceHa {
+                points: {
+                    // Only points with settings of their own; `homeassistant.rs` takes a
+                    // missing entry as the default (every device is held three times over:
+                    // 128 bytes a point added 0.2 MiB to W1).
+                    let mut v = ha.points;
+                    while v.last().is_some_and(|p| *p == PointHa::default()) {
+                        v.pop();
+                    }
+                    v.shrink_to_fit();
+                    v
+                },
+                ..ha
+            },
             profile: source.map(|s| DeviceProfile {
                 name: s.raw.name.clone(),
                 file: s.file.clone(),
