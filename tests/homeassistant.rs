@@ -45,6 +45,22 @@ async fn configs(probe: &mut MqttProbe, n: usize, within: Duration) -> BTreeMap<
     seen
 }
 
+/// Writes a new configuration into the gateway's file (its `{dir}` resolved).
+fn rewrite(gateway: &Gateway, yaml: &str) {
+    let yaml = yaml.replace("{dir}", &gateway.dir().display().to_string());
+    std::fs::write(gateway.config_path(), yaml).unwrap();
+}
+
+/// The next message on `topic` is an empty one: the config is cleared.
+async fn expect_cleared(probe: &mut MqttProbe, topic: &str) {
+    let cleared = probe.expect(|t| t == topic, WAIT).await;
+    assert!(
+        cleared.payload.is_empty(),
+        "not cleared: {}",
+        cleared.text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configs_are_retained_announced_again_on_home_assistant_s_birth_and_cleared_on_removal() {
     let broker = Mosquitto::start();
@@ -75,24 +91,13 @@ async fn configs_are_retained_announced_again_on_home_assistant_s_birth_and_clea
         "      - { name: energy, address: 1, type: u32, unit: kWh }\n",
         "",
     );
-    std::fs::write(
-        gateway.config_path(),
-        config(broker.port(), device.port(), &fewer)
-            .replace("{dir}", &gateway.dir().display().to_string()),
-    )
-    .unwrap();
+    rewrite(&gateway, &config(broker.port(), device.port(), &fewer));
     gateway.hangup();
-    let cleared = probe
-        .expect(
-            |t| t == "homeassistant/sensor/fieldbridge_gw1/meter_energy/config",
-            WAIT,
-        )
-        .await;
-    assert!(
-        cleared.payload.is_empty(),
-        "not cleared: {}",
-        cleared.text()
-    );
+    expect_cleared(
+        &mut probe,
+        "homeassistant/sensor/fieldbridge_gw1/meter_energy/config",
+    )
+    .await;
 
     // A restart without `setpoint`: the previous run's topics are remembered and it is cleared.
     let fewest = fewer.replace(
@@ -101,24 +106,13 @@ async fn configs_are_retained_announced_again_on_home_assistant_s_birth_and_clea
     );
     gateway.terminate();
     gateway.wait_exit(WAIT).expect("the gateway stops");
-    std::fs::write(
-        gateway.config_path(),
-        config(broker.port(), device.port(), &fewest)
-            .replace("{dir}", &gateway.dir().display().to_string()),
-    )
-    .unwrap();
+    rewrite(&gateway, &config(broker.port(), device.port(), &fewest));
     gateway.restart();
-    let cleared = probe
-        .expect(
-            |t| t == "homeassistant/number/fieldbridge_gw1/meter_setpoint/config",
-            WAIT,
-        )
-        .await;
-    assert!(
-        cleared.payload.is_empty(),
-        "not cleared: {}",
-        cleared.text()
-    );
+    expect_cleared(
+        &mut probe,
+        "homeassistant/number/fieldbridge_gw1/meter_setpoint/config",
+    )
+    .await;
 
     // What a new subscriber finds now: no config of a removed point.
     drop(probe);

@@ -278,21 +278,7 @@ mod tests {
         assert!(f.should_publish(&Value::Int(5), t0));
     }
 
-    const PER_DEVICE: &str = r#"
-gateway: { id: gw, prefix: t }
-mqtt: { url: "mqtt://127.0.0.1:1883" }
-buses:
-  - { name: b, type: tcp, host: 127.0.0.1 }
-devices:
-  - name: d
-    bus: b
-    message: per_device
-    publish: { mode: on_change }
-    points:
-      - { name: zeta, address: 0, type: u16 }
-      - { name: alpha, address: 1, type: u16 }
-      - { name: mid, address: 2, type: u16 }
-"#;
+    use crate::publish::tests::PER_DEVICE;
 
     #[test]
     fn old_generations_filters_are_dropped_least_recently_used_first() {

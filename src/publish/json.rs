@@ -524,6 +524,24 @@ pub fn mark_buffered(payload: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Discovery configs that did not all go out (the session ended first) are sent again,
+    /// all of them, with the next births; once they went out, only `online` follows.
+    #[test]
+    fn discovery_configs_not_sent_are_sent_again_with_the_next_births() {
+        let config = crate::config::parse(
+            "gateway: { id: gw }\nmqtt: { url: \"mqtt://127.0.0.1:1883\" }\nstore: { path: none }\nhomeassistant: { discovery: true }\nbuses:\n  - { name: b, type: tcp, host: 127.0.0.1 }\ndevices:\n  - { name: d, bus: b, points: [ { name: p, address: 0 } ] }\n",
+            "t.yaml",
+        )
+        .expect("config loads");
+        let gateway = Gateway::new(&config);
+        let first = gateway.births();
+        assert!(first.len() > 1, "online and the configs");
+        gateway.births_done(false);
+        assert_eq!(gateway.births().len(), first.len(), "not sent again");
+        gateway.births_done(true);
+        assert_eq!(gateway.births().len(), 1, "only online once they went out");
+    }
     use crate::model::{DataType, PublishPolicy, RegisterKind, WordOrder};
     use std::collections::BTreeMap;
     use std::time::Duration;

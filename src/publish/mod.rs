@@ -358,7 +358,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    const PER_DEVICE: &str = r#"
+    /// Shared with `filter`'s tests.
+    pub(super) const PER_DEVICE: &str = r#"
 gateway: { id: gw, prefix: t }
 mqtt: { url: "mqtt://127.0.0.1:1883" }
 buses:
@@ -493,6 +494,21 @@ devices:
         // Writing the value the point already has publishes nothing new either.
         assert!(publish(&mut stage, vec![written(7)]).is_empty());
         assert_eq!(publish(&mut stage, vec![read(8)]).len(), 1);
+    }
+
+    /// After a bad reading, the next good one is published even if it equals the value
+    /// before the fault (the consumer last saw `quality: bad`).
+    #[test]
+    fn a_good_value_after_a_bad_reading_is_published_even_if_unchanged() {
+        let config = Arc::new(crate::config::parse(PER_POINT, "test.yaml").expect("config loads"));
+        let mut stage = Stage::default();
+        let read =
+            |v: Result<Raw, String>| bus(&config, 1, BusEvent::Reading(reading(vec![(0, v)])));
+        assert_eq!(publish(&mut stage, vec![read(Ok(Raw::U64(5)))]).len(), 1);
+        let bad = publish(&mut stage, vec![read(Err("timeout".into()))]);
+        assert!(bad[0].contains(r#""quality":"bad""#), "{bad:?}");
+        let good = publish(&mut stage, vec![read(Ok(Raw::U64(5)))]);
+        assert_eq!(good.len(), 1, "the value after the fault was not published");
     }
 
     #[test]

@@ -540,6 +540,21 @@ fn write_bd_seq(path: &Path, bd_seq: u64) {
     }
 }
 
+/// NDEATH: only `bdSeq`, no `seq` (Sparkplug 3.0).
+fn ndeath(bd_seq: u64) -> Payload {
+    Payload {
+        timestamp: Some(millis(SystemTime::now())),
+        metrics: vec![Metric {
+            name: Some("bdSeq".into()),
+            datatype: Some(datatype::INT64),
+            value: Some(MetricValue::LongValue(bd_seq)),
+            ..Metric::default()
+        }],
+        seq: None,
+        uuid: None,
+    }
+}
+
 impl Announcer for Node {
     /// NDEATH with the next `bdSeq` (one per connection attempt).
     fn will(&self) -> Option<Will> {
@@ -548,17 +563,7 @@ impl Announcer for Node {
         if let Some(path) = &self.bd_seq_file {
             write_bd_seq(path, state.bd_seq);
         }
-        let payload = Payload {
-            timestamp: Some(millis(SystemTime::now())),
-            metrics: vec![Metric {
-                name: Some("bdSeq".into()),
-                datatype: Some(datatype::INT64),
-                value: Some(MetricValue::LongValue(state.bd_seq)),
-                ..Metric::default()
-            }],
-            seq: None,
-            uuid: None,
-        };
+        let payload = ndeath(state.bd_seq);
         Some(Will {
             topic: self.topics.ndeath.clone(),
             payload: payload.encode_to_vec(),
@@ -575,17 +580,7 @@ impl Announcer for Node {
     /// NDEATH before a clean disconnect (which fires no will), with the session's `bdSeq`.
     fn goodbye(&self) -> Vec<OutMessage> {
         let state = self.lock();
-        let payload = Payload {
-            timestamp: Some(millis(SystemTime::now())),
-            metrics: vec![Metric {
-                name: Some("bdSeq".into()),
-                datatype: Some(datatype::INT64),
-                value: Some(MetricValue::LongValue(state.bd_seq)),
-                ..Metric::default()
-            }],
-            seq: None,
-            uuid: None,
-        };
+        let payload = ndeath(state.bd_seq);
         vec![self.message(
             &self.topics.ndeath,
             &payload,
