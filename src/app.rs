@@ -136,10 +136,11 @@ fn load_for_reload(path: &std::path::Path, running: &Config) -> Option<Config> {
                 || new.mqtt != running.mqtt
                 || new.store != running.store
                 || new.sparkplug != running.sparkplug
+                || new.http != running.http
                 || (new.sparkplug.is_some() && new.devices != running.devices) =>
         {
             tracing::error!(
-                "reload refused: the gateway, mqtt, store or sparkplug section changed (or, in Sparkplug mode, the devices: their births would change), which needs a restart (systemctl restart fieldbridge); keeping the running configuration"
+                "reload refused: the gateway, mqtt, store, sparkplug or http section changed (or, in Sparkplug mode, the devices: their births would change), which needs a restart (systemctl restart fieldbridge); keeping the running configuration"
             );
             None
         }
@@ -159,6 +160,36 @@ struct Sidecars {
     health_retire: CancellationToken,
 }
 
+/// What the sidecars' figures come from, kept across reloads.
+struct Observed {
+    link: Arc<link::LinkStats>,
+    store: Option<Arc<crate::store::StoreStats>>,
+    commands: Arc<crate::command::CommandStats>,
+    live: Option<Arc<crate::observe::Live>>,
+    started: crate::observe::Started,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The current sources, for the HTTP endpoint.
+    current: tokio::sync::watch::Sender<Arc<crate::observe::Sources>>,
+}
+
+impl Observed {
+    /// The sources of `config` running on `handles`, made current.
+    fn sources(&self, config: &Arc<Config>, handles: &[BusHandle]) -> Arc<crate::observe::Sources> {
+        let sources = Arc::new(crate::observe::Sources::new(
+            config.clone(),
+            handles.to_vec(),
+            self.link.clone(),
+            self.store.clone(),
+            self.commands.clone(),
+            self.live.clone(),
+            self.started,
+            self.ready.clone(),
+        ));
+        self.current.send_replace(sources.clone());
+        sources
+    }
+}
+
 impl Sidecars {
     #[allow(clippy::too_many_arguments)]
     fn start(
@@ -167,12 +198,11 @@ impl Sidecars {
         router_input: &tokio::sync::watch::Sender<RouterInput>,
         publisher: &mpsc::Sender<Input>,
         link_sender: &mpsc::Sender<OutMessage>,
-        link_stats: &Arc<link::LinkStats>,
-        store_stats: &Option<Arc<crate::store::StoreStats>>,
-        command_stats: &Arc<crate::command::CommandStats>,
+        observed: &Observed,
         memory: crate::command::router::Memory,
         stop: &CancellationToken,
     ) -> Sidecars {
+        let sources = observed.sources(config, handles);
         let router_cancel = stop.child_token();
         let (tx, rx) = mpsc::channel(crate::command::QUEUE);
         router_input.send_replace((tx, config.clone()));
@@ -181,7 +211,7 @@ impl Sidecars {
             handles,
             rx,
             publisher.clone(),
-            command_stats.clone(),
+            observed.commands.clone(),
             memory,
             router_cancel.clone(),
         );
@@ -193,26 +223,15 @@ impl Sidecars {
             .filter(|_| config.sparkplug.is_none())
         {
             tokio::spawn(publish::stats::run(
-                config.clone(),
+                sources.clone(),
                 every,
-                handles.iter().map(|b| b.stats.clone()).collect(),
-                link_stats.clone(),
-                store_stats.clone(),
-                command_stats.clone(),
                 link_sender.clone(),
                 stats_cancel.clone(),
             ));
         }
         // READY=1 now, STATUS= and WATCHDOG=1 while tasks progress, STOPPING=1 on `stop`.
         let health_retire = CancellationToken::new();
-        crate::health::spawn(
-            config,
-            handles,
-            link_stats.clone(),
-            store_stats.clone(),
-            stop.clone(),
-            health_retire.clone(),
-        );
+        crate::health::spawn(sources, stop.clone(), health_retire.clone());
         Sidecars {
             router_cancel,
             router,
@@ -273,17 +292,24 @@ pub async fn run_with_reload(
         "fieldbridge started"
     );
 
+    let started = crate::observe::Started::now();
     let command_stats = Arc::new(crate::command::CommandStats::default());
     let (tagged_tx, tagged_rx) = mpsc::channel::<Input>(256);
     let figures = config
         .sparkplug
         .is_some()
         .then(|| figures(&link.stats, &store_stats, &command_stats));
+    // The last values, for the status page: kept only while the endpoint is on.
+    let live = config
+        .http
+        .is_some()
+        .then(|| Arc::new(crate::observe::Live::default()));
     let publisher = tokio::spawn(publish::run(
         tagged_rx,
         encoder,
         figures,
         rebirths,
+        live.clone(),
         link.sender.clone(),
     ));
     // Commands go to whichever router is current (one per configuration). Never blocking:
@@ -337,18 +363,43 @@ pub async fn run_with_reload(
     let handles = |running: &[RunningBus]| -> Vec<BusHandle> {
         running.iter().map(|r| r.handle.clone()).collect()
     };
+    let (current, current_rx) =
+        tokio::sync::watch::channel(Arc::new(crate::observe::Sources::new(
+            config.clone(),
+            Vec::new(),
+            link.stats.clone(),
+            store_stats.clone(),
+            command_stats.clone(),
+            live.clone(),
+            started,
+            Arc::default(),
+        )));
+    let observed = Observed {
+        link: link.stats.clone(),
+        store: store_stats.clone(),
+        commands: command_stats.clone(),
+        live,
+        started,
+        ready: Arc::default(),
+        current,
+    };
     let mut sidecars = Sidecars::start(
         &config,
         &handles(&running),
         &router_input,
         &tagged_tx,
         &link.sender,
-        &link.stats,
-        &store_stats,
-        &command_stats,
+        &observed,
         crate::command::router::Memory::default(),
         &cancel,
     );
+    let http_stop = CancellationToken::new();
+    if let Some(settings) = &config.http {
+        if let Err(e) = crate::http::spawn(settings, current_rx, http_stop.clone()).await {
+            // The gateway's work goes on without its window.
+            tracing::error!(listen = %settings.listen, error = %e, "cannot open the http endpoint: running without /metrics and the status page");
+        }
+    }
 
     loop {
         let requested = async {
@@ -415,9 +466,7 @@ pub async fn run_with_reload(
                     &router_input,
                     &tagged_tx,
                     &link.sender,
-                    &link.stats,
-                    &store_stats,
-                    &command_stats,
+                    &observed,
                     memory,
                     &cancel,
                 );
@@ -426,10 +475,11 @@ pub async fn run_with_reload(
     }
 
     tracing::info!("shutting down: stopping polls");
-    let buses = handles(&running);
+    let last = observed.sources(&config, &handles(&running));
     for r in running {
         stop_bus(r).await;
     }
+    http_stop.cancel();
     let _ = sidecars.stop().await;
     drop(tagged_tx);
     drop(router_input);
@@ -442,15 +492,22 @@ pub async fn run_with_reload(
         Ok(report) => report?,
         Err(_) => anyhow::bail!("the MQTT link did not stop within 15 s"),
     };
-    for bus in &buses {
-        let s = &bus.stats;
+    for b in &last.snapshot().buses {
+        let failures = |kind: &str| {
+            b.failures
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map_or(0, |f| f.1)
+        };
         tracing::info!(
-            bus = %bus.name,
-            polls = modbus::BusStats::get(&s.polls),
-            failed = modbus::BusStats::get(&s.failed_polls),
-            exceptions = modbus::BusStats::get(&s.exceptions),
-            skipped_ticks = modbus::BusStats::get(&s.skipped_ticks),
-            resets = modbus::BusStats::get(&s.resets),
+            bus = %b.name,
+            polls = b.polls,
+            failed = b.failed_polls,
+            exceptions = failures("exception"),
+            timeouts = failures("timeout"),
+            skipped_ticks = b.skipped_ticks,
+            resets = b.resets,
+            busy_s = b.busy_seconds,
             "bus summary"
         );
     }

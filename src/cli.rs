@@ -48,7 +48,8 @@ enum Command {
         #[arg(long, num_args = 2, value_names = ["DEVICE", "LINE"])]
         sample: Option<Vec<String>>,
     },
-    /// Print the store-and-forward backlog (works while the gateway runs).
+    /// Print the running gateway's figures (from its `http:` endpoint) and the
+    /// store-and-forward backlog (works while the gateway runs).
     Status {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -274,6 +275,18 @@ pub fn check_report(path: &Path, config: &Config) -> String {
         config.mqtt.client_id,
         config.mqtt.status_topic
     );
+    if let Some(http) = &config.http {
+        let _ = writeln!(
+            out,
+            "http: http://{}/ (status page), /metrics, /healthz, /readyz; {}",
+            http.listen,
+            match &http.auth {
+                Some(crate::model::HttpAuth::Bearer(_)) => "bearer token required",
+                Some(crate::model::HttpAuth::Basic(_)) => "basic auth required",
+                None => "loopback only, no credentials",
+            }
+        );
+    }
     for (b, bus) in config.buses.iter().enumerate() {
         let serial = match &bus.kind {
             BusKind::Rtu(s) => {
@@ -613,8 +626,143 @@ async fn read_points(conn: &mut Connection, device: &Device, selected: &[usize])
     }
 }
 
-/// `status`: the store's backlog, read from the file (a running gateway is not disturbed).
+/// `status`: the running gateway's snapshot from its HTTP endpoint (the same figures as the
+/// stats topic and `/metrics`), when `http:` is configured; then, or else, the store's backlog
+/// read from the file (a running gateway is not disturbed).
 fn status(config: &Config) -> i32 {
+    match &config.http {
+        Some(http) => match crate::http::get(http, "/api/status") {
+            Ok(body) => match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(s) => {
+                    print!("{}", live_report(&s));
+                    return EXIT_OK;
+                }
+                Err(e) => println!("live figures: unreadable answer from the gateway ({e})"),
+            },
+            Err(e) => println!("live figures: the gateway does not answer ({e}); is it running?"),
+        },
+        None => println!(
+            "live figures: off (add `http: {{ listen: 127.0.0.1:9105 }}` to see them here)"
+        ),
+    }
+    store_status(config)
+}
+
+/// The human form of a running gateway's `/api/status`.
+pub fn live_report(s: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let age = |v: &serde_json::Value| match v.as_f64() {
+        Some(s) => format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(s as u64))
+        ),
+        None => "never".to_string(),
+    };
+    let g = &s["gateway"];
+    let m = &s["mqtt"];
+    let _ = writeln!(
+        out,
+        "gateway {} (fieldbridge {}, {}), up {}{}",
+        g["id"].as_str().unwrap_or(""),
+        g["version"].as_str().unwrap_or(""),
+        g["mode"].as_str().unwrap_or(""),
+        humantime::format_duration(Duration::from_secs(f(&g["uptime_seconds"]) as u64)),
+        match g["stalled"].as_array() {
+            Some(a) if !a.is_empty() => format!(
+                ", STALLED: {}",
+                a.iter()
+                    .filter_map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => String::new(),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "mqtt: {} {}, backlog {}, in flight {}, delivered {}, dropped {}, reconnects {}",
+        if m["connected"].as_bool() == Some(true) {
+            "connected to"
+        } else {
+            "DISCONNECTED from"
+        },
+        m["broker"].as_str().unwrap_or(""),
+        u(&m["backlog"]),
+        u(&m["in_flight"]),
+        u(&m["delivered"]),
+        u(&m["dropped"]),
+        u(&m["connects"]).saturating_sub(1),
+    );
+    match s["store"].as_object() {
+        Some(st) => {
+            let _ = writeln!(
+                out,
+                "store: {} messages, {:.1} KiB of {:.1} MiB cap{}",
+                u(&st["messages"]),
+                f(&st["bytes"]) / 1024.0,
+                f(&st["cap_bytes"]) / (1024.0 * 1024.0),
+                if u(&st["messages"]) > 0 {
+                    format!(", oldest {}", age(&st["oldest_age_seconds"]))
+                } else {
+                    String::new()
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "store: none (memory queue only)");
+        }
+    }
+    let c = &s["commands"];
+    let _ = writeln!(
+        out,
+        "commands: {} executed, {} refused, {} failed",
+        u(&c["executed"]),
+        u(&c["refused"]),
+        u(&c["failed"])
+    );
+    let _ = writeln!(
+        out,
+        "devices: {}/{} online",
+        u(&g["devices_online"]),
+        u(&g["devices"])
+    );
+    for d in s["devices"].as_array().into_iter().flatten() {
+        let state = match d["online"].as_bool() {
+            Some(true) => "online",
+            Some(false) => "OFFLINE",
+            None => "unknown",
+        };
+        let _ = write!(
+            out,
+            "  {:<20} {:<8} bus {} unit {}, last good {}, {} failures / {} polls",
+            d["name"].as_str().unwrap_or(""),
+            state,
+            d["bus"].as_str().unwrap_or(""),
+            u(&d["unit"]),
+            age(&d["last_good_age_seconds"]),
+            u(&d["failures"]),
+            u(&d["polls"]),
+        );
+        if let Some(ms) = d["poll_ms"].as_f64() {
+            let _ = write!(out, ", poll {ms:.1} ms");
+        }
+        if let Some(e) = d["last_error"].as_str() {
+            let _ = write!(
+                out,
+                "\n  {:<20} last error ({}): {e}",
+                "",
+                age(&d["last_error_age_seconds"])
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The store's backlog, read from the file.
+fn store_status(config: &Config) -> i32 {
     let Some(path) = &config.store.path else {
         println!("store: none (store.path: none); messages are kept in memory only");
         return EXIT_OK;

@@ -73,6 +73,37 @@ pub struct CommandStats {
     pub suppressed: std::sync::atomic::AtomicU64,
     /// Commands dropped unread: the router's queue was full, or the topic too long.
     pub dropped: std::sync::atomic::AtomicU64,
+    /// `refused` by reason (the result's `reason`): at most [`REASONS_KEPT`] reasons, the
+    /// rest as `other`, so that a label never grows with what the network sends.
+    by_reason: std::sync::Mutex<Vec<(String, u64)>>,
+}
+
+/// How many refusal reasons [`CommandStats`] tells apart.
+pub const REASONS_KEPT: usize = 32;
+
+impl CommandStats {
+    /// Counts one refused command.
+    pub fn count_refusal(&self, reason: &str) {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(mut by) = self.by_reason.lock() else {
+            return;
+        };
+        let key = if by.len() >= REASONS_KEPT && !by.iter().any(|(r, _)| r == reason) {
+            "other"
+        } else {
+            reason
+        };
+        match by.iter_mut().find(|(r, _)| r == key) {
+            Some((_, n)) => *n += 1,
+            None => by.push((key.to_string(), 1)),
+        }
+    }
+
+    /// Refusals by reason, in the order first seen.
+    pub fn refusals(&self) -> Vec<(String, u64)> {
+        self.by_reason.lock().map(|b| b.clone()).unwrap_or_default()
+    }
 }
 
 /// The filter derived from the default command template: `{prefix}/+/+/set`.

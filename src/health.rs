@@ -21,17 +21,16 @@
 //! logged every [`FAILURE_SUMMARY_EVERY`], since the bus task logs only the first failure of
 //! an episode at `warn`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::link::LinkStats;
-use crate::modbus::{BusHandle, BusStats};
-use crate::model::{Bus, Config, Device};
+use crate::model::{Bus, Device};
 use crate::notify::{self, Notifier};
-use crate::store::StoreStats;
+use crate::observe::Sources;
 
 /// Longest an idle task loop sleeps before it beats its heartbeat again.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -134,52 +133,20 @@ pub fn status_line(s: &Summary) -> String {
     line
 }
 
-struct WatchedBus {
-    name: String,
-    stats: Arc<BusStats>,
-    limit: Duration,
-    devices: usize,
-    failed_at_last_summary: u64,
-}
-
 /// Starts the supervisor: sends `READY=1` at once, then status, watchdog pings and failure
 /// summaries until `cancel` fires, then `STOPPING=1`. Reads `NOTIFY_SOCKET` and
-/// `WATCHDOG_USEC` from the environment; without them it only logs.
+/// `WATCHDOG_USEC` from the environment; without them it only logs. Everything it says comes
+/// from `sources` (the status line from [`Sources::summary`], the stalls from
+/// [`Sources::tasks`], the failure summary from the snapshot).
 pub fn spawn(
-    config: &Config,
-    buses: &[BusHandle],
-    link: Arc<LinkStats>,
-    store: Option<Arc<StoreStats>>,
+    sources: Arc<Sources>,
     cancel: CancellationToken,
     retire: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let watched: Vec<WatchedBus> = buses
-        .iter()
-        .map(|handle| {
-            let index = config.buses.iter().position(|b| b.name == handle.name);
-            let devices: Vec<&Device> = config
-                .devices
-                .iter()
-                .filter(|d| Some(d.bus) == index)
-                .collect();
-            let limit = match index {
-                Some(b) => bus_stall_limit(&config.buses[b], devices.iter().copied()),
-                None => LINK_STALL_LIMIT,
-            };
-            WatchedBus {
-                name: handle.name.clone(),
-                stats: handle.stats.clone(),
-                limit,
-                devices: devices.len(),
-                failed_at_last_summary: 0,
-            }
-        })
-        .collect();
-    let devices = config.devices.len();
     let notifier = Notifier::from_env();
     let watchdog = notify::watchdog_from_env();
     if let Some(period) = watchdog {
-        let longest = watched.iter().map(|b| b.limit).max().unwrap_or_default();
+        let longest = sources.limits.iter().max().copied().unwrap_or_default();
         if longest > period {
             tracing::warn!(
                 watchdog_ms = period.as_millis() as u64,
@@ -189,33 +156,16 @@ pub fn spawn(
             );
         }
     }
-    tokio::spawn(supervise(
-        notifier,
-        watchdog,
-        watched,
-        Delivery { link, store },
-        devices,
-        cancel,
-        retire,
-    ))
-}
-
-/// The tasks of the delivery path the supervisor watches besides the buses.
-struct Delivery {
-    link: Arc<LinkStats>,
-    store: Option<Arc<StoreStats>>,
+    tokio::spawn(supervise(notifier, watchdog, sources, cancel, retire))
 }
 
 async fn supervise(
     notifier: Option<Notifier>,
     watchdog: Option<Duration>,
-    mut buses: Vec<WatchedBus>,
-    delivery: Delivery,
-    devices: usize,
+    sources: Arc<Sources>,
     cancel: CancellationToken,
     retire: CancellationToken,
 ) {
-    let Delivery { link, store } = delivery;
     let send = |state: &str| {
         if let Some(n) = &notifier {
             if let Err(e) = n.send(state) {
@@ -230,52 +180,29 @@ async fn supervise(
     let mut last_status = String::new();
     let mut was_stalled: Vec<String> = Vec::new();
     let mut next_summary = Instant::now() + FAILURE_SUMMARY_EVERY;
+    let mut failed_at_last_summary: HashMap<String, u64> = HashMap::new();
     let mut ready = false;
     loop {
-        let mut ages: Vec<TaskAge> = buses
-            .iter()
-            .map(|b| TaskAge {
-                name: format!("bus {}", b.name),
-                age: b.stats.heartbeat.age(),
-                limit: b.limit,
-            })
-            .collect();
-        ages.push(TaskAge {
-            name: "mqtt link".to_string(),
-            age: link.heartbeat.age(),
-            limit: LINK_STALL_LIMIT,
-        });
-        if let Some(store) = &store {
-            ages.push(TaskAge {
-                name: "store".to_string(),
-                age: store.heartbeat.age(),
-                limit: STORE_STALL_LIMIT,
-            });
-        }
-        let stalled_now = stalled(&ages);
-        for name in stalled_now.iter().filter(|n| !was_stalled.contains(n)) {
-            let age = ages.iter().find(|t| &t.name == name).map(|t| t.age);
-            tracing::error!(
-                task = %name,
-                silent_ms = age.map_or(0, |a| a.as_millis() as u64),
-                "task made no progress: withholding the watchdog ping"
-            );
+        let summary = sources.summary();
+        let stalled_now = summary.stalled.clone();
+        if stalled_now.iter().any(|n| !was_stalled.contains(n)) {
+            let ages = sources.tasks();
+            for name in stalled_now.iter().filter(|n| !was_stalled.contains(n)) {
+                let age = ages.iter().find(|t| &t.name == name).map(|t| t.age);
+                tracing::error!(
+                    task = %name,
+                    silent_ms = age.map_or(0, |a| a.as_millis() as u64),
+                    "task made no progress: withholding the watchdog ping"
+                );
+            }
         }
         was_stalled = stalled_now.clone();
-        let line = status_line(&Summary {
-            devices_online: buses
-                .iter()
-                .map(|b| BusStats::get(&b.stats.devices_online))
-                .sum(),
-            devices,
-            mqtt_connected: link.connected.load(Ordering::Relaxed) == 1,
-            backlog: link.backlog.load(Ordering::Relaxed),
-            stalled: stalled_now.clone(),
-        });
+        let line = status_line(&summary);
         let mut message = String::new();
         if !ready {
             message.push_str("READY=1\n");
             ready = true;
+            sources.ready.store(true, Ordering::Relaxed);
         }
         if line != last_status {
             message.push_str(&notify::status(&line));
@@ -297,16 +224,17 @@ async fn supervise(
 
         if Instant::now() >= next_summary {
             next_summary += FAILURE_SUMMARY_EVERY;
-            for b in &mut buses {
-                let failed = BusStats::get(&b.stats.failed_polls);
-                let new = failed - b.failed_at_last_summary.min(failed);
-                b.failed_at_last_summary = failed;
+            let snapshot = sources.snapshot();
+            for b in &snapshot.buses {
+                let before = failed_at_last_summary.insert(b.name.clone(), b.failed_polls);
+                let new = b.failed_polls - before.unwrap_or(0).min(b.failed_polls);
                 if new > 0 {
+                    let devices = snapshot.devices.iter().filter(|d| d.bus == b.name).count();
                     tracing::warn!(
                         bus = %b.name,
                         failed_polls = new,
-                        devices_online = BusStats::get(&b.stats.devices_online),
-                        devices = b.devices,
+                        devices_online = b.devices_online,
+                        devices,
                         "poll failures in the last {} min",
                         FAILURE_SUMMARY_EVERY.as_secs() / 60
                     );

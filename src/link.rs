@@ -204,6 +204,16 @@ pub struct LinkStats {
     pub filters_dropped: AtomicU64,
     /// Messages held (queued, handed, in flight), refreshed every turn of the manager's loop.
     pub backlog: AtomicU64,
+    /// Of them, written to the broker and waiting for their acknowledgement.
+    pub in_flight: AtomicU64,
+    /// `dropped` by reason: no room in the bounded queue (or the store not taking them)...
+    pub dropped_queue_full: AtomicU64,
+    /// ...that could never be sent (larger than the packet limit, a topic MQTT refuses)...
+    pub dropped_unsendable: AtomicU64,
+    /// ...refused by the broker (an MQTT 5 error reason code).
+    pub dropped_refused: AtomicU64,
+    /// Creation (the read, or the command's result) to PUBACK, of every delivered message.
+    pub delivery_time: crate::observe::DeliveryTime,
     /// Beaten every turn of the manager's loop, which wakes at least every `health::TICK`.
     pub heartbeat: crate::health::Heartbeat,
 }
@@ -935,6 +945,9 @@ impl Manager {
                 (self.pending() as u64) + self.backlog_in_store(),
                 Ordering::Relaxed,
             );
+            self.stats
+                .in_flight
+                .store(self.inflight.len() as u64, Ordering::Relaxed);
             let sleep_until = flush_deadline
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
                 .min(Instant::now() + crate::health::TICK);
@@ -1166,6 +1179,9 @@ impl Manager {
                 None => true,
             };
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
             if self.dropping == 0 {
                 tracing::warn!(
                     max_bytes = self.settings.queue_max_bytes,
@@ -1186,6 +1202,9 @@ impl Manager {
                 }
             }
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
             if self.dropping == 0 {
                 tracing::warn!(
                     capacity = self.settings.queue_capacity,
@@ -1318,6 +1337,9 @@ impl Manager {
         }
         if push_bounded(&mut self.to_store, m, capacity) {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
             if self.to_store_dropped == 0 {
                 tracing::warn!(
                     capacity,
@@ -1392,6 +1414,9 @@ impl Manager {
             };
             self.queue.remove(i);
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
             self.dropping += 1;
         }
     }
@@ -1420,6 +1445,9 @@ impl Manager {
             self.queue.push_back(entry);
         }
         if too_large > 0 {
+            self.stats
+                .dropped_unsendable
+                .fetch_add(too_large, Ordering::Relaxed);
             let n = self.stats.dropped.fetch_add(too_large, Ordering::Relaxed);
             tracing::error!(
                 rows = too_large,
@@ -1803,6 +1831,7 @@ impl Manager {
         self.finished(&entry);
         self.refused += 1;
         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        self.stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
         if self.refused.is_power_of_two() {
             tracing::error!(
                 topic = %entry.msg.topic,
@@ -1816,7 +1845,9 @@ impl Manager {
     fn delivered(&mut self, entry: Entry) {
         self.finished(&entry);
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        self.latency.record(entry.msg.created.elapsed());
+        let took = entry.msg.created.elapsed();
+        self.latency.record(took);
+        self.stats.delivery_time.0.record(took);
     }
 
     /// The broker answered for `entry` (either way): it is no suspect, and its row goes.
@@ -1835,6 +1866,9 @@ impl Manager {
     /// proven here, not guessed.
     fn refuse_locally(&mut self, msg: &OutMessage, why: &str) {
         self.refused_locally += 1;
+        self.stats
+            .dropped_unsendable
+            .fetch_add(1, Ordering::Relaxed);
         let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if worth_logging(self.refused_locally) {
             let shown: String = msg.topic.chars().take(128).collect();

@@ -20,6 +20,27 @@ pub struct Config {
     pub sparkplug: Option<Sparkplug>,
     /// Home Assistant MQTT discovery (`homeassistant: { discovery: true }`).
     pub homeassistant: Option<HomeAssistant>,
+    /// The HTTP endpoint (`http:`): metrics, health, the status page. Off when `None`.
+    pub http: Option<Http>,
+}
+
+/// The HTTP endpoint's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Http {
+    pub listen: std::net::SocketAddr,
+    /// Required for a listener that is not on loopback.
+    pub auth: Option<HttpAuth>,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+/// Credentials a request must carry (`Authorization:`), read from a file at load time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HttpAuth {
+    /// `Authorization: Bearer TOKEN`.
+    Bearer(Secret),
+    /// `Authorization: Basic base64(user:password)`: the file holds `user:password`.
+    Basic(Secret),
 }
 
 /// Home Assistant MQTT discovery: every device and point announced under `prefix`.

@@ -320,7 +320,7 @@ impl Router {
         refusal: &Refusal,
         reply: Option<&Reply>,
     ) -> Vec<Input> {
-        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_refusal(&refusal.reason);
         let body = err_result(target.device, target.point, id, refusal);
         let b = target.budget;
         let kind = if b == ROUTED {
@@ -543,7 +543,7 @@ impl Router {
         use crate::publish::sparkplug::{command_text, proto};
         use prost::Message as _;
         let refuse = |router: &mut Router, why: &str| {
-            router.stats.refused.fetch_add(1, Ordering::Relaxed);
+            router.stats.count_refusal("sparkplug_command");
             if router.budgets[UNROUTED].allow(received) {
                 tracing::warn!(topic = %log_topic(&msg.topic), "Sparkplug command refused: {why}");
             } else {

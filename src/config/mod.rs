@@ -24,16 +24,16 @@ use serde_yaml::Value;
 
 use crate::model::{BitWrite, ClockPolicy, DeviceProfile, PointCommand, PointSource, Rate};
 use crate::model::{
-    Bus, BusKind, Config, DataType, Device, DeviceHa, Durability, Gateway, HomeAssistant,
-    MessageMode, Mqtt, MqttProtocol, MqttTransport, Parity, PayloadFormat, Point, PointHa,
-    PollGroup, PublishPolicy, Qos, RegisterKind, Secret, Serial, Server, Sparkplug, Store,
+    Bus, BusKind, Config, DataType, Device, DeviceHa, Durability, Gateway, HomeAssistant, Http,
+    HttpAuth, MessageMode, Mqtt, MqttProtocol, MqttTransport, Parity, PayloadFormat, Point,
+    PointHa, PollGroup, PublishPolicy, Qos, RegisterKind, Secret, Serial, Server, Sparkplug, Store,
     Synchronous, TlsFiles, WhenFull, WordOrder,
 };
 use locate::{join_key, Locator};
 use profile::{Library, MergedPoint};
 use raw::{
-    RawBus, RawCommand, RawConfig, RawDevice, RawHomeAssistant, RawMqtt, RawPoint, RawPointHa,
-    RawProfileDevice, RawPublish, RawSparkplug, RawStore,
+    RawBus, RawCommand, RawConfig, RawDevice, RawHomeAssistant, RawHttp, RawMqtt, RawPoint,
+    RawPointHa, RawProfileDevice, RawPublish, RawSparkplug, RawStore,
 };
 
 /// One problem found in the configuration.
@@ -1063,6 +1063,7 @@ impl Validator {
                 Some("use one of `sparkplug` and `homeassistant`".into()),
             );
         }
+        let http = raw.http.and_then(|h| self.http(h));
         Config {
             gateway,
             mqtt,
@@ -1071,7 +1072,89 @@ impl Validator {
             store,
             sparkplug,
             homeassistant,
+            http,
         }
+    }
+
+    /// `http:`: where the endpoint listens and the credentials it asks for.
+    fn http(&mut self, raw: RawHttp) -> Option<Http> {
+        let text = raw.listen.unwrap_or_else(|| "127.0.0.1:9105".into());
+        let listen = match text.parse::<std::net::SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    "http.listen",
+                    format!("`{text}` is not an address and port"),
+                    Some(
+                        "e.g. 127.0.0.1:9105 (loopback only) or 0.0.0.0:9105 with token_file"
+                            .into(),
+                    ),
+                );
+                None
+            }
+        };
+        let auth = match (&raw.token_file, &raw.basic_auth_file) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    "http.basic_auth_file",
+                    "both token_file and basic_auth_file are given",
+                    Some("use one of them".into()),
+                );
+                None
+            }
+            (Some(f), None) => self
+                .secret_file("http.token_file", Path::new(f), &format!("`{f}`"))
+                .map(|t| HttpAuth::Bearer(Secret(t))),
+            (None, Some(f)) => {
+                let pair =
+                    self.secret_file("http.basic_auth_file", Path::new(f), &format!("`{f}`"));
+                match pair {
+                    Some(p) if p.contains(':') && !p.starts_with(':') => {
+                        Some(HttpAuth::Basic(Secret(p)))
+                    }
+                    Some(_) => {
+                        self.err(
+                            "http.basic_auth_file",
+                            format!("`{f}` does not hold `user:password`"),
+                            Some("one line: the user name, a colon, the password".into()),
+                        );
+                        None
+                    }
+                    None => None,
+                }
+            }
+            (None, None) => None,
+        };
+        let max_connections = match raw.max_connections {
+            None => 8,
+            Some(n) if (1..=64).contains(&n) => n as usize,
+            Some(n) => {
+                self.err(
+                    "http.max_connections",
+                    format!("{n} is out of range"),
+                    Some("1 to 64 (each connection is served in turn; 8 is plenty)".into()),
+                );
+                8
+            }
+        };
+        let listen = listen?;
+        let credentials = raw.token_file.is_some() || raw.basic_auth_file.is_some();
+        if !listen.ip().is_loopback() && !credentials {
+            self.err(
+                "http.listen",
+                format!("`{listen}` is reachable from the network, and no credentials are set"),
+                Some("add token_file (a bearer token) or basic_auth_file (user:password), or listen on 127.0.0.1".into()),
+            );
+            return None;
+        }
+        if credentials && auth.is_none() {
+            return None;
+        }
+        Some(Http {
+            listen,
+            auth,
+            max_connections,
+        })
     }
 
     fn homeassistant(&mut self, raw: RawHomeAssistant) -> Option<HomeAssistant> {

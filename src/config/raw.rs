@@ -17,6 +17,17 @@ pub struct RawConfig {
     pub store: Option<RawStore>,
     pub sparkplug: Option<RawSparkplug>,
     pub homeassistant: Option<RawHomeAssistant>,
+    pub http: Option<RawHttp>,
+}
+
+/// `http:` the metrics, health and status page endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub listen: Option<String>,
+    pub token_file: Option<String>,
+    pub basic_auth_file: Option<String>,
+    pub max_connections: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -46,7 +46,7 @@ pub fn spawn(
     tracker: &TaskTracker,
 ) -> BusHandle {
     let (tx, rx) = mpsc::channel(64);
-    let stats = Arc::new(BusStats::default());
+    let stats = Arc::new(BusStats::for_devices(&devices));
     let task = LineTask::new(bus, devices, events, rx, stats.clone());
     tracker.spawn(task.run(cancel));
     BusHandle {
@@ -456,6 +456,13 @@ impl LineTask {
     }
 
     fn bad_line(&mut self, kind: BadKind, reason: &str, line: &[u8]) {
+        let i = match kind {
+            BadKind::TooLong => 0,
+            BadKind::InvalidUtf8 => 1,
+            BadKind::Checksum => 2,
+            BadKind::Unmatched => 3,
+        };
+        self.stats.bad_lines[i].fetch_add(1, Ordering::Relaxed);
         if self.bad.note(kind.clone()) {
             tracing::warn!(
                 bus = %self.name, kind = kind.name(), reason = %reason, line = %parse::preview(line, 120),
@@ -553,6 +560,10 @@ impl LineTask {
             tracing::info!(device = %dev.device.name, failures = dev.failures, "device answering again");
         }
         dev.failures = 0;
+        if let Some(s) = self.stats.devices.get(slot) {
+            // A line device's poll time: from the command (or the window's start) to the line.
+            s.good(due.map_or(Duration::ZERO, |d| now.saturating_duration_since(d)));
+        }
         match due {
             Some(due) => {
                 let (next, skipped) = next_due(due, dev.interval, now);
@@ -607,6 +618,11 @@ impl LineTask {
     fn missed(&mut self, slot: usize, error: &RequestError) -> Option<BusEvent> {
         let dev = &mut self.devs[slot];
         dev.failures = dev.failures.saturating_add(1);
+        if let Some(s) = self.stats.devices.get(slot) {
+            let backoff = backoff(dev.interval, dev.failures, dev.device.backoff_max);
+            let offline = dev.failures >= dev.device.offline_after;
+            s.failed(dev.device.timeout, &error.to_string(), backoff, offline);
+        }
         if dev.failures == 1 {
             tracing::warn!(device = %dev.device.name, bus = %self.name, error = %error, "line device missed");
         } else {

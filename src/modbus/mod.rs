@@ -111,11 +111,52 @@ pub struct BusStats {
     pub skipped_ticks: AtomicU64,
     pub resets: AtomicU64,
     pub devices_online: AtomicU64,
+    /// Every transaction on the wire (poll blocks, commands, reads asked by others).
+    pub transactions: AtomicU64,
+    /// Failed transactions by `observe::FailureKind`.
+    pub failures: [AtomicU64; 4],
+    /// Time spent in transactions (µs): its rate is the bus's busy fraction.
+    pub busy_us: AtomicU64,
+    pub transaction_time: crate::observe::TransactionTime,
+    /// Line-device ports: bad lines by kind (`observe::BAD_LINE_KINDS`).
+    pub bad_lines: [AtomicU64; 4],
+    /// Per device, in the task's order.
+    pub devices: Vec<crate::observe::DeviceStats>,
     /// Beaten on every turn of the task's loop and after every transaction (see `health`).
     pub heartbeat: crate::health::Heartbeat,
 }
 
 impl BusStats {
+    /// The counters of a bus polling `devices`.
+    pub fn for_devices(devices: &[(usize, Device)]) -> BusStats {
+        BusStats {
+            devices: devices
+                .iter()
+                .map(|(_, d)| crate::observe::DeviceStats::new(&d.name))
+                .collect(),
+            ..BusStats::default()
+        }
+    }
+
+    /// One transaction that took `took`, and how it ended.
+    pub fn transaction<T>(&self, took: Duration, result: &Result<T, RequestError>) {
+        use crate::observe::FailureKind;
+        Self::add(&self.transactions, 1);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        Self::add(&self.busy_us, us);
+        self.transaction_time.0.record(took);
+        let kind = match result {
+            Ok(_) | Err(RequestError::Expired) => return,
+            Err(RequestError::Timeout(_)) => FailureKind::Timeout,
+            Err(RequestError::Exception(_)) => FailureKind::Exception,
+            Err(RequestError::Protocol(_)) => FailureKind::Protocol,
+            Err(RequestError::Transport(_) | RequestError::NotConnected(_)) => {
+                FailureKind::Transport
+            }
+        };
+        Self::add(&self.failures[kind as usize], 1);
+    }
+
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -141,7 +182,7 @@ pub fn spawn(
     tracker: &TaskTracker,
 ) -> BusHandle {
     let (tx, rx) = mpsc::channel(64);
-    let stats = Arc::new(BusStats::default());
+    let stats = Arc::new(BusStats::for_devices(&devices));
     let task = BusTask::new(bus, devices, events, rx, stats.clone());
     tracker.spawn(task.run(cancel));
     BusHandle {
@@ -304,6 +345,7 @@ impl BusTask {
             let _ = request.reply.send(Err(RequestError::Expired));
             return;
         }
+        let started = Instant::now();
         let result = match &request.op {
             Op::Read { kind, start, count } => self
                 .conn
@@ -323,6 +365,9 @@ impl BusTask {
                 Ok(None)
             }
         };
+        if matches!(request.op, Op::Read { .. } | Op::Write(_)) {
+            self.stats.transaction(started.elapsed(), &result);
+        }
         // The asker may have given up; nothing to do then.
         let _ = request.reply.send(result);
     }
@@ -358,8 +403,10 @@ impl BusTask {
             (j.device, j.group, j.due, j.interval)
         };
         BusStats::add(&self.stats.polls, 1);
+        let started = Instant::now();
         let outcome = self.poll_group(slot, group, cancel).await;
         let now = Instant::now();
+        let took = now - started;
 
         let mut events = Vec::new();
         let state = &mut self.devices[slot];
@@ -370,6 +417,9 @@ impl BusTask {
                 }
                 state.failures = 0;
                 state.backoff_until = None;
+                if let Some(s) = self.stats.devices.get(slot) {
+                    s.good(took);
+                }
                 if state.online != Some(true) {
                     state.online = Some(true);
                     BusStats::add(&self.stats.devices_online, 1);
@@ -402,6 +452,10 @@ impl BusTask {
                 }
                 let backoff = backoff(interval, state.failures, state.device.backoff_max);
                 state.backoff_until = Some(now + backoff);
+                if let Some(s) = self.stats.devices.get(slot) {
+                    let offline = state.failures >= state.device.offline_after;
+                    s.failed(took, &state.last_error, backoff, offline);
+                }
                 if state.failures >= state.device.offline_after && state.online != Some(false) {
                     if state.online == Some(true) {
                         self.stats.devices_online.fetch_sub(1, Ordering::Relaxed);
@@ -480,10 +534,12 @@ impl BusTask {
                 let d = &self.devices[slot].device;
                 (d.unit, d.timeout)
             };
+            let started = Instant::now();
             let result = self
                 .conn
                 .read(unit, block.kind, block.start, block.count, timeout)
                 .await;
+            self.stats.transaction(started.elapsed(), &result);
             self.stats.heartbeat.beat();
             let state = &mut self.devices[slot];
             let points = &state.device.points;

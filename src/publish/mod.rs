@@ -164,10 +164,12 @@ pub async fn run(
     mut encoder: Box<dyn Encoder>,
     figures: Option<Figures>,
     rebirths: Option<Arc<tokio::sync::Notify>>,
+    live: Option<Arc<crate::observe::Live>>,
     link: mpsc::Sender<OutMessage>,
 ) {
     let mut stage = Stage {
         rebirths,
+        live,
         ..Stage::default()
     };
     let mut out = Vec::new();
@@ -212,6 +214,8 @@ pub struct Stage {
     samples: Vec<Sample>,
     /// The link's rebirth request (`link::LinkSettings::rebirths`), when it has one.
     pub rebirths: Option<Arc<tokio::sync::Notify>>,
+    /// The last values for the status page, while the HTTP endpoint is on.
+    pub live: Option<Arc<crate::observe::Live>>,
 }
 
 impl Stage {
@@ -260,6 +264,16 @@ impl Stage {
                     BusEvent::Reading(reading) => {
                         filters.used_by(reading.device, self.events_seen);
                         render(&config, &reading, filters, &mut self.samples, encoder, out);
+                        if let Some(live) = &self.live {
+                            let device = &config.devices[reading.device];
+                            live.record(
+                                device,
+                                reading.ts,
+                                self.samples.iter().map(|s| {
+                                    (s.point, s.value.as_ref(), s.label(device, &reading))
+                                }),
+                            );
+                        }
                     }
                 }
             }
@@ -276,6 +290,10 @@ impl Stage {
                     return;
                 }
                 let value = codec::to_value(p, &raw);
+                if let Some(live) = &self.live {
+                    let label = codec::label(p, &raw);
+                    live.record(d, at, std::iter::once((point, Some(&value), label)));
+                }
                 // Through the filter the device's readings go through (a bus kept across a
                 // reload reports under the generation it was started with, not the
                 // router's), so that the next poll does not publish the same value again.
@@ -295,6 +313,9 @@ impl Stage {
                 }
             }
             Input::Reconfigured(config) => {
+                if let Some(live) = &self.live {
+                    live.retain(&config);
+                }
                 if encoder.reconfigure(&config) {
                     if let Some(link) = &self.rebirths {
                         link.notify_one();

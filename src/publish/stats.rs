@@ -6,84 +6,44 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::link::{self, OutMessage};
-use crate::modbus;
-use crate::model::{Config, Qos};
+use crate::link::OutMessage;
+use crate::model::Qos;
+use crate::observe::{Snapshot, Sources};
 
 /// Publishes `{prefix}/status/stats` every `every` while the broker is connected (never into
-/// the store: statistics of an outage are of no use after it).
-#[allow(clippy::too_many_arguments)]
+/// the store: statistics of an outage are of no use after it). Its figures are those of the
+/// gateway's one snapshot (`observe::Sources::snapshot`), as `/metrics` and `status` show them.
 pub async fn run(
-    config: Arc<Config>,
+    sources: Arc<Sources>,
     every: Duration,
-    buses: Vec<Arc<modbus::BusStats>>,
-    link_stats: Arc<link::LinkStats>,
-    store: Option<Arc<crate::store::StoreStats>>,
-    commands: Arc<crate::command::CommandStats>,
     sender: mpsc::Sender<OutMessage>,
     cancel: CancellationToken,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let topic = format!("{}/status/stats", config.gateway.prefix);
+    let topic = format!("{}/status/stats", sources.config.gateway.prefix);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_delivered = link_stats.delivered.load(Relaxed);
+    let mut last_delivered = sources
+        .link
+        .delivered
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mut last_at = Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let delivered = link_stats.delivered.load(Relaxed);
-        let rate = (delivered - last_delivered) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
+        let s = sources.snapshot();
+        let delivered = s.mqtt.delivered;
+        let rate = delivered.saturating_sub(last_delivered) as f64
+            / last_at.elapsed().as_secs_f64().max(1e-3);
         last_delivered = delivered;
         last_at = Instant::now();
-        if link_stats.connected.load(Relaxed) == 0 {
+        if !s.mqtt.connected {
             continue;
         }
-        let online: u64 = buses.iter().map(|b| b.devices_online.load(Relaxed)).sum();
-        let (stored, stored_bytes, oldest, store_dropped, unreadable, write_failures) =
-            store.as_ref().map_or((0, 0, 0, 0, 0, 0), |s| {
-                (
-                    s.backlog.load(Relaxed),
-                    s.backlog_bytes.load(Relaxed),
-                    s.oldest_created.load(Relaxed),
-                    s.dropped.load(Relaxed),
-                    s.unreadable.load(Relaxed),
-                    s.write_failures.load(Relaxed),
-                )
-            });
-        let oldest_age_s = if stored > 0 && oldest > 0 {
-            (crate::store::now_ms() - oldest).max(0) as f64 / 1000.0
-        } else {
-            0.0
-        };
-        let body = serde_json::json!({
-            "ts": super::rfc3339_millis(std::time::SystemTime::now()),
-            "devices": config.devices.len(),
-            "devices_online": online,
-            "backlog": link_stats.backlog.load(Relaxed),
-            "store_messages": stored,
-            "store_bytes": stored_bytes,
-            "oldest_age_s": oldest_age_s,
-            "store_unreadable": unreadable,
-            "store_write_failures": write_failures,
-            "dropped": link_stats.dropped.load(Relaxed) + store_dropped,
-            "delivered": delivered,
-            "delivery_rate": (rate * 10.0).round() / 10.0,
-            "polls": buses.iter().map(|b| b.polls.load(Relaxed)).sum::<u64>(),
-            "failed_polls": buses.iter().map(|b| b.failed_polls.load(Relaxed)).sum::<u64>(),
-            "commands": {
-                "executed": commands.executed.load(Relaxed),
-                "refused": commands.refused.load(Relaxed),
-                "failed": commands.failed.load(Relaxed),
-                "suppressed": commands.suppressed.load(Relaxed),
-                "dropped": commands.dropped.load(Relaxed),
-            },
-        });
         let msg = OutMessage {
             topic: topic.clone(),
-            payload: body.to_string().into_bytes(),
+            payload: body(&s, rate).to_string().into_bytes(),
             qos: Qos::AtMostOnce,
             retain: true,
             created: Instant::now(),
@@ -94,4 +54,32 @@ pub async fn run(
             return;
         }
     }
+}
+
+/// The stats message's body.
+pub fn body(s: &Snapshot, delivery_rate: f64) -> serde_json::Value {
+    let store = s.store.as_ref();
+    serde_json::json!({
+        "ts": s.gateway.ts,
+        "devices": s.gateway.devices,
+        "devices_online": s.gateway.devices_online,
+        "backlog": s.mqtt.backlog,
+        "store_messages": store.map_or(0, |st| st.messages),
+        "store_bytes": store.map_or(0, |st| st.bytes),
+        "oldest_age_s": store.map_or(0.0, |st| st.oldest_age_seconds),
+        "store_unreadable": store.map_or(0, |st| st.unreadable),
+        "store_write_failures": store.map_or(0, |st| st.write_failures),
+        "dropped": s.mqtt.dropped,
+        "delivered": s.mqtt.delivered,
+        "delivery_rate": (delivery_rate * 10.0).round() / 10.0,
+        "polls": s.buses.iter().map(|b| b.polls).sum::<u64>(),
+        "failed_polls": s.buses.iter().map(|b| b.failed_polls).sum::<u64>(),
+        "commands": {
+            "executed": s.commands.executed,
+            "refused": s.commands.refused,
+            "failed": s.commands.failed,
+            "suppressed": s.commands.suppressed,
+            "dropped": s.commands.dropped,
+        },
+    })
 }
