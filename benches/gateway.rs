@@ -38,7 +38,7 @@ const REGISTERS: u16 = 50;
 /// Simulated devices polled by the gateway; one more serves W3 alone.
 const DEVICES: usize = 10;
 /// Every workload `--only` accepts, in the order they run (the default is `DEFAULT_ONLY`).
-const WORKLOADS: [&str; 6] = ["w1", "w1p", "w1s", "w2", "w1n", "w3"];
+const WORKLOADS: [&str; 7] = ["w1", "w1p", "w1s", "w1h", "w2", "w1n", "w3"];
 const DEFAULT_ONLY: [&str; 4] = ["w1", "w2", "w1n", "w3"];
 /// W1s: the Sparkplug group and edge node (topics `spBv1.0/bench/…/gw[/devN]`).
 const SP_GROUP: &str = "bench";
@@ -46,7 +46,7 @@ const SP_NODE: &str = "gw";
 const USAGE: &str = "\
 usage: gateway run [--gateway PATH] [--warmup SECS] [--measure SECS] [--w3-secs SECS]
                    [--w3-rounds N] [--load-max LOAD] [--load-wait SECS] [--workdir DIR]
-                   [--only w1,w2,w1n,w3]   (also: w1p, w1s)
+                   [--only w1,w2,w1n,w3]   (also: w1p, w1s, w1h)
        gateway devices [--count N] [--max-secs SECS]
 Run through scripts/bench, which builds the release binaries first (see benches/README.md).";
 
@@ -187,6 +187,7 @@ fn run(o: &Opts) -> Res<()> {
         ("w1", second, false, Format::PerDevice),
         ("w1p", second, false, Format::PerPoint),
         ("w1s", second, false, Format::Sparkplug),
+        ("w1h", second, false, Format::PerDevice),
         ("w2", Duration::from_millis(100), false, Format::PerDevice),
         ("w1n", second, true, Format::PerDevice),
     ] {
@@ -331,6 +332,7 @@ fn gateway_config(
     interval: Duration,
     store: Option<&Path>,
     format: Format,
+    http: Option<u16>,
 ) -> String {
     let mut y = String::new();
     let _ = write!(
@@ -346,6 +348,9 @@ fn gateway_config(
             y,
             "sparkplug: {{ group_id: {SP_GROUP}, edge_node_id: {SP_NODE} }}"
         );
+    }
+    if let Some(port) = http {
+        let _ = writeln!(y, "http: {{ listen: \"{LOCALHOST}:{port}\" }}");
     }
     y.push_str("buses:\n");
     for (i, port) in ports.iter().enumerate() {
@@ -401,9 +406,15 @@ fn gateway_workload(
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", store.display()));
     }
+    // w1h: W1 with the HTTP endpoint on, /metrics scraped every 5 s (issue 14's figure).
+    let http = if name == "w1h" {
+        Some(free_port()?)
+    } else {
+        None
+    };
     std::fs::write(
         &config,
-        gateway_config(broker, ports, interval, Some(&store), format),
+        gateway_config(broker, ports, interval, Some(&store), format, http),
     )
     .map_err(|e| format!("{}: {e}", config.display()))?;
     let check = Command::new(gateway)
@@ -419,6 +430,10 @@ fn gateway_workload(
             println!("this gateway has no Sparkplug mode: {name} skipped\n{text}");
             return Ok(None);
         }
+        if http.is_some() && text.contains("http") {
+            println!("this gateway has no HTTP endpoint: {name} skipped\n{text}");
+            return Ok(None);
+        }
         if !text.contains("store") {
             return Err(format!(
                 "fieldbridge check refused {}:\n{text}",
@@ -428,7 +443,7 @@ fn gateway_workload(
         println!("this gateway has no `store` section: config without it");
         std::fs::write(
             &config,
-            gateway_config(broker, ports, interval, None, format),
+            gateway_config(broker, ports, interval, None, format, http),
         )
         .map_err(|e| format!("{}: {e}", config.display()))?;
     }
@@ -454,6 +469,7 @@ fn gateway_workload(
     );
 
     sleep_checking(&mut gw, o.warmup)?;
+    let scraper = http.map(Scraper::start);
     let t0 = Instant::now();
     let cpu0 = cpu_ticks(pid)?;
     let dev0 = cpu_ticks(devices_pid)?;
@@ -470,6 +486,10 @@ fn gateway_workload(
     let brk1 = cpu_ticks(broker_pid)?;
     let measured = t0.elapsed();
     let (hwm_kib, rss_kib) = memory_kib(pid)?;
+    if let Some(s) = scraper {
+        let (ok, failed, bytes) = s.stop();
+        println!("scraped /metrics every 5 s: {ok} ok, {failed} failed, last {bytes} bytes");
+    }
     let pct =
         |a: u64, b: u64| (b - a) as f64 / clock_ticks_per_sec() / measured.as_secs_f64() * 100.0;
 
@@ -770,19 +790,27 @@ fn print_comparison(results: &[Workload]) {
     for (w, label, within) in [
         (w1[2], "Sparkplug", Some(1.10)),
         (w1[0], "JSON per point", None),
+        (find("w1h"), "HTTP endpoint on, scraped every 5 s", None),
     ] {
         let Some(w) = w else { continue };
         let cpu = w.cpu_pct / base.cpu_pct;
         let rss = w.hwm_kib as f64 / base.hwm_kib.max(1) as f64;
-        let target = within.map_or(String::new(), |t| {
-            format!(
+        let target = match (within, w.name.as_str()) {
+            (Some(t), _) => format!(
                 " (target within 10 %: CPU {}, RSS {})",
                 verdict(cpu <= t),
                 verdict(rss <= t)
-            )
-        });
+            ),
+            // Issue 14: CPU + <= 5 %, RSS + <= 0.5 MiB.
+            (None, "w1h") => format!(
+                " (targets CPU +5 %: {}, RSS +0.5 MiB: {})",
+                verdict(cpu <= 1.05),
+                verdict(w.hwm_kib <= base.hwm_kib + 512)
+            ),
+            _ => String::new(),
+        };
         println!(
-            "{label}/JSON per device: CPU {cpu:.2}, RSS {rss:.2}{target}   ({:.3} vs {:.3} % of \
+            "{label} / JSON per device: CPU {cpu:.2}, RSS {rss:.2}{target}   ({:.3} vs {:.3} % of \
              one core, {:.2} vs {:.2} MiB)",
             w.cpu_pct,
             base.cpu_pct,
@@ -1478,4 +1506,50 @@ fn memory_kib(pid: u32) -> Res<(u64, u64)> {
             .unwrap_or(0)
     };
     Ok((get("VmHWM:"), get("VmRSS:")))
+}
+
+/// Scrapes `GET /metrics` every 5 s, as a Prometheus would (w1h).
+struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64, usize)>,
+}
+
+impl Scraper {
+    fn start(port: u16) -> Scraper {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed, mut bytes) = (0, 0, 0);
+            let mut next = Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                if Instant::now() >= next {
+                    next += Duration::from_secs(5);
+                    let got = std::net::TcpStream::connect((LOCALHOST, port)).and_then(|mut c| {
+                        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+                        let mut body = Vec::new();
+                        c.read_to_end(&mut body)?;
+                        Ok(body)
+                    });
+                    match got {
+                        Ok(b) if b.starts_with(b"HTTP/1.1 200") => {
+                            ok += 1;
+                            bytes = b.len();
+                        }
+                        _ => failed += 1,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (ok, failed, bytes)
+        });
+        Scraper { stop, thread }
+    }
+
+    fn stop(self) -> (u64, u64, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or((0, 0, 0))
+    }
 }
