@@ -35,11 +35,17 @@
 //!   results and written values go to the publisher stage as events).
 //! - [`app`]: wires buses, router, publisher stage and link together; reloads; ordered
 //!   shutdown.
-//! - [`cli`]: `run`, `check`, `read` sub-commands.
+//! - [`cli`]: `run`, `check`, `read`, `status`, `profiles` sub-commands.
 //! - [`logging`]: journal (structured fields) under systemd, compact format on a terminal.
 //! - [`notify`]: the sd_notify protocol (READY, STATUS, WATCHDOG, STOPPING) over `NOTIFY_SOCKET`.
 //! - [`health`]: task heartbeats, the watchdog decision and the status line; the supervisor
 //!   task that sends them.
+//! - [`observe`]: the one snapshot of the gateway's figures (`observe::Sources` holds every
+//!   task's counters; the stats message, `health`, `status` and `http` read its snapshot), the
+//!   histograms, per-device stats, the last values kept for the status page (`observe::Live`),
+//!   `/proc/self` figures (`observe::process`), the Prometheus exposition (`observe::prometheus`).
+//! - [`http`]: the read-only HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/api/status`,
+//!   the embedded status page `http/page.html`), bounded and, off loopback, authenticated.
 
 pub mod app;
 pub mod cli;
