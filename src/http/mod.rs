@@ -107,7 +107,7 @@ async fn sample(
             _ = tick.tick() => {}
         }
         let current = sources.borrow().clone();
-        history.sample(&current.snapshot());
+        history.sample(&current);
     }
 }
 

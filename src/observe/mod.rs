@@ -303,21 +303,30 @@ pub struct History {
 }
 
 impl History {
-    /// Takes one sample of every device of `snapshot`.
-    pub fn sample(&self, snapshot: &Snapshot) {
+    /// Takes one sample of every device of `sources` (its poll time while online), reading
+    /// only the devices' counters: cheaper than a whole snapshot.
+    pub fn sample(&self, sources: &Sources) {
         let Ok(mut devices) = self.devices.lock() else {
             return;
         };
-        devices.retain(|name, _| snapshot.devices.iter().any(|d| &d.name == name));
-        for d in &snapshot.devices {
-            let ring = devices.entry(d.name.clone()).or_default();
+        let stats: Vec<&DeviceStats> = sources
+            .buses
+            .iter()
+            .flat_map(|b| b.stats.devices.iter())
+            .collect();
+        devices.retain(|name, _| stats.iter().any(|d| &d.name == name));
+        for d in stats {
+            let v = match d.online.load(Relaxed) {
+                1 => d.last_poll_us.load(Relaxed) as f32 / 1000.0,
+                _ => f32::NAN,
+            };
+            let ring = match devices.get_mut(&d.name) {
+                Some(r) => r,
+                None => devices.entry(d.name.clone()).or_default(),
+            };
             if ring.len() >= HISTORY_LEN {
                 ring.pop_front();
             }
-            let v = match (d.online, d.poll_ms) {
-                (Some(true), Some(ms)) => ms as f32,
-                _ => f32::NAN,
-            };
             ring.push_back(v);
         }
     }
@@ -796,68 +805,49 @@ mod tests {
 
     #[test]
     fn history_keeps_a_bounded_ring_per_device() {
-        let h = History::default();
-        let snap = |online: bool| Snapshot {
-            gateway: GatewaySnapshot {
-                id: "g".into(),
-                version: "0",
-                mode: "json",
-                ts: String::new(),
-                uptime_seconds: 0.0,
-                start_time_unix: 0.0,
-                ready: true,
-                stalled: vec![],
-                devices: 1,
-                devices_online: 1,
-            },
-            mqtt: MqttSnapshot {
-                broker: String::new(),
-                connected: true,
-                connects: 0,
-                backlog: 0,
-                in_flight: 0,
-                queued: 0,
-                delivered: 0,
-                resent: 0,
-                dropped: 0,
-                dropped_by_reason: vec![],
-                protocol_errors: 0,
-                commands_dropped: 0,
-                delivery_seconds: Histogram::new(DELIVERY_BOUNDS).read(),
-            },
-            store: None,
-            commands: CommandSnapshot {
-                executed: 0,
-                refused: 0,
-                failed: 0,
-                suppressed: 0,
-                dropped: 0,
-                refused_by_reason: vec![],
-            },
-            buses: vec![],
-            devices: vec![DeviceSnapshot {
-                name: "m".into(),
-                bus: "b".into(),
-                unit: 1,
-                online: Some(online),
-                polls: 1,
-                failures: 0,
-                last_good_age_seconds: None,
-                backoff_seconds: 0.0,
-                poll_ms: Some(7.0),
-                last_error: None,
-                last_error_age_seconds: None,
-                points: None,
-            }],
-            process: process::Process::default(),
+        let config = Arc::new(
+            crate::config::parse(
+                "gateway: { id: g }\nmqtt: { url: \"mqtt://127.0.0.1:1883\" }\nbuses:\n  - { name: b, type: tcp, host: 127.0.0.1 }\ndevices:\n  - { name: m, bus: b, points: [ { name: p, address: 0 } ] }\n",
+                "t.yaml",
+            )
+            .expect("config"),
+        );
+        let stats = Arc::new(crate::modbus::BusStats::for_devices(&[(
+            0,
+            config.devices[0].clone(),
+        )]));
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let handle = BusHandle {
+            name: "b".into(),
+            requests: tx,
+            stats: stats.clone(),
         };
+        let sources = Sources::new(
+            config,
+            vec![handle],
+            Arc::default(),
+            None,
+            Arc::default(),
+            None,
+            Started::now(),
+            Arc::default(),
+        );
+        let h = History::default();
+        stats.devices[0].good(Duration::from_millis(7));
         for _ in 0..HISTORY_LEN + 5 {
-            h.sample(&snap(true));
+            h.sample(&sources);
         }
-        h.sample(&snap(false));
+        stats.devices[0].failed(
+            Duration::from_secs(1),
+            "timeout",
+            Duration::from_secs(2),
+            true,
+        );
+        h.sample(&sources);
         let ring = h.get("m");
         assert_eq!(ring.len(), HISTORY_LEN);
         assert_eq!(ring[0], Some(7.0));
         assert_eq!(ring.last(), Some(&None), "offline is a gap in the plot");
+        assert!(h.get("other").is_empty());
     }
 }
