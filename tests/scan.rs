@@ -195,3 +195,43 @@ fn a_scan_is_refused_while_the_gateway_owns_the_port() {
             .wait_for_count(|r| r.unit == 1, before + 2, WAIT),
     );
 }
+
+/// A sweep tries every baud rate with every parity. A pty ignores line settings, so the slave
+/// answers at all four: the fragment gets one bus per setting and still checks.
+#[test]
+fn a_serial_sweep_tries_every_setting_and_names_a_bus_for_each() {
+    let pty = PtyPair::new();
+    let _slave = RtuDevice::start(pty.b(), DeviceState::new(&[3]));
+    let port = pty.a().to_str().unwrap().to_owned();
+    let out = run_cli(&[
+        "scan",
+        "--port",
+        &port,
+        "--baud",
+        "9600,19200",
+        "--parity",
+        "none,even",
+        "--units",
+        "2-4",
+        "--timeout",
+        "60ms",
+        "-c",
+        "/nonexistent/fieldbridge.yaml",
+    ]);
+    assert!(out.success(), "scan failed: {}\n{}", out.stderr, out.stdout);
+    assert_eq!(units_found(&out.stdout), vec![3, 3, 3, 3], "{}", out.stdout);
+    for bus in [
+        "scan-9600-8n1",
+        "scan-9600-8e1",
+        "scan-19200-8n1",
+        "scan-19200-8e1",
+    ] {
+        assert!(
+            out.stdout.contains(&format!("  - name: {bus}\n")),
+            "no bus {bus}:\n{}",
+            out.stdout
+        );
+    }
+    assert!(out.stdout.contains("12 request(s)"), "{}", out.stdout);
+    check_fragment(&out.stdout, "");
+}
