@@ -35,7 +35,8 @@
 //!   results and written values go to the publisher stage as events).
 //! - [`app`]: wires buses, router, publisher stage and link together; reloads; ordered
 //!   shutdown.
-//! - [`cli`]: `run`, `check`, `read` sub-commands.
+//! - [`cli`]: `run`, `check`, `read`, `status`, `profiles` sub-commands (`scan` and `sunspec`
+//!   parse their arguments in their own modules).
 //! - [`scan`]: `fieldbridge scan`: unit ids that answer on a bus, their identification (FC 43,
 //!   SunSpec common model), matching profiles, a `devices:` fragment (pure but for `scan::run`).
 //! - [`sunspec`]: SunSpec discovery (marker, bounded model chain) and the models' points with

@@ -21,6 +21,19 @@
 //!
 //! Everything here but [`Modbus`] is pure: the walk runs over any [`Registers`] source
 //! (the tests use an in-memory register image).
+//!
+//! Not yet: `sunspec: auto` on a configured device, discovered and published by `run`. The
+//! intended path reuses the reload: the discovery's reads go through the bus task's queue
+//! (`Op::Read`, served between polls, so other devices wait at most one transaction); its
+//! result becomes concrete points of that device in a copy of the configuration, which goes
+//! through the same code as a SIGHUP reload of that bus (`app::run_with_reload`: the bus is
+//! restarted, `Input::Reconfigured` rebuilds Home Assistant configs and Sparkplug births);
+//! the discovered points are kept across later reloads while the device's `sunspec:` is
+//! unchanged, and discovery runs again when the device comes back from offline (seen by the
+//! bus's event forwarder). What it needs from the value path: a point whose scale is another
+//! point of the same poll (`10^sf`, sunssf) and a "not implemented" raw value published as a
+//! bad reading, i.e. two fields of `model::Point` applied in the bus task after a cycle's
+//! blocks are decoded ([`decode`] has the rules).
 
 pub mod cli;
 pub mod models;
