@@ -91,6 +91,8 @@ pub struct Report {
     pub tried: usize,
     /// Answers that could not be framed (CRC, length): a wrong baud rate or parity.
     pub garbled: usize,
+    /// Probes that failed on the connection (lost, refused): those ids are not known absent.
+    pub unreachable: usize,
     pub elapsed: Duration,
 }
 
@@ -307,6 +309,13 @@ pub fn fragment(plan: &Plan, report: &Report) -> String {
             String::new()
         }
     );
+    if report.unreachable > 0 {
+        let _ = writeln!(
+            out,
+            "# WARNING: {} probe(s) failed on the connection (lost or refused): scan again",
+            report.unreachable
+        );
+    }
     for f in &report.found {
         let mut line = format!("# unit {}", f.unit);
         if plan.settings.len() > 1 {
@@ -503,6 +512,9 @@ pub async fn run(plan: &Plan, mut progress: impl FnMut(&str)) -> Result<Report, 
                     });
                 }
                 Err(RequestError::Protocol(_)) => report.garbled += 1,
+                Err(RequestError::Transport(_) | RequestError::NotConnected(_)) => {
+                    report.unreachable += 1;
+                }
                 Err(_) => {}
             }
             progress(&progress_line(
@@ -934,6 +946,7 @@ mod tests {
             ],
             tried: 2,
             garbled: 0,
+            unreachable: 0,
             elapsed: Duration::from_millis(300),
         };
         let y = fragment(&plan, &report);
@@ -942,5 +955,29 @@ mod tests {
         assert!(y.contains("  - name: unit-2\n"), "{y}");
         let parsed: serde_yaml::Value = serde_yaml::from_str(&y).expect("valid YAML");
         assert_eq!(parsed["devices"].as_sequence().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn probes_lost_on_the_connection_are_said_not_taken_for_absent_devices() {
+        let plan = Plan {
+            bus_name: Some("plc".into()),
+            settings: vec![BusKind::Tcp {
+                host: "127.0.0.1".into(),
+                port: 1502,
+            }],
+            units: vec![1, 2, 3],
+            timeout: Duration::from_millis(100),
+            frame_gap_override: None,
+        };
+        let report = Report {
+            tried: 3,
+            unreachable: 2,
+            ..Report::default()
+        };
+        let y = fragment(&plan, &report);
+        assert!(
+            y.contains("# WARNING: 2 probe(s) failed on the connection"),
+            "{y}"
+        );
     }
 }
