@@ -1,4 +1,4 @@
-//! Command line: `run`, `check`, `read`, `status`, `profiles`. Exit codes: 0 ok, 2 configuration error, 1 runtime
+//! Command line: `run`, `check`, `read`, `status`, `profiles`, `scan`, `sunspec`. Exit codes: 0 ok, 2 configuration error, 1 runtime
 //! failure.
 
 use std::fmt::Write as _;
@@ -63,6 +63,11 @@ enum Command {
         /// Point name; all points of the device when omitted.
         point: Option<String>,
     },
+    /// Find the devices on a bus: which unit ids answer, what they say they are, and a
+    /// `devices:` fragment to paste into the config.
+    Scan(crate::scan::Args),
+    /// Discover a SunSpec device (marker, model chain) and print every mapped point once.
+    Sunspec(crate::sunspec::cli::Args),
     /// List the device profiles (the `profiles/` directory next to the config, then the
     /// shipped ones), or show one's points.
     Profiles {
@@ -93,6 +98,8 @@ pub fn main() -> i32 {
         | Command::Check { config, .. }
         | Command::Status { config }
         | Command::Read { config, .. } => config.clone(),
+        Command::Scan(args) => return crate::scan::main(args),
+        Command::Sunspec(args) => return crate::sunspec::cli::main(args),
         Command::Profiles { config, action } => {
             let library = config::profile::Library::for_config(config);
             return match action {
@@ -153,7 +160,9 @@ pub fn main() -> i32 {
             crate::logging::init("warn", crate::logging::Sink::Terminal);
             read(&config, &device, point.as_deref())
         }
-        Command::Profiles { .. } => unreachable!("answered before the config is loaded"),
+        Command::Profiles { .. } | Command::Scan(_) | Command::Sunspec(_) => {
+            unreachable!("answered before the config is loaded")
+        }
     }
 }
 

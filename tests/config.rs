@@ -89,11 +89,24 @@ fn energy_meter_example_loads() {
     assert_eq!(c.devices.len(), 4);
     let units: Vec<u8> = c.devices.iter().map(|d| d.unit).collect();
     assert_eq!(units, [1, 2, 3, 1]);
+    // The meters' points come from the eastron-sdm630 profile.
+    let point = |d: usize, name: &str| {
+        c.devices[d]
+            .points
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .clone()
+    };
     assert_eq!(
-        c.devices[1].points[4].topic,
-        "plant/hall3/meter-2/energy_import"
+        point(1, "import_active_energy").topic,
+        "plant/hall3/meter-2/import_active_energy"
     );
-    assert_eq!(c.devices[2].points[3].address, 0x46);
+    assert_eq!(point(2, "frequency").address, 0x46);
+    assert!(c.devices[..3].iter().all(|d| d
+        .profile
+        .as_ref()
+        .is_some_and(|p| p.name == "eastron-sdm630")));
     assert!(c.devices[0]
         .points
         .iter()

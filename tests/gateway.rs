@@ -833,7 +833,11 @@ fn check_prints_the_plan_topics_and_bus_time() {
         ),
     ]);
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert!(out.stdout.contains("FC4 input 0..=13"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("FC4 input 0..=79 (80)"),
+        "{}",
+        out.stdout
+    );
     assert!(
         out.stdout.contains("estimated bus time per cycle"),
         "{}",

@@ -16,7 +16,8 @@
 //!   value increments (wrapping), so successive polls see fresh data.
 //! - `delay`: the answer is sent after this delay (slow device, timeout tests).
 //! - `reject_writes`: a write touching one of these ranges answers 0x03 IllegalDataValue.
-//! - Function codes served: 1, 2, 3, 4, 5, 6, 15, 16, 22 (mask write), 23 (read/write).
+//! - Function codes served: 1, 2, 3, 4, 5, 6, 15, 16, 22 (mask write), 23 (read/write), and
+//!   43/14 (device identification) for units that have `identification` objects.
 //!   Anything else answers 0x01 IllegalFunction.
 
 use std::collections::{BTreeMap, HashMap};
@@ -65,6 +66,10 @@ pub struct Unit {
     /// The next request starting at one of these addresses is answered after its delay, once
     /// (a late reply: the client gave up on it already).
     pub late_once: Vec<(u16, Duration)>,
+    /// Read Device Identification (FC 43 / MEI 14) objects (id, text); empty: the function
+    /// answers IllegalFunction, as most meters do. Served as basic conformity (0x81), every
+    /// object in one answer.
+    pub identification: Vec<(u8, String)>,
 }
 
 /// How a request was answered.
@@ -489,6 +494,29 @@ fn serve(u: &mut Unit, req: &Request<'_>) -> Result<Response, ExceptionCode> {
                 *ra,
                 *rq,
             )))
+        }
+        Request::ReadDeviceIdentification(_, first) if !u.identification.is_empty() => {
+            use tokio_modbus::prelude::{
+                ConformityLevel, DeviceIdObject, ReadCode, ReadDeviceIdentificationResponse,
+            };
+            let objects = u
+                .identification
+                .iter()
+                .filter(|(id, _)| id >= first)
+                .map(|(id, text)| DeviceIdObject {
+                    id: *id,
+                    value: bytes::Bytes::from(text.clone().into_bytes()),
+                })
+                .collect();
+            Ok(Response::ReadDeviceIdentification(
+                ReadDeviceIdentificationResponse {
+                    read_code: ReadCode::Basic,
+                    conformity_level: ConformityLevel::BasicIdentification,
+                    more_follows: false,
+                    next_object_id: 0,
+                    device_id_objects: objects,
+                },
+            ))
         }
         _ => Err(ExceptionCode::IllegalFunction),
     }
