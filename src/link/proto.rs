@@ -18,7 +18,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason, PublishProp
 use rumqttc::{Event, Incoming, Outgoing, QoS};
 
 use super::{InMessage, LinkError, OutMessage};
-use crate::model::{Mqtt, MqttProtocol, Qos};
+use crate::model::{Mqtt, MqttProtocol, MqttSession, Qos};
 
 /// The request side of either client.
 #[derive(Clone)]
@@ -124,7 +124,7 @@ pub(super) fn options(mqtt: &Mqtt, will: Option<&super::Will>) -> Result<Options
             options
                 .set_transport(transport)
                 .set_keep_alive(mqtt.keep_alive)
-                .set_clean_session(true)
+                .set_clean_session(mqtt.session == MqttSession::Clean)
                 .set_max_packet_size(mqtt.max_packet_size, mqtt.max_packet_size)
                 // One more than our window: rumqttc's flow control never holds a request back.
                 .set_inflight(mqtt.inflight.saturating_add(1))
@@ -150,19 +150,14 @@ pub(super) fn options(mqtt: &Mqtt, will: Option<&super::Will>) -> Result<Options
             options
                 .set_transport(transport)
                 .set_keep_alive(mqtt.keep_alive)
-                .set_clean_start(true)
+                .set_clean_start(mqtt.session == MqttSession::Clean)
+                .set_session_expiry_interval(session_expiry(mqtt.session))
                 .set_max_packet_size(Some(max_packet))
                 .set_outgoing_inflight_upper_limit(mqtt.inflight.saturating_add(1))
                 .set_request_channel_capacity(cap)
                 .set_network_options(network);
             if let Some(w) = will {
-                options.set_last_will(v5::mqttbytes::v5::LastWill::new(
-                    w.topic.clone(),
-                    w.payload.clone(),
-                    qos5(w.qos),
-                    w.retain,
-                    None,
-                ));
+                options.set_last_will(will5(w, mqtt.will_delay));
             }
             if let Some(user) = &mqtt.username {
                 options.set_credentials(user.clone(), password);
@@ -191,6 +186,40 @@ pub(super) fn connect(
             (Client::V5(client), Session::V5(Box::new(eventloop)))
         }
     })
+}
+
+/// MQTT 5 Session Expiry Interval (§3.1.2.11.2): none (0) for a clean session.
+fn session_expiry(s: MqttSession) -> Option<u32> {
+    match s {
+        MqttSession::Clean => None,
+        MqttSession::Persistent { expiry } => {
+            Some(u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX))
+        }
+    }
+}
+
+/// The MQTT 5 will of `w`, with a Will Delay Interval (§3.1.3.2.2) unless `delay` is zero.
+fn will5(w: &super::Will, delay: Duration) -> v5::mqttbytes::v5::LastWill {
+    let secs = u32::try_from(delay.as_secs()).unwrap_or(u32::MAX);
+    v5::mqttbytes::v5::LastWill::new(
+        w.topic.clone(),
+        w.payload.clone(),
+        qos5(w.qos),
+        w.retain,
+        (secs > 0).then(|| will_properties(secs)),
+    )
+}
+
+fn will_properties(delay_s: u32) -> v5::mqttbytes::v5::LastWillProperties {
+    v5::mqttbytes::v5::LastWillProperties {
+        delay_interval: Some(delay_s),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    }
 }
 
 fn qos3(q: Qos) -> QoS {
@@ -290,15 +319,17 @@ impl Session {
                 ));
             }
             Session::V5(eventloop) => {
-                eventloop
+                // The delay is the configuration's, kept from the connection's first options.
+                let delay = eventloop
                     .options
-                    .set_last_will(v5::mqttbytes::v5::LastWill::new(
-                        w.topic.clone(),
-                        w.payload.clone(),
-                        qos5(w.qos),
-                        w.retain,
-                        None,
-                    ));
+                    .last_will()
+                    .and_then(|l| l.properties)
+                    .and_then(|p| p.delay_interval);
+                let mut will = will5(w, Duration::ZERO);
+                if let Some(d) = delay {
+                    will.properties = Some(will_properties(d));
+                }
+                eventloop.options.set_last_will(will);
             }
         }
     }
