@@ -293,9 +293,9 @@ async fn request_response(port: u16, prefix: &str, what: &str) {
     let corr = vec![1u8, 2, 3, 0xfe];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let ev = tokio::time::timeout(left, el.poll())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: no MQTT 5 response within {WAIT:?}"));
+        let Ok(ev) = tokio::time::timeout(left, el.poll()).await else {
+            panic!("{what}: no MQTT 5 response within {WAIT:?}");
+        };
         match ev {
             Ok(Event::Incoming(Packet::SubAck(_))) if !subscribed => {
                 subscribed = true;
