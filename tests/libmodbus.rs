@@ -310,3 +310,69 @@ async fn libmodbus_unit_test_server_over_tcp() {
     assert!(timeouts() >= 1, "the slow register's timeout is logged");
     drop(servers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libmodbus_unit_test_server_over_rtu() {
+    let pty = PtyPair::new();
+    let server = UnitTestServer::start("rtu", &pty.b().display().to_string());
+    let broker = Mosquitto::start();
+    let mut probe = MqttProbe::connect(broker.port(), "lm/#").await;
+    let bus = format!(
+        "  - {{ name: r, type: rtu, port: \"{}\", baud: 115200 }}\n",
+        pty.a().display()
+    );
+    // The wrong-slave register in a group of its own, so that its failure is its own.
+    let devices = format!(
+        "  - name: ut\n    bus: r\n    unit: {SERVER_ID}\n    interval: 300ms\n    timeout: 500ms\n    groups: {{ odd: 700ms }}\n    points:\n{}\
+         \x20     - {{ name: wrong, address: {UT_REGISTERS_ADDRESS_INVALID_TID_OR_SLAVE}, type: u16, group: odd }}\n",
+        table_points()
+    );
+    let gateway =
+        Gateway::start(&config(&bus, &devices).replace("{broker}", &broker.port().to_string()));
+    probe.wait_gateway_answers("lm", WAIT).await;
+    write_tables(&mut probe, "ut").await;
+    let mut latest = Default::default();
+    readings_until(&mut probe, "ut", &mut latest, tables_as_read, "RTU tables").await;
+    // The answer from slave 18 to a request for 17 is rejected: logged, never a reading,
+    // and the tables read on (checked again after it).
+    let rejected = || {
+        gateway
+            .logs()
+            .lines()
+            .filter(|l| {
+                l.contains("device=ut")
+                    && l.contains("mismatching headers")
+                    && l.contains("slave_id: 18")
+            })
+            .count()
+    };
+    assert!(
+        common::wait_until(WAIT, || rejected() >= 1),
+        "the wrong slave's answer not reported:\n{}\n{}",
+        gateway
+            .logs()
+            .lines()
+            .filter(|l| !l.contains("DEBUG"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        server.log()
+    );
+    let mut again = Default::default();
+    readings_until(
+        &mut probe,
+        "ut",
+        &mut again,
+        tables_as_read,
+        "RTU tables after the wrong slave",
+    )
+    .await;
+    let wrong: Vec<&Value> = [latest.get("wrong"), again.get("wrong")]
+        .into_iter()
+        .flatten()
+        .filter(|v| !v["value"].is_null())
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "the wrong slave's answer was taken: {wrong:?}"
+    );
+}
