@@ -2027,6 +2027,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_present_session_is_a_protocol_error_only_on_a_clean_one() {
+        assert!(connack_problem(true, true, None).is_some());
+        assert_eq!(connack_problem(false, true, None), None);
+        assert_eq!(connack_problem(true, false, Some(10)), None);
+        assert!(
+            connack_problem(false, true, Some(0)).is_some(),
+            "Receive Maximum 0 still is"
+        );
+    }
+
+    #[test]
     fn messages_waiting_for_a_store_that_takes_none_stay_within_the_queue_capacity() {
         let mut q = VecDeque::new();
         let dropped = (0..1000).filter(|&i| push_bounded(&mut q, i, 100)).count();

@@ -626,6 +626,58 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn mqtt_of(keys: &str) -> Mqtt {
+        let yaml = format!(
+            "gateway: {{ id: gw }}\nmqtt:\n  url: mqtt://127.0.0.1:1883\n{keys}buses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: 502 }}\ndevices:\n  - name: d\n    bus: b\n    points:\n      - {{ name: p, address: 0 }}\n"
+        );
+        crate::config::parse(&yaml, "t.yaml").expect("config").mqtt
+    }
+
+    fn will() -> super::super::Will {
+        super::super::Will {
+            topic: "t/status".into(),
+            payload: b"offline".to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: true,
+        }
+    }
+
+    #[test]
+    fn a_persistent_session_reaches_the_connect_options_of_both_protocols() {
+        let Options::V3(o) = options(&mqtt_of(""), Some(&will())).unwrap() else {
+            panic!("3.1.1")
+        };
+        assert!(o.clean_session());
+        let Options::V3(o) = options(&mqtt_of("  session: persistent\n"), None).unwrap() else {
+            panic!("3.1.1")
+        };
+        assert!(!o.clean_session());
+
+        let Options::V5(o) = options(&mqtt_of("  protocol: 5\n"), Some(&will())).unwrap() else {
+            panic!("5")
+        };
+        assert!(o.clean_start());
+        assert_eq!(o.session_expiry_interval(), None);
+        assert_eq!(
+            o.last_will().unwrap().properties,
+            None,
+            "no delay: no will properties"
+        );
+        let keys =
+            "  protocol: 5\n  session: persistent\n  session_expiry: 10m\n  will_delay: 30s\n";
+        let Options::V5(o) = options(&mqtt_of(keys), Some(&will())).unwrap() else {
+            panic!("5")
+        };
+        assert!(!o.clean_start());
+        assert_eq!(o.session_expiry_interval(), Some(600));
+        let delay = o
+            .last_will()
+            .unwrap()
+            .properties
+            .and_then(|p| p.delay_interval);
+        assert_eq!(delay, Some(30));
+    }
+
     /// The fuzz pass of the received side: any bytes from the broker, read by rumqttc's
     /// decoder as our event loop reads them, then turned into a command. Nothing may panic (a
     /// panic aborts the gateway), and what becomes a command is bounded by the packet limit.
