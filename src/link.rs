@@ -530,8 +530,12 @@ struct Driver {
 }
 
 /// What a CONNACK may not say to us, and why (each is a protocol error that ends the session).
-fn connack_problem(session_present: bool, receive_max: Option<u16>) -> Option<String> {
-    if session_present {
+fn connack_problem(clean: bool, session_present: bool, receive_max: Option<u16>) -> Option<String> {
+    // With `mqtt.session: persistent` a present session is what we asked for: it holds our
+    // subscriptions and the commands queued while we were away. rumqttc's own replay of the
+    // old session's publishes is emptied at every session end (`Session::reset`), so only
+    // the link re-sends, as after a clean one.
+    if session_present && clean {
         // rumqttc would replay the old session's publishes under their old packet ids while
         // the link re-sends them: acknowledgements would complete the wrong messages.
         return Some(
@@ -553,6 +557,7 @@ fn connack_problem(session_present: bool, receive_max: Option<u16>) -> Option<St
 
 /// Polls the event loop forever; forwards what the manager needs.
 async fn drive_eventloop(mut session: Session, mut d: Driver) {
+    let clean = d.mqtt.session == crate::model::MqttSession::Clean;
     let mut backoff = d.reconnect_min;
     let mut generation = 0u64;
     let mut connected = false;
@@ -614,9 +619,9 @@ async fn drive_eventloop(mut session: Session, mut d: Driver) {
                 session_present,
                 receive_max,
                 ..
-            }) if connack_problem(session_present, receive_max).is_some() => {
+            }) if connack_problem(clean, session_present, receive_max).is_some() => {
                 Err(proto::Ended::protocol(
-                    connack_problem(session_present, receive_max).expect("some"),
+                    connack_problem(clean, session_present, receive_max).expect("some"),
                 ))
             }
             other => other,
@@ -2054,6 +2059,17 @@ fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, capacity: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_present_session_is_a_protocol_error_only_on_a_clean_one() {
+        assert!(connack_problem(true, true, None).is_some());
+        assert_eq!(connack_problem(false, true, None), None);
+        assert_eq!(connack_problem(true, false, Some(10)), None);
+        assert!(
+            connack_problem(false, true, Some(0)).is_some(),
+            "Receive Maximum 0 still is"
+        );
+    }
 
     #[test]
     fn messages_waiting_for_a_store_that_takes_none_stay_within_the_queue_capacity() {

@@ -265,6 +265,23 @@ pub struct Mqtt {
     /// Every broker to try, in turn (`mqtt.servers`); the first is `transport`, `host`,
     /// `port`, `ws_path` above. One entry without `servers`.
     pub servers: Vec<Server>,
+    /// `mqtt.session`: what the broker keeps for us between connections.
+    pub session: MqttSession,
+    /// MQTT 5 will delay interval (`mqtt.will_delay`, whole seconds): zero fires the will as
+    /// soon as the connection drops.
+    pub will_delay: Duration,
+}
+
+/// `mqtt.session`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttSession {
+    /// Clean session (3.1.1) / Clean Start with session expiry 0 (MQTT 5): the broker keeps
+    /// nothing once the connection drops.
+    Clean,
+    /// 3.1.1 clean session false; MQTT 5 Clean Start 0 with this session expiry interval
+    /// (whole seconds). The broker keeps our subscriptions and queues QoS 1 commands
+    /// published while we are away.
+    Persistent { expiry: Duration },
 }
 
 /// One broker of `mqtt.servers`.

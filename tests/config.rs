@@ -1182,3 +1182,103 @@ fn run_logs_the_warnings_at_start_without_the_secret() {
     gateway.expect_log("chmod 600", Duration::from_secs(10));
     assert!(!gateway.logs().contains("hunter2"), "{}", gateway.logs());
 }
+
+#[test]
+fn mqtt_session_is_clean_by_default_and_persistent_on_request_with_its_expiry() {
+    use fieldbridge::model::MqttSession;
+    let point = "      - { name: p, address: 0, type: u16 }\n";
+    let c = config::parse(&with_points(point), "test.yaml").unwrap();
+    assert_eq!(c.mqtt.session, MqttSession::Clean);
+    assert_eq!(c.mqtt.will_delay, Duration::ZERO);
+    let text = HEAD.replace("mqtt:\n", "mqtt:\n  session: persistent\n") + point;
+    let c = config::parse(&text, "test.yaml").unwrap();
+    assert_eq!(
+        c.mqtt.session,
+        MqttSession::Persistent {
+            expiry: Duration::from_secs(3600)
+        }
+    );
+    let text = HEAD.replace(
+        "mqtt:\n",
+        "mqtt:\n  protocol: 5\n  session: persistent\n  session_expiry: 10m\n  will_delay: 30s\n",
+    ) + point;
+    let c = config::parse(&text, "test.yaml").unwrap();
+    assert_eq!(
+        c.mqtt.session,
+        MqttSession::Persistent {
+            expiry: Duration::from_secs(600)
+        }
+    );
+    assert_eq!(c.mqtt.will_delay, Duration::from_secs(30));
+}
+
+#[test]
+fn bad_session_and_will_delay_values_are_refused_with_line_and_hint() {
+    let point = "      - { name: p, address: 0, type: u16 }\n";
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "  session: durable\n",
+            "mqtt.session",
+            "not one of clean, persistent",
+        ),
+        (
+            "  session: persistent\n  session_expiry: 1h\n",
+            "mqtt.session_expiry",
+            "MQTT 5",
+        ),
+        (
+            "  protocol: 5\n  session_expiry: 1h\n",
+            "mqtt.session_expiry",
+            "session: persistent",
+        ),
+        (
+            "  protocol: 5\n  session: persistent\n  session_expiry: 0s\n",
+            "mqtt.session_expiry",
+            "whole number",
+        ),
+        (
+            "  protocol: 5\n  session: persistent\n  session_expiry: 1500ms\n",
+            "mqtt.session_expiry",
+            "whole number",
+        ),
+        (
+            "  session: persistent\n  will_delay: 10s\n",
+            "mqtt.will_delay",
+            "MQTT 5",
+        ),
+        (
+            "  protocol: 5\n  will_delay: 10s\n",
+            "mqtt.will_delay",
+            "session: persistent",
+        ),
+        (
+            "  protocol: 5\n  session: persistent\n  will_delay: 2500ms\n",
+            "mqtt.will_delay",
+            "whole number",
+        ),
+        (
+            "  protocol: 5\n  session: persistent\n  session_expiry: 10s\n  will_delay: 20s\n",
+            "mqtt.will_delay",
+            "longer than the session expiry",
+        ),
+        (
+            "  protocol: 5\n  session: persistent\n  will_delay: 10\n",
+            "mqtt.will_delay",
+            "no unit",
+        ),
+    ];
+    for (keys, path, says) in cases {
+        let text = HEAD.replace("mqtt:\n", &format!("mqtt:\n{keys}")) + point;
+        let e = one_error(&text);
+        assert_eq!(e.path, *path, "{keys}");
+        assert!(
+            e.message.contains(says) || e.hint.as_deref().unwrap_or("").contains(says),
+            "{keys}: {e:?}"
+        );
+        assert!(e.line.is_some(), "{keys}: no line in {e:?}");
+        assert!(
+            e.hint.is_some() || *path == "mqtt.session",
+            "{keys}: no hint in {e:?}"
+        );
+    }
+}

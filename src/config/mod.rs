@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
+use crate::model::MqttSession;
 use crate::model::{BitWrite, ClockPolicy, DeviceProfile, PointCommand, PointSource, Rate};
 use crate::model::{
     Bus, BusKind, Config, DataType, Device, DeviceHa, Durability, Gateway, HomeAssistant, Http,
@@ -1717,6 +1718,8 @@ impl Validator {
             }
         }
 
+        let (session, will_delay) = self.mqtt_session(&m, protocol);
+
         if servers.is_empty() {
             servers.push(Server {
                 transport,
@@ -1746,7 +1749,96 @@ impl Validator {
             status_topic,
             response_topics,
             servers,
+            session,
+            will_delay,
         }
+    }
+
+    /// `mqtt.session`, `mqtt.session_expiry` and `mqtt.will_delay`, checked together: MQTT 5
+    /// publishes a will when its delay passes *or the session ends*, whichever is first
+    /// (§3.1.3.2.2), so a delay is only kept by a persistent session that outlives it.
+    fn mqtt_session(&mut self, m: &RawMqtt, protocol: MqttProtocol) -> (MqttSession, Duration) {
+        let persistent = self.choice(
+            "mqtt.session",
+            m.session.as_deref(),
+            false,
+            &[("clean", false), ("persistent", true)],
+        );
+        let v5 = protocol == MqttProtocol::V5;
+        let whole_seconds =
+            |d: Duration| d.subsec_nanos() == 0 && d <= Duration::from_secs(u64::from(u32::MAX));
+        let mut expiry = Duration::from_secs(3600);
+        if let Some(v) = m.session_expiry.as_ref() {
+            if !v5 {
+                self.err(
+                    "mqtt.session_expiry",
+                    "the session expiry interval is an MQTT 5 property",
+                    Some("with MQTT 3.1.1 a persistent session lasts until the broker drops it: leave session_expiry out, or set `protocol: 5`".into()),
+                );
+            } else if !persistent {
+                self.err(
+                    "mqtt.session_expiry",
+                    "session_expiry applies only to `session: persistent`",
+                    Some("a clean session ends with its connection: set `session: persistent` or leave session_expiry out".into()),
+                );
+            }
+            if let Some(d) = self.opt_duration("mqtt.session_expiry", Some(v)) {
+                if d.is_zero() || !whole_seconds(d) {
+                    self.err(
+                        "mqtt.session_expiry",
+                        format!("{} is not a whole number of seconds from 1s", fmt_duration(d)),
+                        Some("MQTT 5 sends the session expiry interval in whole seconds (§3.1.2.11.2); 0 would be a clean session".into()),
+                    );
+                } else {
+                    expiry = d;
+                }
+            }
+        }
+        let mut will_delay = Duration::ZERO;
+        if let Some(v) = m.will_delay.as_ref() {
+            if let Some(d) = self.opt_duration("mqtt.will_delay", Some(v)) {
+                if !whole_seconds(d) {
+                    self.err(
+                        "mqtt.will_delay",
+                        format!("{} is not a whole number of seconds", fmt_duration(d)),
+                        Some(
+                            "MQTT 5 sends the will delay interval in whole seconds (§3.1.3.2.2)"
+                                .into(),
+                        ),
+                    );
+                } else if !v5 {
+                    self.err(
+                        "mqtt.will_delay",
+                        "the will delay interval is an MQTT 5 property",
+                        Some("set `protocol: 5`; MQTT 3.1.1 brokers publish the will as soon as the connection drops".into()),
+                    );
+                } else if !d.is_zero() && !persistent {
+                    self.err(
+                        "mqtt.will_delay",
+                        "a will delay needs `session: persistent`",
+                        Some("the broker publishes the will when the session ends, and a clean session ends with its connection (MQTT 5 §3.1.3.2.2): set `session: persistent`".into()),
+                    );
+                } else if d > expiry {
+                    self.err(
+                        "mqtt.will_delay",
+                        format!(
+                            "{} is longer than the session expiry {}",
+                            fmt_duration(d),
+                            fmt_duration(expiry)
+                        ),
+                        Some("the will is published when the session expires, whichever comes first (MQTT 5 §3.1.3.2.2): raise mqtt.session_expiry or shorten will_delay".into()),
+                    );
+                } else {
+                    will_delay = d;
+                }
+            }
+        }
+        let session = if persistent {
+            MqttSession::Persistent { expiry }
+        } else {
+            MqttSession::Clean
+        };
+        (session, will_delay)
     }
 
     /// A broker URL: transport, host, port (the transport's default if none), WebSocket path.

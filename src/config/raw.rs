@@ -117,6 +117,12 @@ pub struct RawMqtt {
     pub reconnect: Option<RawReconnect>,
     pub status_topic: Option<String>,
     pub response_topics: Option<Vec<String>>,
+    /// `clean` (the default) or `persistent`.
+    pub session: Option<String>,
+    /// MQTT 5 session expiry interval of a persistent session.
+    pub session_expiry: Option<Value>,
+    /// MQTT 5 will delay interval.
+    pub will_delay: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,7 +18,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason, PublishProp
 use rumqttc::{Event, Incoming, Outgoing, QoS};
 
 use super::{InMessage, LinkError, OutMessage};
-use crate::model::{Mqtt, MqttProtocol, Qos};
+use crate::model::{Mqtt, MqttProtocol, MqttSession, Qos};
 
 /// The request side of either client.
 #[derive(Clone)]
@@ -124,7 +124,7 @@ pub(super) fn options(mqtt: &Mqtt, will: Option<&super::Will>) -> Result<Options
             options
                 .set_transport(transport)
                 .set_keep_alive(mqtt.keep_alive)
-                .set_clean_session(true)
+                .set_clean_session(mqtt.session == MqttSession::Clean)
                 .set_max_packet_size(mqtt.max_packet_size, mqtt.max_packet_size)
                 // One more than our window: rumqttc's flow control never holds a request back.
                 .set_inflight(mqtt.inflight.saturating_add(1))
@@ -150,19 +150,14 @@ pub(super) fn options(mqtt: &Mqtt, will: Option<&super::Will>) -> Result<Options
             options
                 .set_transport(transport)
                 .set_keep_alive(mqtt.keep_alive)
-                .set_clean_start(true)
+                .set_clean_start(mqtt.session == MqttSession::Clean)
+                .set_session_expiry_interval(session_expiry(mqtt.session))
                 .set_max_packet_size(Some(max_packet))
                 .set_outgoing_inflight_upper_limit(mqtt.inflight.saturating_add(1))
                 .set_request_channel_capacity(cap)
                 .set_network_options(network);
             if let Some(w) = will {
-                options.set_last_will(v5::mqttbytes::v5::LastWill::new(
-                    w.topic.clone(),
-                    w.payload.clone(),
-                    qos5(w.qos),
-                    w.retain,
-                    None,
-                ));
+                options.set_last_will(will5(w, mqtt.will_delay));
             }
             if let Some(user) = &mqtt.username {
                 options.set_credentials(user.clone(), password);
@@ -191,6 +186,40 @@ pub(super) fn connect(
             (Client::V5(client), Session::V5(Box::new(eventloop)))
         }
     })
+}
+
+/// MQTT 5 Session Expiry Interval (§3.1.2.11.2): none (0) for a clean session.
+fn session_expiry(s: MqttSession) -> Option<u32> {
+    match s {
+        MqttSession::Clean => None,
+        MqttSession::Persistent { expiry } => {
+            Some(u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX))
+        }
+    }
+}
+
+/// The MQTT 5 will of `w`, with a Will Delay Interval (§3.1.3.2.2) unless `delay` is zero.
+fn will5(w: &super::Will, delay: Duration) -> v5::mqttbytes::v5::LastWill {
+    let secs = u32::try_from(delay.as_secs()).unwrap_or(u32::MAX);
+    v5::mqttbytes::v5::LastWill::new(
+        w.topic.clone(),
+        w.payload.clone(),
+        qos5(w.qos),
+        w.retain,
+        (secs > 0).then(|| will_properties(secs)),
+    )
+}
+
+fn will_properties(delay_s: u32) -> v5::mqttbytes::v5::LastWillProperties {
+    v5::mqttbytes::v5::LastWillProperties {
+        delay_interval: Some(delay_s),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    }
 }
 
 fn qos3(q: Qos) -> QoS {
@@ -290,15 +319,17 @@ impl Session {
                 ));
             }
             Session::V5(eventloop) => {
-                eventloop
+                // The delay is the configuration's, kept from the connection's first options.
+                let delay = eventloop
                     .options
-                    .set_last_will(v5::mqttbytes::v5::LastWill::new(
-                        w.topic.clone(),
-                        w.payload.clone(),
-                        qos5(w.qos),
-                        w.retain,
-                        None,
-                    ));
+                    .last_will()
+                    .and_then(|l| l.properties)
+                    .and_then(|p| p.delay_interval);
+                let mut will = will5(w, Duration::ZERO);
+                if let Some(d) = delay {
+                    will.properties = Some(will_properties(d));
+                }
+                eventloop.options.set_last_will(will);
             }
         }
     }
@@ -594,6 +625,58 @@ fn received_v5(p: &v5::mqttbytes::v5::Publish) -> Result<InMessage, Ended> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn mqtt_of(keys: &str) -> Mqtt {
+        let yaml = format!(
+            "gateway: {{ id: gw }}\nmqtt:\n  url: mqtt://127.0.0.1:1883\n{keys}buses:\n  - {{ name: b, type: tcp, host: 127.0.0.1, port: 502 }}\ndevices:\n  - name: d\n    bus: b\n    points:\n      - {{ name: p, address: 0 }}\n"
+        );
+        crate::config::parse(&yaml, "t.yaml").expect("config").mqtt
+    }
+
+    fn will() -> super::super::Will {
+        super::super::Will {
+            topic: "t/status".into(),
+            payload: b"offline".to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: true,
+        }
+    }
+
+    #[test]
+    fn a_persistent_session_reaches_the_connect_options_of_both_protocols() {
+        let Options::V3(o) = options(&mqtt_of(""), Some(&will())).unwrap() else {
+            panic!("3.1.1")
+        };
+        assert!(o.clean_session());
+        let Options::V3(o) = options(&mqtt_of("  session: persistent\n"), None).unwrap() else {
+            panic!("3.1.1")
+        };
+        assert!(!o.clean_session());
+
+        let Options::V5(o) = options(&mqtt_of("  protocol: 5\n"), Some(&will())).unwrap() else {
+            panic!("5")
+        };
+        assert!(o.clean_start());
+        assert_eq!(o.session_expiry_interval(), None);
+        assert_eq!(
+            o.last_will().unwrap().properties,
+            None,
+            "no delay: no will properties"
+        );
+        let keys =
+            "  protocol: 5\n  session: persistent\n  session_expiry: 10m\n  will_delay: 30s\n";
+        let Options::V5(o) = options(&mqtt_of(keys), Some(&will())).unwrap() else {
+            panic!("5")
+        };
+        assert!(!o.clean_start());
+        assert_eq!(o.session_expiry_interval(), Some(600));
+        let delay = o
+            .last_will()
+            .unwrap()
+            .properties
+            .and_then(|p| p.delay_interval);
+        assert_eq!(delay, Some(30));
+    }
 
     /// The fuzz pass of the received side: any bytes from the broker, read by rumqttc's
     /// decoder as our event loop reads them, then turned into a command. Nothing may panic (a
