@@ -10,7 +10,7 @@ so it also runs in the minimal Debian root of the systemd check).
 Holding and input registers 0..99: registers 0-1 hold a u32 (ABCD) read counter: every read
 (FC 3 or 4) that starts at address 0 is answered with the counter's next value and logged to
 LOG as "<value> <unix time>" (one line, flushed), so the log is the list of readings the device
-handed out. Other registers read 0; reads outside 0..99 get exception 2.
+handed out; a device started again on the same LOG goes on from its last value. Other registers read 0; reads outside 0..99 get exception 2.
 SIGUSR1 toggles "mute": requests are read and not answered (a device that stops answering).
 """
 import os
@@ -31,7 +31,16 @@ REGISTERS = 100
 
 class Device:
     def __init__(self, log_path):
+        # A device restarted on the same log goes on counting, so every value is handed out once.
         self.counter = 0
+        try:
+            with open(log_path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 2 and parts[0].isdigit():
+                        self.counter = int(parts[0])
+        except FileNotFoundError:
+            pass
         self.mute = False
         self.log = open(log_path, "a", buffering=1)
 
