@@ -35,7 +35,7 @@ const READS_PER_SLAVE: usize = 3;
 
 fn usage() {
     println!(
-        "usage: wire --run [--secs 20] [--warmup 3] [--bauds 9600,115200] [--no-dead]\n\
+        "usage: wire --run [--secs 20] [--warmup 3] [--bauds 9600,115200] [--no-dead] [--mbpoll]\n\
          (scripts/bench-wire runs it on the release build; see benches/README.md)"
     );
 }
@@ -45,6 +45,8 @@ struct Opts {
     warmup: u64,
     bauds: Vec<u32>,
     dead: bool,
+    /// Also poll the same line with mbpoll (Debian's, libmodbus): holding registers only.
+    mbpoll: bool,
 }
 
 fn parse() -> Option<Opts> {
@@ -57,6 +59,7 @@ fn parse() -> Option<Opts> {
         warmup: 3,
         bauds: vec![9600, 115_200],
         dead: true,
+        mbpoll: false,
     };
     let mut i = 0;
     while i < args.len() {
@@ -78,6 +81,7 @@ fn parse() -> Option<Opts> {
                 i += 1;
             }
             "--no-dead" => o.dead = false,
+            "--mbpoll" => o.mbpoll = true,
             "--run" | "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -86,7 +90,7 @@ fn parse() -> Option<Opts> {
     Some(o)
 }
 
-fn config(broker: u16, port: &str, baud: u32, dead: bool) -> String {
+fn config(broker: u16, port: &str, baud: u32, dead: bool, holding_only: bool) -> String {
     let mut y = format!(
         "gateway:\n  id: gw\n  prefix: bench\nmqtt:\n  url: mqtt://127.0.0.1:{broker}\nbuses:\n  - {{ name: rs485, type: rtu, port: {port}, baud: {baud}, parity: even }}\ndevices:\n"
     );
@@ -98,12 +102,12 @@ fn config(broker: u16, port: &str, baud: u32, dead: bool) -> String {
         for a in HOLDING {
             y.push_str(&format!("      - {{ name: h{a}, address: {a} }}\n"));
         }
-        for a in 0..INPUTS {
+        for a in 0..if holding_only { 0 } else { INPUTS } {
             y.push_str(&format!(
                 "      - {{ name: i{a}, register: input, address: {a} }}\n"
             ));
         }
-        for a in 0..COILS {
+        for a in 0..if holding_only { 0 } else { COILS } {
             y.push_str(&format!(
                 "      - {{ name: c{a}, register: coil, address: {a}, type: bool }}\n"
             ));
@@ -125,6 +129,16 @@ fn wire_limit(f: LineFormat) -> Duration {
     let coils = 8.0 + 5.0 + (f64::from(COILS) / 8.0).ceil();
     let frames = f.chars(holding + inputs + coils);
     (frames + (turnaround + silence) * READS_PER_SLAVE as u32) * u32::from(SLAVES)
+}
+
+/// The same for a plan of the holding block alone (what mbpoll polls).
+fn wire_limit_holding(f: LineFormat) -> Duration {
+    let silence = if f.baud > 19_200 {
+        Duration::from_micros(1750)
+    } else {
+        f.chars(3.5)
+    };
+    (f.chars(8.0 + 5.0 + 40.0) + f.chars(3.5) + silence) * u32::from(SLAVES)
 }
 
 /// `check`'s estimated bus time per cycle, summed over the live slaves.
@@ -150,7 +164,7 @@ struct Run {
     estimate: Option<Duration>,
 }
 
-fn run(baud: u32, dead: bool, o: &Opts) -> Run {
+fn run(baud: u32, dead: bool, holding_only: bool, o: &Opts) -> Run {
     let f = LineFormat {
         baud,
         data_bits: 8,
@@ -166,7 +180,14 @@ fn run(baud: u32, dead: bool, o: &Opts) -> Run {
     if dead {
         slave.set_silent(SLAVES + 1, true);
     }
-    let yaml = config(broker.port(), &pty.b().display().to_string(), baud, dead);
+    let yaml = config(
+        broker.port(),
+        &pty.b().display().to_string(),
+        baud,
+        dead,
+        holding_only,
+    );
+    let reads = if holding_only { 1 } else { READS_PER_SLAVE };
     let gateway = Gateway::start_with_env(&yaml, &[("RUST_LOG", "info")]);
     let estimate = check_estimate(gateway.config_path(), SLAVES);
     std::thread::sleep(Duration::from_secs(o.warmup));
@@ -187,14 +208,19 @@ fn run(baud: u32, dead: bool, o: &Opts) -> Run {
         .iter()
         .filter(|r| matches!(r.kind, FrameKind::Broken | FrameKind::BadCrc))
         .count();
-    let cycles = answered as f64 / (READS_PER_SLAVE * usize::from(SLAVES)) as f64;
+    let cycles = answered as f64 / (reads * usize::from(SLAVES)) as f64;
     let cycles_per_s = cycles / window.as_secs_f64();
-    let limit = wire_limit(f);
+    let limit = if holding_only {
+        wire_limit_holding(f)
+    } else {
+        wire_limit(f)
+    };
     let wire: Duration = frames.iter().map(|r| r.wire_time()).sum();
     let s = request_silences(&frames);
     println!(
-        "{baud} 8E1{}: {answered} answers in {window:.1?}, {cycles:.1} cycles, {cycles_per_s:.3} cycles/s; wire limit {:.3} cycles/s ({:.1} ms a cycle); ratio {:.3}",
+        "{baud} 8E1{}{}: {answered} answers in {window:.1?}, {cycles:.1} cycles, {cycles_per_s:.3} cycles/s; wire limit {:.3} cycles/s ({:.1} ms a cycle); ratio {:.3}",
         if dead { " + 1 dead slave" } else { "" },
+        if holding_only { " (FC3 x 20 only)" } else { "" },
         1.0 / limit.as_secs_f64(),
         ms(limit),
         cycles_per_s * limit.as_secs_f64(),
@@ -238,6 +264,81 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A child process killed (by PID) and reaped when dropped.
+struct Kill(std::process::Child);
+
+impl Kill {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// mbpoll (libmodbus) polling the 10 slaves' block of 20 holding registers in a loop
+/// (`-l 10`, its shortest poll period), against the same wire slave: answers/s, cycles/s of
+/// that one-read plan and its ratio to the plan's wire limit.
+fn peer_mbpoll(baud: u32, o: &Opts) {
+    let f = LineFormat {
+        baud,
+        data_bits: 8,
+        parity: true,
+        stop_bits: 1,
+    };
+    let pty = PtyPair::new();
+    let units: Vec<u8> = (1..=SLAVES).collect();
+    let slave = WireSlave::start(pty.a(), f, &units, Duration::ZERO);
+    let child = std::process::Command::new("mbpoll")
+        .args([
+            "-m",
+            "rtu",
+            "-b",
+            &baud.to_string(),
+            "-P",
+            "even",
+            "-a",
+            "1:10",
+        ])
+        .args([
+            "-0", "-r", "0", "-c", "20", "-t", "4", "-l", "10", "-o", "0.3",
+        ])
+        .arg(pty.b())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(child) = child else {
+        println!("mbpoll not found (apt-get install mbpoll): peer skipped");
+        return;
+    };
+    let mut child = Kill(child);
+    std::thread::sleep(Duration::from_secs(o.warmup));
+    slave.clear();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(o.secs));
+    let window = t0.elapsed();
+    let frames = slave.frames();
+    child.stop();
+    drop(child);
+    let answered = frames
+        .iter()
+        .filter(|r| r.kind == FrameKind::Answer)
+        .count();
+    let cycles_per_s = answered as f64 / f64::from(SLAVES) / window.as_secs_f64();
+    let limit = wire_limit_holding(f);
+    let s = request_silences(&frames);
+    println!(
+        "{baud} 8E1 mbpoll (FC3 x 20 only): {answered} answers, {cycles_per_s:.3} cycles/s; wire limit of that plan {:.3} cycles/s; ratio {:.3}; median silence {:.3?}",
+        1.0 / limit.as_secs_f64(),
+        cycles_per_s * limit.as_secs_f64(),
+        s.map(|s| s.median).unwrap_or_default()
+    );
+}
+
 fn main() {
     let Some(o) = parse() else {
         usage();
@@ -251,9 +352,9 @@ fn main() {
             .trim()
     );
     for &baud in &o.bauds {
-        let alone = run(baud, false, &o);
+        let alone = run(baud, false, false, &o);
         if o.dead {
-            let with_dead = run(baud, true, &o);
+            let with_dead = run(baud, true, false, &o);
             println!(
                 "{baud}: cycles/s of the 10 live slaves with a dead one {:.3} vs without {:.3}: {:.3}",
                 with_dead.cycles_per_s,
@@ -262,6 +363,10 @@ fn main() {
             );
         }
         let _ = (alone.limit, alone.estimate);
+        if o.mbpoll {
+            run(baud, false, true, &o);
+            peer_mbpoll(baud, &o);
+        }
     }
     println!(
         "load after: {}",
