@@ -18,7 +18,8 @@
 //!   `is_historical`, the primary host's STATE gate), the stats message (`publish::stats`),
 //!   the MQTT rules for topics (`publish::topic`).
 //! - [`modbus`]: one task per bus owning its connection; timeouts, reset after a timeout,
-//!   frame gap, reconnect back-off, device scheduling and write priority.
+//!   frame gap (kept with a timerfd, `modbus::precise`: tokio rounds sleeps up to whole
+//!   milliseconds), reconnect back-off, device scheduling and write priority.
 //! - [`lines`]: serial devices that print lines of text (streamed or polled): pure parsing
 //!   and templates in `lines::parse`, one task per port in `lines::task`, same bus interface.
 //! - [`link`]: the MQTT link task: owns the rumqttc event loop, tracks every message until

@@ -246,7 +246,11 @@ pub fn gap_between(a: &ReadBlock, b: &ReadBlock) -> Option<(u16, u16)> {
 
 /// Expected bus time of one RTU read: request frame (8 bytes) and response frame (5 bytes +
 /// data: 2 per register, 1 per 8 bits) at `1 start + data + parity + stop` bits per character,
-/// plus the two frame gaps (before the request and before the response).
+/// plus the frame gap before the request and the slave's least turnaround: 3.5 characters,
+/// the silence it needs to see the end of the request (Modbus over serial line v1.02
+/// §2.5.1.1). Not the frame gap twice: above 19200 baud the gap is a fixed 1.75 ms, and
+/// counting it for the turnaround overestimated a 10-slave cycle at 115200 by 19 %
+/// (benches/wire.rs). A slower slave adds its own turnaround.
 pub fn estimate_rtu_time(
     block: &ReadBlock,
     baud: u32,
@@ -262,8 +266,10 @@ pub fn estimate_rtu_time(
     };
     let chars = 8 + 5 + data_bytes;
     let bits_per_char = 1 + u64::from(data_bits) + u64::from(parity) + u64::from(stop_bits);
-    let nanos = chars * bits_per_char * 1_000_000_000 / u64::from(baud.max(1));
-    Duration::from_nanos(nanos) + 2 * frame_gap
+    let baud = u64::from(baud.max(1));
+    let nanos = chars * bits_per_char * 1_000_000_000 / baud;
+    let turnaround = 35 * bits_per_char * 1_000_000_000 / 10 / baud;
+    Duration::from_nanos(nanos) + frame_gap + Duration::from_nanos(turnaround)
 }
 
 /// Silent interval between RTU frames: 3.5 character times (a character is 11 bits on the
@@ -578,8 +584,12 @@ mod tests {
         let gap = frame_gap_for_baud(9600);
         assert_eq!(gap, Duration::from_nanos(4_010_417)); // 38.5 / 9600 s, rounded up
         let t = estimate_rtu_time(&block, 9600, 8, false, 1, gap);
-        // (8 + 25) characters × 10 bits / 9600 baud = 34.375 ms, plus two gaps.
-        assert_eq!(t, Duration::from_micros(34_375) + 2 * gap);
+        // (8 + 25) characters × 10 bits / 9600 baud = 34.375 ms, plus the gap and 3.5
+        // characters of 10 bits (the slave's turnaround).
+        assert_eq!(
+            t,
+            Duration::from_micros(34_375) + gap + Duration::from_nanos(3_645_833)
+        );
 
         let coils = ReadBlock {
             kind: Coil,
@@ -588,7 +598,29 @@ mod tests {
         };
         // 8 + 5 + 3 characters × 11 bits (8E1) / 19200 baud.
         let t = estimate_rtu_time(&coils, 19_200, 8, true, 1, Duration::ZERO);
-        assert_eq!(t, Duration::from_nanos(16 * 11 * 1_000_000_000 / 19_200));
+        // (No gap given; the slave's 3.5 characters still count.)
+        assert_eq!(
+            t,
+            Duration::from_nanos(16 * 11 * 1_000_000_000 / 19_200)
+                + Duration::from_nanos(35 * 11 * 1_000_000_000 / 10 / 19_200)
+        );
+    }
+
+    #[test]
+    fn at_115200_baud_a_slave_answers_after_3_5_characters_not_the_1_75_ms_gap() {
+        // Measured (benches/wire.rs): a slave may answer once it has seen 3.5 characters of
+        // silence (0.33 ms at 8E1); the 1.75 ms fixed gap is the master's, before its request.
+        let block = ReadBlock {
+            kind: Holding,
+            start: 0,
+            count: 20,
+            points: vec![],
+        };
+        let gap = frame_gap_for_baud(115_200);
+        let t = estimate_rtu_time(&block, 115_200, 8, true, 1, gap);
+        let frames = Duration::from_nanos((8 + 45) * 11 * 1_000_000_000 / 115_200);
+        let turnaround = Duration::from_nanos(35 * 11 * 1_000_000_000 / 10 / 115_200);
+        assert_eq!(t, frames + gap + turnaround);
     }
 
     #[test]

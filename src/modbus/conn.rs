@@ -228,7 +228,8 @@ impl Connection {
         self.ensure_connected(timeout.max(Duration::from_secs(1)))
             .await?;
         if let Some(wait) = self.frame_gap_wait() {
-            tokio::time::sleep(wait).await;
+            // Not tokio's sleep: it rounds up to whole milliseconds (see `precise`).
+            super::precise::sleep(wait).await;
         }
         let ctx = self.ctx.as_mut().expect("connected above");
         // Never the broadcast default: every request names its unit.

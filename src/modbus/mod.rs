@@ -18,6 +18,7 @@
 //!   gap between the halves is remembered so that later cycles plan around it.
 
 pub mod conn;
+pub mod precise;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

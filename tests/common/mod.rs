@@ -14,6 +14,8 @@
 //! - `fake_broker`: a scripted fake MQTT server, only for faulty-broker behaviour no real
 //!   broker shows (session present on a clean session, Receive Maximum 0, topic aliases).
 //! - `gateway`: runs the `fieldbridge` binary as a child process.
+//! - `wire`: `WireSlave`, RTU slaves on a pty that keep real line timing (character times,
+//!   3.5-character end of frame, turnaround) and measure the silences the gateway keeps.
 //!
 //! Every process started here is killed by PID when its handle drops; every wait is bounded.
 #![allow(dead_code, unused_imports)]
@@ -28,6 +30,7 @@ pub mod mqtt;
 pub mod mqtt5;
 pub mod pty;
 pub mod relay;
+pub mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
