@@ -3,9 +3,11 @@
 //! # Heartbeats
 //! Each bus task, the MQTT link's manager task and the store thread own a [`Heartbeat`] (in
 //! `BusStats`, `LinkStats` and `StoreStats`) and beat it on every turn of their loop and after
-//! every bus transaction. Their
-//! loops wake at least every [`TICK`] even when idle, so a heartbeat older than a few ticks
-//! means the task is stuck inside an await, not merely waiting for its next poll.
+//! every bus transaction. The link's and the store's loops wake at least every [`TICK`] even
+//! when idle; a Modbus bus task instead promises, before it waits, that it is idle until its
+//! next poll ([`Heartbeat::idle_until`]), and sleeps until then. So a heartbeat older than a
+//! few ticks (past any promise) means the task is stuck inside an await, not merely waiting
+//! for its next poll.
 //!
 //! # Watchdog
 //! A task is *stalled* when its heartbeat is older than its limit: for a bus, the longest a
@@ -58,19 +60,41 @@ fn now_ms() -> u64 {
     u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// When a task last made progress (milliseconds since the process's first use of it).
+/// When a task last made progress (milliseconds since the process's first use of it), or until
+/// when it is known to be idle: a task about to wait for its next poll (and nothing else)
+/// promises [`Heartbeat::idle_until`] that time, and need not wake every [`TICK`] just to beat.
 #[derive(Debug, Default)]
-pub struct Heartbeat(AtomicU64);
+pub struct Heartbeat {
+    last: AtomicU64,
+    idle_until: AtomicU64,
+}
 
 impl Heartbeat {
-    /// Records progress now.
+    /// Records progress now (and ends an idle promise).
     pub fn beat(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
+        self.last.store(now_ms(), Ordering::Relaxed);
+        self.idle_until.store(0, Ordering::Relaxed);
     }
 
-    /// Time since the last beat (since start-up if it never beat).
+    /// The task now waits, doing nothing else, until `until` at the latest (its next poll),
+    /// or for an event it beats on: its heartbeat is young until then.
+    pub fn idle_until(&self, until: Instant) {
+        let ms =
+            u64::try_from(until.saturating_duration_since(epoch()).as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now_ms(), Ordering::Relaxed);
+        self.idle_until.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat (since start-up if it never beat), or since the end of the
+    /// idle time it promised; zero within it.
     pub fn age(&self) -> Duration {
-        Duration::from_millis(now_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
+        let now = now_ms();
+        let promised = self.idle_until.load(Ordering::Relaxed);
+        if promised > now {
+            return Duration::ZERO;
+        }
+        let since = self.last.load(Ordering::Relaxed).max(promised);
+        Duration::from_millis(now.saturating_sub(since))
     }
 }
 
@@ -273,6 +297,26 @@ mod tests {
         ];
         assert_eq!(stalled(&tasks), ["bus b"]);
         assert!(stalled(&tasks[..1]).is_empty());
+    }
+
+    #[test]
+    fn an_idle_promise_keeps_a_heartbeat_young_until_it_ends() {
+        let h = Heartbeat::default();
+        h.idle_until(Instant::now() + Duration::from_secs(60));
+        assert_eq!(h.age(), Duration::ZERO);
+        // A promise that ended ages from its end, not from the last beat before it.
+        h.idle_until(Instant::now());
+        std::thread::sleep(Duration::from_millis(30));
+        let age = h.age();
+        assert!(
+            age >= Duration::from_millis(25) && age < Duration::from_secs(1),
+            "{age:?}"
+        );
+        // A beat ends a promise: a task busy with something else ages as before.
+        h.idle_until(Instant::now() + Duration::from_secs(60));
+        h.beat();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(h.age() >= Duration::from_millis(25));
     }
 
     #[test]

@@ -418,6 +418,31 @@ fn health_is_ok_while_tasks_progress() {
     }
 }
 
+/// A bus polling once a minute sleeps between its polls (no wake-up a second to beat its
+/// heartbeat): the watchdog's rule must still see it as alive, well past its stall limit.
+#[test]
+fn an_idle_bus_between_rare_polls_is_healthy() {
+    let broker = Mosquitto::start();
+    let a = counting_device();
+    let yaml = config(
+        broker.port(),
+        a.port(),
+        free_port(),
+        "{ listen: 127.0.0.1:0 }",
+    )
+    .replace("interval: 200ms", "interval: 60s");
+    let gateway = Gateway::start(&yaml);
+    let addr = endpoint(&gateway);
+    assert!(wait_until(WAIT, || get(addr, "/readyz").0 == 200));
+    // line-a's stall limit: 1 s timeout x 2, ticks, slack: about 9 s; watch for 12 s.
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        let (status, body) = get(addr, "/healthz");
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "{}", gateway.logs());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn the_status_page_renders_in_a_real_browser() {
     install();

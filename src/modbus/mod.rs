@@ -316,6 +316,10 @@ impl BusTask {
                 Some((i, due)) => (Some(i), due),
                 None => (None, Instant::now() + Duration::from_secs(3600)),
             };
+            // Nothing but the next poll, a request (`serve` beats first) or the stop is awaited
+            // here: the task is idle until `due` and need not wake before it to beat (a Pi in a
+            // cabinet sleeps between polls). The poll itself beats after every transaction.
+            self.stats.heartbeat.idle_until(due);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -331,8 +335,6 @@ impl BusTask {
                         break;
                     }
                 }
-                // Idle loops still beat their heartbeat (see `health`).
-                _ = tokio::time::sleep(crate::health::TICK) => {}
             }
         }
         tracing::info!(bus = %self.name, "bus stopped");
