@@ -108,7 +108,6 @@ pub struct BusStats {
     pub polls: AtomicU64,
     pub requests: AtomicU64,
     pub failed_polls: AtomicU64,
-    pub exceptions: AtomicU64,
     pub skipped_ticks: AtomicU64,
     pub resets: AtomicU64,
     pub devices_online: AtomicU64,
@@ -549,7 +548,6 @@ impl BusTask {
             match result {
                 Ok(data) => decode_block(points, &block, &data, &mut values),
                 Err(RequestError::Exception(e)) => {
-                    BusStats::add(&self.stats.exceptions, 1);
                     let illegal = e == tokio_modbus::ExceptionCode::IllegalDataAddress;
                     match (illegal, plan::split(&block, points)) {
                         (true, SplitOutcome::Halves(a, b)) => {
