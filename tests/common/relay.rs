@@ -2,6 +2,10 @@
 //! cut (every open connection closed, new ones refused) and restore. It stands for a network
 //! outage: unlike a broker restart, the broker and the test's probe keep their sessions, so a
 //! test can check that every message sent during the outage arrives afterwards.
+//!
+//! It can also *stall*: connections stay open but nothing the gateway sends goes on (no
+//! PUBLISH reaches the broker, so no PUBACK comes back), as on a link that hangs without
+//! closing. What was held is dropped, never forwarded, by the next `cut`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +17,7 @@ use tokio::sync::watch;
 pub struct Relay {
     port: u16,
     cut: Arc<AtomicBool>,
+    stalled: watch::Sender<bool>,
     generation: watch::Sender<u64>,
     accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -25,10 +30,12 @@ impl Relay {
         let port = listener.local_addr().expect("relay addr").port();
         let cut = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
+        let (stalled, _) = watch::channel(false);
         let accepted = Arc::new(AtomicU64::new(0));
         let task = {
             let cut = cut.clone();
             let generation = generation.clone();
+            let stalled = stalled.clone();
             let accepted = accepted.clone();
             tokio::spawn(async move {
                 let upstream = SocketAddr::from(([127, 0, 0, 1], upstream));
@@ -39,6 +46,7 @@ impl Relay {
                     }
                     accepted.fetch_add(1, Ordering::SeqCst);
                     let mut cancelled = generation.subscribe();
+                    let stalled = stalled.subscribe();
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(upstream).await else {
                             return;
@@ -54,7 +62,7 @@ impl Relay {
                         let (mut cr, mut cw) = client.into_split();
                         let (mut sr, mut sw) = server.into_split();
                         tokio::select! {
-                            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                            _ = pump_unless_stalled(&mut cr, &mut sw, stalled) => {}
                             _ = tokio::io::copy(&mut sr, &mut cw) => {}
                             _ = cancelled.changed() => {}
                         }
@@ -65,6 +73,7 @@ impl Relay {
         Relay {
             port,
             cut,
+            stalled,
             generation,
             accepted,
             task,
@@ -82,12 +91,40 @@ impl Relay {
     }
 
     pub fn restore(&self) {
+        self.stalled.send_replace(false);
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops forwarding what the gateway sends (connections stay open) until `cut`.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
     }
 
     /// Connections relayed so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk while `stalled` says so; a `cut` then drops it.
+async fn pump_unless_stalled(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut stalled: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
