@@ -85,6 +85,27 @@ enum ProfilesAction {
     Show { name: String },
 }
 
+/// What [`out!`] writes with. A reader that went away (EPIPE) ends the process with 141, as
+/// SIGPIPE would under a shell; a stdout that cannot be written at all (a full disk, say)
+/// with a line on stderr and 1. Neither is a panic.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_BROKEN_PIPE);
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "fieldbridge: cannot write to stdout: {e}"
+        );
+        std::process::exit(EXIT_RUNTIME);
+    }
+}
+
+/// Exit code when stdout's reader went away (128 + SIGPIPE, what a shell reports).
+pub const EXIT_BROKEN_PIPE: i32 = 141;
+
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -104,12 +125,12 @@ pub fn main() -> i32 {
             let library = config::profile::Library::for_config(config);
             return match action {
                 None => {
-                    print!("{}", profiles_report(&library));
+                    out!("{}", profiles_report(&library));
                     EXIT_OK
                 }
                 Some(ProfilesAction::Show { name }) => match profile_show(&library, name) {
                     Ok(report) => {
-                        print!("{report}");
+                        out!("{report}");
                         EXIT_OK
                     }
                     Err(e) => {
@@ -133,11 +154,11 @@ pub fn main() -> i32 {
             for w in &warnings {
                 eprintln!("{}", config::warning_line(&shown, w));
             }
-            print!("{}", check_report(&path, &config));
+            out!("{}", check_report(&path, &config));
             match sample.as_deref() {
                 Some([device, line]) => match crate::lines::sample_report(&config, device, line) {
                     Ok(report) => {
-                        print!("\n{report}");
+                        out!("\n{report}");
                         EXIT_OK
                     }
                     Err(e) => {
@@ -605,7 +626,7 @@ async fn read_points(conn: &mut Connection, device: &Device, selected: &[usize])
             Ok(Data::Words(regs)) => {
                 let hex: Vec<String> = regs.iter().map(|r| format!("0x{r:04X}")).collect();
                 match codec::decode(point.data_type, point.order, &regs) {
-                    Ok(raw) => println!(
+                    Ok(raw) => outln!(
                         "{} = {} {}  (registers {} at {})",
                         point.name,
                         crate::publish::value_json(&codec::to_value(point, &raw)),
@@ -613,18 +634,18 @@ async fn read_points(conn: &mut Connection, device: &Device, selected: &[usize])
                         hex.join(" "),
                         point.address
                     ),
-                    Err(e) => println!("{}: cannot decode {}: {e}", point.name, hex.join(" ")),
+                    Err(e) => outln!("{}: cannot decode {}: {e}", point.name, hex.join(" ")),
                 }
                 for (way, value) in codec::decode_all_ways(&regs) {
-                    println!("    {way:<12} {value}");
+                    outln!("    {way:<12} {value}");
                 }
             }
             Ok(Data::Bits(bits)) => {
-                println!("{} = {}  (bit at {})", point.name, bits[0], point.address);
+                outln!("{} = {}  (bit at {})", point.name, bits[0], point.address);
             }
             Err(e) => {
                 failed = true;
-                println!("{}: {e}", point.name);
+                outln!("{}: {e}", point.name);
             }
         }
     }
@@ -643,16 +664,16 @@ fn status(config: &Config) -> i32 {
         Some(http) => match crate::http::get(http, "/api/status") {
             Ok(body) => match serde_json::from_str::<serde_json::Value>(&body) {
                 Ok(s) => {
-                    print!("{}", live_report(&s));
+                    out!("{}", live_report(&s));
                     return EXIT_OK;
                 }
-                Err(e) => println!("live figures: unreadable answer from the gateway ({e})"),
+                Err(e) => outln!("live figures: unreadable answer from the gateway ({e})"),
             },
-            Err(e) => println!("live figures: the gateway does not answer ({e}); is it running?"),
+            Err(e) => outln!("live figures: the gateway does not answer ({e}); is it running?"),
         },
-        None => println!(
-            "live figures: off (add `http: {{ listen: 127.0.0.1:9105 }}` to see them here)"
-        ),
+        None => {
+            outln!("live figures: off (add `http: {{ listen: 127.0.0.1:9105 }}` to see them here)")
+        }
     }
     store_status(config)
 }
@@ -773,11 +794,11 @@ pub fn live_report(s: &serde_json::Value) -> String {
 /// The store's backlog, read from the file.
 fn store_status(config: &Config) -> i32 {
     let Some(path) = &config.store.path else {
-        println!("store: none (store.path: none); messages are kept in memory only");
+        outln!("store: none (store.path: none); messages are kept in memory only");
         return EXIT_OK;
     };
     if !path.exists() {
-        println!(
+        outln!(
             "store: {} (not created yet)\nbacklog: 0 messages",
             path.display()
         );
@@ -785,15 +806,15 @@ fn store_status(config: &Config) -> i32 {
     }
     match crate::store::inspect(path) {
         Ok((messages, bytes, oldest)) => {
-            println!("store: {}", path.display());
-            println!(
+            outln!("store: {}", path.display());
+            outln!(
                 "backlog: {messages} messages, {:.1} KiB of {:.1} MiB cap",
                 bytes as f64 / 1024.0,
                 config.store.max_bytes as f64 / (1024.0 * 1024.0)
             );
             if let Some(created) = oldest {
                 let age_ms = crate::store::now_ms().saturating_sub(created).max(0) as u64;
-                println!(
+                outln!(
                     "oldest: {} ago",
                     humantime::format_duration(Duration::from_secs(age_ms / 1000))
                 );

@@ -54,6 +54,26 @@
 //! - [`http`]: the read-only HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/api/status`,
 //!   the embedded status page `http/page.html`), bounded and, off loopback, authenticated.
 
+/// `print!` for the one-shot commands (check, read, status, scan, sunspec, profiles), whose
+/// output often goes into `| head` or `| less`. Rust ignores SIGPIPE, so `print!` into a pipe
+/// whose reader went away panics; this ends the command quietly instead, with the shell's code
+/// for a broken pipe (141), and any other failure to write with a line on stderr and code 1.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` to [`out!`] as `print!` to `println!`.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub mod app;
 pub mod cli;
 pub mod codec;

@@ -1282,3 +1282,37 @@ fn bad_session_and_will_delay_values_are_refused_with_line_and_hint() {
         );
     }
 }
+
+/// `fieldbridge check … | head` and the like: a reader that goes away early ends the command
+/// with the code a shell gives a broken pipe (141), never with a panic ("failed printing to stdout") and
+/// an abort. The pipe's read end is closed before the command starts, so every write fails.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly_not_with_a_panic() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let shipped = root.join("config/fieldbridge.yaml");
+    let commands: [&[&str]; 3] = [
+        &["check", "--config", shipped.to_str().unwrap()],
+        &["profiles"],
+        &["profiles", "show", "eastron-sdm630"],
+    ];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut child = std::process::Command::new(common::gateway::BIN)
+            .args(args)
+            .env("FIELDBRIDGE_PROFILES", root.join("profiles"))
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn fieldbridge");
+        let status = common::wait_child(&mut child, Duration::from_secs(20)).expect("exits");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            status.code() == Some(fieldbridge::cli::EXIT_BROKEN_PIPE) || status.code() == Some(0),
+            "{args:?}: ended with {status:?}: {stderr}"
+        );
+    }
+}
