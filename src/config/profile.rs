@@ -7,7 +7,8 @@
 //! 2. the shipped ones: the directory in `FIELDBRIDGE_PROFILES` if set, else the compiled-in
 //!    default, `/usr/share/fieldbridge/profiles` (where the .deb installs the repository's
 //!    `profiles/`); debug builds (`cargo run`, `cargo test`) use the repository's `profiles/`
-//!    instead, so that a checkout works without installing.
+//!    instead, and so does a release build run where nothing is installed but the checkout it
+//!    was built from is still there, so that a checkout works without installing.
 //!
 //! A profile file is a mapping with metadata (`name`, `vendor`, `model`, `document`, `notes`),
 //! `device:` defaults (anything the profile sets that a device may set: unit, interval,
@@ -33,12 +34,27 @@ use crate::model::PointSource;
 /// The environment variable naming the directory of the shipped profiles.
 pub const PROFILES_ENV: &str = "FIELDBRIDGE_PROFILES";
 
+/// Where the .deb installs the shipped profiles.
+pub const INSTALLED_DIR: &str = "/usr/share/fieldbridge/profiles";
+
 /// Where the shipped profiles are when `FIELDBRIDGE_PROFILES` is not set.
 pub fn default_shipped_dir() -> PathBuf {
-    if cfg!(debug_assertions) {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles")
+    shipped_dir_among(
+        Path::new(INSTALLED_DIR),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles"),
+        cfg!(debug_assertions),
+    )
+}
+
+/// Debug builds take the checkout's `profiles/`; a release build the installed directory,
+/// unless it is absent and the checkout it was built from is still there (a release binary
+/// run from `target/release` in a source tree). A cross-built binary on a device that has
+/// neither names the installed directory, which is what an error's hint should say.
+fn shipped_dir_among(installed: &Path, checkout: &Path, debug: bool) -> PathBuf {
+    if debug || (!installed.is_dir() && checkout.is_dir()) {
+        checkout.to_path_buf()
     } else {
-        PathBuf::from("/usr/share/fieldbridge/profiles")
+        installed.to_path_buf()
     }
 }
 
@@ -532,6 +548,36 @@ pub(super) type Cache = HashMap<String, Option<Rc<Source>>>;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_release_build_run_from_its_checkout_finds_the_checkouts_profiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let installed = dir.path().join("usr-share");
+        let checkout = dir.path().join("repo-profiles");
+        std::fs::create_dir(&checkout).unwrap();
+        // Not installed, built from a checkout that is still there: the checkout's.
+        assert_eq!(
+            super::shipped_dir_among(&installed, &checkout, false),
+            checkout
+        );
+        // Installed: the installed ones, whatever else exists.
+        std::fs::create_dir(&installed).unwrap();
+        assert_eq!(
+            super::shipped_dir_among(&installed, &checkout, false),
+            installed
+        );
+        // Debug builds: the checkout's always.
+        assert_eq!(
+            super::shipped_dir_among(&installed, &checkout, true),
+            checkout
+        );
+        // Neither (a cross-built binary on a bare device): the installed path, for the hint.
+        let gone = dir.path().join("gone");
+        assert_eq!(
+            super::shipped_dir_among(&gone, &gone.join("x"), false),
+            gone
+        );
+    }
+
     use super::*;
     use crate::model::{DataType, Device, WordOrder};
     use std::time::Duration;
