@@ -548,6 +548,10 @@ pub(super) type Cache = HashMap<String, Option<Rc<Source>>>;
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::model::{DataType, Device, WordOrder};
+    use std::time::Duration;
+
     #[test]
     fn a_release_build_run_from_its_checkout_finds_the_checkouts_profiles() {
         let dir = tempfile::tempdir().unwrap();
@@ -555,32 +559,16 @@ mod tests {
         let checkout = dir.path().join("repo-profiles");
         std::fs::create_dir(&checkout).unwrap();
         // Not installed, built from a checkout that is still there: the checkout's.
-        assert_eq!(
-            super::shipped_dir_among(&installed, &checkout, false),
-            checkout
-        );
+        assert_eq!(shipped_dir_among(&installed, &checkout, false), checkout);
         // Installed: the installed ones, whatever else exists.
         std::fs::create_dir(&installed).unwrap();
-        assert_eq!(
-            super::shipped_dir_among(&installed, &checkout, false),
-            installed
-        );
+        assert_eq!(shipped_dir_among(&installed, &checkout, false), installed);
         // Debug builds: the checkout's always.
-        assert_eq!(
-            super::shipped_dir_among(&installed, &checkout, true),
-            checkout
-        );
+        assert_eq!(shipped_dir_among(&installed, &checkout, true), checkout);
         // Neither (a cross-built binary on a bare device): the installed path, for the hint.
         let gone = dir.path().join("gone");
-        assert_eq!(
-            super::shipped_dir_among(&gone, &gone.join("x"), false),
-            gone
-        );
+        assert_eq!(shipped_dir_among(&gone, &gone.join("x"), false), gone);
     }
-
-    use super::*;
-    use crate::model::{DataType, Device, WordOrder};
-    use std::time::Duration;
 
     const METER: &str = "\
 name: meter

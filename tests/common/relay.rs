@@ -5,7 +5,8 @@
 //!
 //! It can also *stall*: connections stay open but nothing the gateway sends goes on (no
 //! PUBLISH reaches the broker, so no PUBACK comes back), as on a link that hangs without
-//! closing. What was held is dropped, never forwarded, by the next `cut`.
+//! closing. A `cut` drops what was held, never forwarding it; a `restore` without a cut lets
+//! it go on, as a link that recovers by itself.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,7 +96,8 @@ impl Relay {
         self.cut.store(false, Ordering::SeqCst);
     }
 
-    /// Stops forwarding what the gateway sends (connections stay open) until `cut`.
+    /// Stops forwarding what the gateway sends (connections stay open) until `restore`;
+    /// a `cut` in between drops what was held.
     pub fn stall(&self) {
         self.stalled.send_replace(true);
     }
