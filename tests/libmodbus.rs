@@ -376,3 +376,156 @@ async fn libmodbus_unit_test_server_over_rtu() {
         "the wrong slave's answer was taken: {wrong:?}"
     );
 }
+
+/// The gateway's log lines about `device` that say a reply's header did not match its request.
+fn mismatches(gateway: &Gateway, device: &str) -> Vec<String> {
+    gateway
+        .logs()
+        .lines()
+        .filter(|l| l.contains(&format!("device={device} ")) && l.contains("mismatching headers"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The tables as a freshly started server holds them: its inputs, nothing written yet.
+fn fresh_tables_as_read(latest: &std::collections::BTreeMap<String, Value>) -> bool {
+    let v = |k: &str| latest.get(k).map(|m| m["value"].clone());
+    (0..UT_REGISTERS_TAB.len()).all(|i| v(&format!("hr{i}")) == Some(json!(0)))
+        && UT_INPUT_REGISTERS_TAB
+            .iter()
+            .enumerate()
+            .all(|(i, x)| v(&format!("ir{i}")) == Some(json!(x)))
+        && (0..UT_BITS_NB).all(|i| v(&format!("co{i}")) == Some(json!(false)))
+        && (0..UT_INPUT_BITS_NB)
+            .all(|i| v(&format!("di{i}")) == Some(json!(bit(&UT_INPUT_BITS_TAB, i))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libmodbus_wrong_transaction_id_over_tcp() {
+    // 0x171 over TCP: the server answers with transaction id 0 and unit 255 whatever was asked.
+    // Unit 17, so that even the first request of a connection (transaction id 0) is refused;
+    // the register sits in a group of its own, read after the tables, so that its requests
+    // carry ids above 0. Each refusal drops the connection, and the server (one connection per
+    // process) starts again with its tables as unit-test.h leaves them: nothing written.
+    let port = free_port();
+    let server = UnitTestServer::start("tcp", &port.to_string());
+    let broker = Mosquitto::start();
+    let mut probe = MqttProbe::connect(broker.port(), "lm/#").await;
+    let bus = format!("  - {{ name: b, type: tcp, host: 127.0.0.1, port: {port} }}\n");
+    let devices = format!(
+        "  - name: ut\n    bus: b\n    unit: {SERVER_ID}\n    interval: 300ms\n    backoff_max: 600ms\n    groups: {{ odd: 700ms }}\n    points:\n{}\
+         \x20     - {{ name: wrong, address: {UT_REGISTERS_ADDRESS_INVALID_TID_OR_SLAVE}, type: u16, group: odd }}\n",
+        table_points()
+    );
+    let gateway =
+        Gateway::start(&config(&bus, &devices).replace("{broker}", &broker.port().to_string()));
+    probe.wait_gateway_answers("lm", WAIT).await;
+    let mut latest = Default::default();
+    readings_until(
+        &mut probe,
+        "ut",
+        &mut latest,
+        fresh_tables_as_read,
+        "TCP tables",
+    )
+    .await;
+    // Refused for its transaction id (among others): asked with an id above 0, answered with 0.
+    let by_id = || {
+        mismatches(&gateway, "ut")
+            .iter()
+            .filter(|l| {
+                l.contains("actual/response = Header { transaction_id: 0, unit_id: 255 }")
+                    && !l.contains("expected/request = Header { transaction_id: 0,")
+            })
+            .count()
+    };
+    assert!(
+        common::wait_until(WAIT, || by_id() >= 2),
+        "the wrong transaction id's answer not reported:\n{}\n{}",
+        mismatches(&gateway, "ut").join("\n"),
+        server.log()
+    );
+    let mut again = Default::default();
+    readings_until(
+        &mut probe,
+        "ut",
+        &mut again,
+        fresh_tables_as_read,
+        "TCP tables after the wrong transaction id",
+    )
+    .await;
+    let taken: Vec<&Value> = [latest.get("wrong"), again.get("wrong")]
+        .into_iter()
+        .flatten()
+        .filter(|v| !v["value"].is_null())
+        .collect();
+    assert!(
+        taken.is_empty(),
+        "the wrong transaction id's answer was taken: {taken:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libmodbus_slow_register_over_rtu() {
+    // 0x172 answers 500 ms after the request, past the device's 300 ms timeout. A write sent as
+    // the timeout is logged waits for the bus and goes out as soon as the port is reopened: it
+    // must not meet the late reply (RTU has no transaction id; a reply of the same shape would
+    // be taken for the next request's, another one fails it although the device applied it).
+    let pty = PtyPair::new();
+    let server = UnitTestServer::start("rtu", &pty.b().display().to_string());
+    let broker = Mosquitto::start();
+    let mut probe = MqttProbe::connect(broker.port(), "lm/#").await;
+    let bus = format!(
+        "  - {{ name: r, type: rtu, port: \"{}\", baud: 115200 }}\n",
+        pty.a().display()
+    );
+    let devices = format!(
+        "  - name: ut\n    bus: r\n    unit: {SERVER_ID}\n    interval: 1s\n    timeout: 300ms\n    backoff_max: 1s\n    groups: {{ slow: 1s }}\n    points:\n\
+         \x20     - {{ name: hr2, address: {}, type: u16, writable: true }}\n\
+         \x20     - {{ name: slow, address: {UT_REGISTERS_ADDRESS_SLEEP_500_MS}, type: u16, group: slow }}\n",
+        UT_REGISTERS_ADDRESS + 2
+    );
+    let gateway =
+        Gateway::start(&config(&bus, &devices).replace("{broker}", &broker.port().to_string()));
+    probe.wait_gateway_answers("lm", WAIT).await;
+    let timeouts = || {
+        gateway
+            .logs()
+            .lines()
+            .filter(|l| l.contains("device=ut ") && l.contains("error=timeout after 300ms"))
+            .count()
+    };
+    for i in 0..4u16 {
+        let before = timeouts();
+        assert!(
+            common::wait_until(WAIT, || timeouts() > before),
+            "the slow register's timeout not logged:\n{}",
+            gateway.logs()
+        );
+        let value = 100 + i;
+        probe
+            .publish("lm/ut/hr2/set", value.to_string(), QoS::AtLeastOnce, false)
+            .await;
+        let r = probe
+            .expect_msg(|m: &Msg| m.topic == "lm/ut/hr2/set/result", WAIT)
+            .await
+            .json();
+        assert_eq!(
+            r["ok"],
+            json!(true),
+            "the write after timeout {i} met the late reply: {r}\n{}",
+            server.log()
+        );
+        let read = probe
+            .expect_msg(|m: &Msg| m.topic == "lm/ut/hr2", WAIT)
+            .await
+            .json();
+        assert_eq!(read["value"], json!(value), "hr2 read back after write {i}");
+    }
+    let mismatched = mismatches(&gateway, "ut");
+    assert!(
+        mismatched.is_empty(),
+        "a late reply was read:\n{}",
+        mismatched.join("\n")
+    );
+}
