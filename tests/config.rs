@@ -977,7 +977,7 @@ fn aliases_expanding_past_the_node_bound_are_refused_at_the_alias() {
     let e = &e.errors[0];
     assert!(
         e.message
-            .starts_with("aliases expand the file to more than 250000 YAML nodes"),
+            .starts_with("aliases expand the file to more than 300000 YAML nodes"),
         "{}",
         e.message
     );

@@ -31,9 +31,11 @@ impl Pos {
 }
 
 /// Most YAML nodes a configuration may have with its aliases expanded. A large real file
-/// (thousands of points, 5 to 15 nodes each) has well under 100 000; `check` needs a few
-/// hundred bytes per node.
-pub const MAX_NODES: u64 = 250_000;
+/// (thousands of points, 5 to 15 nodes each) has well under 100 000; 50 000 points of one
+/// flow mapping each (`{ name: r1, address: 1 }`: 5 nodes) need about 251 000. `check` needs
+/// a few hundred bytes per node, so the bound keeps a load (about 1.7 KiB a point at peak)
+/// under the unit's `MemoryMax=128M`.
+pub const MAX_NODES: u64 = 300_000;
 
 /// Where the expanded document first grew past [`MAX_NODES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
