@@ -311,16 +311,23 @@ async fn libmodbus_unit_test_server_over_tcp() {
     drop(servers);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn libmodbus_unit_test_server_over_rtu() {
+/// The server in RTU mode on one end of a pty pair, a broker, a probe on `lm/#`, and the bus
+/// section for the other end.
+async fn rtu_peer() -> (PtyPair, UnitTestServer, Mosquitto, MqttProbe, String) {
     let pty = PtyPair::new();
     let server = UnitTestServer::start("rtu", &pty.b().display().to_string());
     let broker = Mosquitto::start();
-    let mut probe = MqttProbe::connect(broker.port(), "lm/#").await;
+    let probe = MqttProbe::connect(broker.port(), "lm/#").await;
     let bus = format!(
         "  - {{ name: r, type: rtu, port: \"{}\", baud: 115200 }}\n",
         pty.a().display()
     );
+    (pty, server, broker, probe, bus)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libmodbus_unit_test_server_over_rtu() {
+    let (_pty, server, broker, mut probe, bus) = rtu_peer().await;
     // The wrong-slave register in a group of its own, so that its failure is its own.
     let devices = format!(
         "  - name: ut\n    bus: r\n    unit: {SERVER_ID}\n    interval: 300ms\n    timeout: 500ms\n    groups: {{ odd: 700ms }}\n    points:\n{}\
@@ -357,23 +364,33 @@ async fn libmodbus_unit_test_server_over_rtu() {
             .join("\n"),
         server.log()
     );
-    let mut again = Default::default();
-    readings_until(
+    tables_read_on_without_wrong(
         &mut probe,
-        "ut",
-        &mut again,
+        &latest,
         tables_as_read,
         "RTU tables after the wrong slave",
     )
     .await;
-    let wrong: Vec<&Value> = [latest.get("wrong"), again.get("wrong")]
+}
+
+/// After the wrong answers were refused: the tables (`done`) read again, and the `wrong`
+/// register never had a value, neither in `latest` nor since.
+async fn tables_read_on_without_wrong(
+    probe: &mut MqttProbe,
+    latest: &std::collections::BTreeMap<String, Value>,
+    done: impl Fn(&std::collections::BTreeMap<String, Value>) -> bool,
+    what: &str,
+) {
+    let mut again = Default::default();
+    readings_until(probe, "ut", &mut again, done, what).await;
+    let taken: Vec<&Value> = [latest.get("wrong"), again.get("wrong")]
         .into_iter()
         .flatten()
         .filter(|v| !v["value"].is_null())
         .collect();
     assert!(
-        wrong.is_empty(),
-        "the wrong slave's answer was taken: {wrong:?}"
+        taken.is_empty(),
+        "{what}: the wrong answer was taken: {taken:?}"
     );
 }
 
@@ -445,24 +462,13 @@ async fn libmodbus_wrong_transaction_id_over_tcp() {
         mismatches(&gateway, "ut").join("\n"),
         server.log()
     );
-    let mut again = Default::default();
-    readings_until(
+    tables_read_on_without_wrong(
         &mut probe,
-        "ut",
-        &mut again,
+        &latest,
         fresh_tables_as_read,
         "TCP tables after the wrong transaction id",
     )
     .await;
-    let taken: Vec<&Value> = [latest.get("wrong"), again.get("wrong")]
-        .into_iter()
-        .flatten()
-        .filter(|v| !v["value"].is_null())
-        .collect();
-    assert!(
-        taken.is_empty(),
-        "the wrong transaction id's answer was taken: {taken:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,14 +477,7 @@ async fn libmodbus_slow_register_over_rtu() {
     // the timeout is logged waits for the bus and goes out as soon as the port is reopened: it
     // must not meet the late reply (RTU has no transaction id; a reply of the same shape would
     // be taken for the next request's, another one fails it although the device applied it).
-    let pty = PtyPair::new();
-    let server = UnitTestServer::start("rtu", &pty.b().display().to_string());
-    let broker = Mosquitto::start();
-    let mut probe = MqttProbe::connect(broker.port(), "lm/#").await;
-    let bus = format!(
-        "  - {{ name: r, type: rtu, port: \"{}\", baud: 115200 }}\n",
-        pty.a().display()
-    );
+    let (_pty, server, broker, mut probe, bus) = rtu_peer().await;
     let devices = format!(
         "  - name: ut\n    bus: r\n    unit: {SERVER_ID}\n    interval: 1s\n    timeout: 300ms\n    backoff_max: 1s\n    groups: {{ slow: 1s }}\n    points:\n\
          \x20     - {{ name: hr2, address: {}, type: u16, writable: true }}\n\
