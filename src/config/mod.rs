@@ -133,10 +133,11 @@ pub fn load_with_warnings(path: &Path) -> Result<Loaded, ConfigErrors> {
 }
 
 /// Hands the heap pages freed after a load back to the system. Loading holds the whole
-/// document several times over (the YAML events, the raw form, the position index: about
-/// 2 KiB a point at peak) and frees it all before returning; glibc keeps most freed pages
-/// for reuse, so without this a 10k-point gateway kept about 10 MiB it no longer used.
-pub fn release_freed_memory() {
+/// document several times over (the YAML events, the raw form, the position index: 18 MiB of
+/// heap at 10k points) and frees it all before returning; glibc would keep the freed pages
+/// for reuse. Measured with the boxed raw points, at 10k points: anonymous RSS at the end of
+/// a run 19.6 -> 17.6 MiB (benches/README.md, issue 16).
+fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own arenas; it has no preconditions.
     unsafe {

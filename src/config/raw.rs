@@ -320,6 +320,7 @@ pub struct RawProfileDevice {
     pub groups: Option<Mapping>,
     pub order: Option<String>,
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
