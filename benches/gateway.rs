@@ -313,6 +313,9 @@ struct Workload {
     broker_nodelay: bool,
     hwm_kib: u64,
     rss_kib: u64,
+    /// VmRSS at the end split: anonymous (heap, stacks) and file-backed (the binary's pages).
+    anon_kib: u64,
+    file_kib: u64,
     /// w1h: the gateway's CPU per `/metrics` scrape, µs.
     scrape_us: Option<f64>,
     load: Vec<[f64; 3]>,
@@ -489,7 +492,17 @@ fn gateway_workload(
     let dev1 = cpu_ticks(devices_pid)?;
     let brk1 = cpu_ticks(broker_pid)?;
     let measured = t0.elapsed();
-    let (hwm_kib, rss_kib) = memory_kib(pid)?;
+    let Memory {
+        hwm_kib,
+        rss_kib,
+        anon_kib,
+        file_kib,
+    } = memory_kib(pid)?;
+    // Where the resident pages are, mapping by mapping, for when the RSS moves.
+    let _ = std::fs::copy(
+        format!("/proc/{pid}/smaps"),
+        workdir.join(format!("{name}.smaps")),
+    );
     if let Some(s) = scraper {
         let (ok, failed, bytes) = s.stop();
         println!("scraped /metrics every 5 s: {ok} ok, {failed} failed, last {bytes} bytes");
@@ -571,6 +584,8 @@ fn gateway_workload(
         broker_nodelay: false,
         hwm_kib,
         rss_kib,
+        anon_kib,
+        file_kib,
         scrape_us,
         load,
         buses,
@@ -722,12 +737,14 @@ impl Workload {
         let loads: Vec<String> = self.load.iter().map(|l| format!("{:.2}", l[0])).collect();
         println!("load (1 min) during the window: {}", loads.join(" "));
         println!(
-            "gateway CPU {:.3} % of one core; VmHWM {} KiB ({:.2} MiB), VmRSS at end {} KiB; \
-             (devices process {:.2} %, mosquitto {:.2} %)",
+            "gateway CPU {:.3} % of one core; VmHWM {} KiB ({:.2} MiB), VmRSS at end {} KiB \
+             (anonymous {} KiB, file-backed {} KiB); (devices process {:.2} %, mosquitto {:.2} %)",
             self.cpu_pct,
             self.hwm_kib,
             self.hwm_kib as f64 / 1024.0,
             self.rss_kib,
+            self.anon_kib,
+            self.file_kib,
             self.devices_cpu_pct,
             self.broker_cpu_pct
         );
@@ -1560,8 +1577,15 @@ fn clock_ticks_per_sec() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// (VmHWM, VmRSS) in KiB.
-fn memory_kib(pid: u32) -> Res<(u64, u64)> {
+/// A process's memory from /proc/PID/status, in KiB.
+struct Memory {
+    hwm_kib: u64,
+    rss_kib: u64,
+    anon_kib: u64,
+    file_kib: u64,
+}
+
+fn memory_kib(pid: u32) -> Res<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     let get = |key: &str| {
@@ -1572,7 +1596,12 @@ fn memory_kib(pid: u32) -> Res<(u64, u64)> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    Ok((get("VmHWM:"), get("VmRSS:")))
+    Ok(Memory {
+        hwm_kib: get("VmHWM:"),
+        rss_kib: get("VmRSS:"),
+        anon_kib: get("RssAnon:"),
+        file_kib: get("RssFile:"),
+    })
 }
 
 /// Back-to-back scrapes after the w1h window that measure the CPU of one.
