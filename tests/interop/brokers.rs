@@ -324,6 +324,19 @@ fn kill_group(child: &mut Child, sig: i32) {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        // A failing test shows the broker's side too (mosquitto logs every PUBLISH it receives
+        // and sends, with its message id): whether a message lost on the way reached it.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.contains("PINGRE")).collect();
+            let tail = &lines[lines.len().saturating_sub(400)..];
+            eprintln!(
+                "--- {:?} broker log (last {} lines) ---\n{}",
+                self.kind,
+                tail.len(),
+                tail.join("\n")
+            );
+        }
         if let Some(mut c) = self.child.take() {
             kill_group(&mut c, libc::SIGKILL);
             unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
