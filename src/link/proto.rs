@@ -529,6 +529,9 @@ fn ended_v3(e: &rumqttc::ConnectionError) -> Ended {
         C::MqttState(S::Deserialization(rumqttc::Error::PayloadSizeLimitExceeded(_))) => {
             Cause::TooLarge
         }
+        // rumqttc wraps a read that failed (a reset, an end of stream) as a deserialization
+        // error: the cause is the I/O, not the broker's bytes.
+        C::MqttState(S::Deserialization(rumqttc::Error::Io(io))) => io_cause(io),
         C::MqttState(
             S::Unsolicited(_) | S::WrongPacket | S::InvalidState | S::Deserialization(_),
         )
@@ -557,6 +560,7 @@ fn ended_v5(e: &v5::ConnectionError) -> Ended {
             ..
         }) => Cause::TakenOver,
         C::MqttState(S::ServerDisconnect { .. } | S::ConnectionAborted) => Cause::Closed,
+        C::MqttState(S::Deserialization(v5::mqttbytes::Error::Io(io))) => io_cause(io),
         C::MqttState(
             S::Unsolicited(_) | S::WrongPacket | S::InvalidState | S::Deserialization(_),
         )
@@ -814,5 +818,28 @@ mod tests {
         assert_eq!(m.correlation.map(|c| c.len()), Some(MAX_CORRELATION));
         let m = received_v5(&publish(props(None, MAX_CORRELATION + 1))).unwrap();
         assert!(m.correlation.is_none() && m.response_topic.is_none() && m.correlation_refused);
+    }
+
+    /// A reset or end of stream while rumqttc reads a packet reaches us wrapped as a
+    /// deserialization error: it is the broker (or the network) closing, not a protocol
+    /// error, so it must not be logged as one or counted in `protocol_errors`.
+    #[test]
+    fn a_reset_while_reading_a_packet_is_a_close_not_a_protocol_error() {
+        use std::io::{Error as IoError, ErrorKind};
+        for kind in [ErrorKind::ConnectionReset, ErrorKind::UnexpectedEof] {
+            let e3 = rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                rumqttc::Error::Io(IoError::from(kind)),
+            ));
+            assert_eq!(ended_v3(&e3).cause, Cause::Closed, "{e3}");
+            let e5 = v5::ConnectionError::MqttState(v5::StateError::Deserialization(
+                v5::mqttbytes::Error::Io(IoError::from(kind)),
+            ));
+            assert_eq!(ended_v5(&e5).cause, Cause::Closed, "{e5}");
+        }
+        // A malformed packet still is one.
+        let bad = rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::Error::MalformedPacket,
+        ));
+        assert_eq!(ended_v3(&bad).cause, Cause::Protocol);
     }
 }
