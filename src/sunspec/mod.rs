@@ -22,18 +22,13 @@
 //! Everything here but [`Modbus`] is pure: the walk runs over any [`Registers`] source
 //! (the tests use an in-memory register image).
 //!
-//! Not yet: `sunspec: auto` on a configured device, discovered and published by `run`. The
-//! intended path reuses the reload: the discovery's reads go through the bus task's queue
-//! (`Op::Read`, served between polls, so other devices wait at most one transaction); its
-//! result becomes concrete points of that device in a copy of the configuration, which goes
-//! through the same code as a SIGHUP reload of that bus (`app::run_with_reload`: the bus is
-//! restarted, `Input::Reconfigured` rebuilds Home Assistant configs and Sparkplug births);
-//! the discovered points are kept across later reloads while the device's `sunspec:` is
-//! unchanged, and discovery runs again when the device comes back from offline (seen by the
-//! bus's event forwarder). What it needs from the value path: a point whose scale is another
-//! point of the same poll (`10^sf`, sunssf) and a "not implemented" raw value published as a
-//! bad reading, i.e. two fields of `model::Point` applied in the bus task after a cycle's
-//! blocks are decoded ([`decode`] has the rules).
+//! `sunspec: auto` on a configured device: the bus task runs [`discover_device`] through its
+//! own connection (between the other devices' transactions) and hands the result to the
+//! application, which validates the configuration again with the discovered points (a
+//! generated profile: the device's own points override them by name, `points_exclude` drops
+//! them) and restarts that bus as a reload would. The bus then reads the mapped points in
+//! blocks of [`reads_for`], the scale factors among them, and decodes each point with
+//! [`decode_raw`]. Discovery runs again when the device comes back from offline.
 
 pub mod cli;
 pub mod models;
@@ -352,6 +347,114 @@ pub fn points(d: &Discovery) -> (Vec<Point>, Vec<(u16, u16)>) {
     (points, reads)
 }
 
+/// What discovery found on a configured device: the chain, and the common model's
+/// manufacturer and model (empty when the device has no model 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    pub discovery: Discovery,
+    pub manufacturer: String,
+    pub model: String,
+}
+
+/// [`discover`], then the common model's `Mn` and `Md`.
+pub async fn discover_device(src: &mut impl Registers) -> Result<Discovered, String> {
+    let discovery = discover(src).await?;
+    let (mut manufacturer, mut model) = (String::new(), String::new());
+    if let Some(c) = discovery.models.iter().find(|m| m.id == 1) {
+        // Mn at offset 2, Md at 18, 16 registers each.
+        if let Ok(w) = src.read(c.start.saturating_add(2), 32).await {
+            if w.len() == 32 {
+                manufacturer = crate::scan::sunspec_string(&w[..16]);
+                model = crate::scan::sunspec_string(&w[16..]);
+            }
+        }
+    }
+    Ok(Discovered {
+        discovery,
+        manufacturer,
+        model,
+    })
+}
+
+/// The reads (start, count) that cover `points` and their scale-factor registers: registers
+/// sorted, runs at most `max_gap` apart joined, each read at most `max` registers.
+pub fn reads_for<'a>(
+    points: impl IntoIterator<Item = &'a Point>,
+    max_gap: u16,
+    max: u16,
+) -> Vec<(u16, u16)> {
+    let mut spans: Vec<(u32, u32)> = Vec::new();
+    for p in points {
+        let a = u32::from(p.address);
+        spans.push((a, a + u32::from(p.ty.width())));
+        if let Some(Sf::Register(r)) = p.sf {
+            spans.push((u32::from(r), u32::from(r) + 1));
+        }
+    }
+    spans.sort_unstable();
+    let max = u32::from(max.clamp(1, MAX_READ));
+    let mut reads: Vec<(u32, u32)> = Vec::new();
+    for (start, end) in spans {
+        match reads.last_mut() {
+            Some((s, e)) if start <= *e + u32::from(max_gap) && end.max(*e) - *s <= max => {
+                *e = end.max(*e);
+            }
+            _ => reads.push((start, end)),
+        }
+    }
+    reads
+        .into_iter()
+        .filter(|(s, e)| *e <= 0x1_0000 && e > s)
+        .map(|(s, e)| (s as u16, (e - s) as u16))
+        .collect()
+}
+
+/// Whether a point's value is scaled (published as a float always, never flipping between
+/// an integer and a float with its scale factor).
+fn scaled(p: &Point) -> bool {
+    !matches!(p.sf, None | Some(Sf::Constant(0)))
+}
+
+/// [`decode`] as the bus publishes it: a raw value for the publisher (integers unscaled keep
+/// their type), or `not_implemented` for a sentinel, a missing scale factor or a register not
+/// read.
+pub fn decode_raw(
+    p: &Point,
+    reg: impl Fn(u16) -> Option<u16>,
+) -> Result<crate::codec::Raw, String> {
+    use crate::codec::Raw;
+    match decode(p, &reg) {
+        None => Err("not_implemented".into()),
+        Some(Value::Text(t)) => Ok(Raw::Text(t)),
+        Some(Value::Number(n)) if scaled(p) || p.ty == T::F32 => Ok(Raw::F64(n)),
+        // Unscaled integers exactly as the registers hold them (a u64 past 2^53 too).
+        Some(Value::Number(n)) => {
+            let w: Option<Vec<u16>> = (0..p.ty.width())
+                .map(|i| reg(p.address.wrapping_add(i)))
+                .collect();
+            match w.map(|w| crate::codec::decode(data_type(p.ty), Default::default(), &w)) {
+                Some(Ok(raw)) => Ok(raw),
+                _ => Ok(Raw::F64(n)),
+            }
+        }
+    }
+}
+
+/// The register type a point is read as (big-endian words, SunSpec's order).
+pub fn data_type(t: T) -> crate::model::DataType {
+    use crate::model::DataType as D;
+    match t {
+        T::I16 | T::Sf => D::I16,
+        T::U16 | T::E16 | T::B16 | T::Acc16 => D::U16,
+        T::I32 => D::I32,
+        T::U32 | T::E32 | T::B32 | T::Acc32 => D::U32,
+        T::F32 => D::F32,
+        T::U64 | T::Acc64 => D::U64,
+        T::I64 => D::I64,
+        T::Str(n) => D::Ascii(n),
+    }
+}
+
 /// A decoded SunSpec value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -633,6 +736,70 @@ mod tests {
         assert_eq!(
             sentinel(T::Str(2), &[0x4142, 0x4300]),
             Some(Value::Text("ABC".into()))
+        );
+    }
+
+    #[test]
+    fn reads_cover_points_and_scale_factors_joined_within_the_gap_and_the_limit() {
+        let at = |address: u16, ty: T, sf: Option<Sf>| Point {
+            name: "x".into(),
+            address,
+            ty,
+            sf,
+            units: "",
+        };
+        let pts = [
+            at(10, T::U16, Some(Sf::Register(20))),
+            at(200, T::U32, None),
+            at(12, T::Str(4), Some(Sf::Constant(0))),
+        ];
+        assert_eq!(reads_for(&pts, 10, 125), vec![(10, 11), (200, 2)]);
+        // The scale factor 10 registers on, with a gap of 3 allowed: its own read.
+        assert_eq!(reads_for(&pts, 3, 125), vec![(10, 6), (20, 1), (200, 2)]);
+        // No read longer than the limit.
+        assert_eq!(reads_for(&pts, 200, 8), vec![(10, 6), (20, 1), (200, 2)]);
+    }
+
+    #[test]
+    fn raw_values_keep_unscaled_integers_exact_and_scaled_ones_float() {
+        use crate::codec::Raw;
+        let regs: HashMap<u16, u16> = [
+            (10, 0xFFFF),
+            (11, 0xFFFF),
+            (12, 0xFFFF),
+            (13, 0xFFFE),
+            (20, 1234),
+            (21, (-1i16) as u16),
+            (22, 0),
+        ]
+        .into();
+        let get = |a| regs.get(&a).copied();
+        let p = |address, ty, sf| Point {
+            name: "x".into(),
+            address,
+            ty,
+            sf,
+            units: "",
+        };
+        // u64::MAX - 1, past f64's 2^53.
+        assert_eq!(
+            decode_raw(&p(10, T::U64, None), get),
+            Ok(Raw::U64(u64::MAX - 1))
+        );
+        assert_eq!(decode_raw(&p(20, T::U16, None), get), Ok(Raw::U64(1234)));
+        assert_eq!(decode_raw(&p(21, T::I16, None), get), Ok(Raw::I64(-1)));
+        assert_eq!(
+            decode_raw(&p(20, T::U16, Some(Sf::Register(21))), get),
+            Ok(Raw::F64(123.4))
+        );
+        // A scaled point is a float even when its scale factor is 0 this time.
+        assert_eq!(
+            decode_raw(&p(20, T::U16, Some(Sf::Register(22))), get),
+            Ok(Raw::F64(1234.0))
+        );
+        assert_eq!(
+            decode_raw(&p(10, T::U16, None), get),
+            Err("not_implemented".into())
         );
     }
 
