@@ -68,6 +68,7 @@ fn spawn_bus(
     generation: u64,
     b: usize,
     tagged: &mpsc::Sender<Input>,
+    discoveries: &mpsc::Sender<Discovery>,
     stop: &CancellationToken,
 ) -> Option<RunningBus> {
     let bus = &config.buses[b];
@@ -92,10 +93,20 @@ fn spawn_bus(
     let handle = spawn(bus, devices, events_tx, cancel.clone(), &tracker);
     tracker.close();
     let started_from = config.clone();
-    let (config, tagged) = (config.clone(), tagged.clone());
+    let (config, tagged, discoveries) = (config.clone(), tagged.clone(), discoveries.clone());
     // Ends when the bus task ends and drops its sender.
     let forwarder = tokio::spawn(async move {
         while let Some(event) = events_rx.recv().await {
+            if let BusEvent::Discovered { device, found } = event {
+                let d = &config.devices[device];
+                let key = (
+                    d.name.clone(),
+                    config.buses[d.bus].name.clone(),
+                    i64::from(d.unit),
+                );
+                let _ = discoveries.send((key, found)).await;
+                continue;
+            }
             let t = Tagged {
                 config: config.clone(),
                 generation,
@@ -116,6 +127,10 @@ fn spawn_bus(
     })
 }
 
+/// A SunSpec discovery of a bus, for the application: the device's key in
+/// [`crate::config::Discoveries`] and what was found.
+type Discovery = ((String, String, i64), Arc<crate::sunspec::Discovered>);
+
 /// Stops one bus task and waits until it and its forwarder are gone.
 async fn stop_bus(r: RunningBus) {
     r.cancel.cancel();
@@ -125,13 +140,22 @@ async fn stop_bus(r: RunningBus) {
 
 /// The new configuration if it can replace the running one, else `None` with the reason
 /// logged (the running configuration stays).
-fn load_for_reload(path: &std::path::Path, running: &Config) -> Option<Config> {
-    match crate::config::load(path) {
+fn load_for_reload(
+    path: &std::path::Path,
+    running: &Config,
+    discovered: &crate::config::Discoveries,
+) -> Option<(Config, String)> {
+    let loaded = crate::config::read_text(path).and_then(|text| {
+        let library = crate::config::profile::Library::for_config(path);
+        crate::config::parse_discovered(&text, &path.display().to_string(), &library, discovered)
+            .map(|l| (l.config, text))
+    });
+    match loaded {
         Err(errors) => {
             tracing::error!("reload refused, keeping the running configuration:\n{errors}");
             None
         }
-        Ok(new)
+        Ok((new, _))
             if new.gateway != running.gateway
                 || new.mqtt != running.mqtt
                 || new.store != running.store
@@ -144,7 +168,7 @@ fn load_for_reload(path: &std::path::Path, running: &Config) -> Option<Config> {
             );
             None
         }
-        Ok(new) => Some(new),
+        Ok(loaded) => Some(loaded),
     }
 }
 
@@ -355,10 +379,24 @@ pub async fn run_with_reload(
         });
     }
 
+    // SunSpec discoveries: a bus hands one over, the configuration is validated again with
+    // it (from the running configuration's text) and the bus restarted, as a reload would.
+    let (discoveries_tx, mut discoveries_rx) = mpsc::channel::<Discovery>(16);
+    let mut discovered = crate::config::Discoveries::new();
+    let mut source: Option<(std::path::PathBuf, String)> = None;
+    if config.devices.iter().any(|d| d.sunspec.is_some()) {
+        match &reload {
+            Some(r) => match crate::config::read_text(&r.path) {
+                Ok(text) => source = Some((r.path.clone(), text)),
+                Err(e) => tracing::error!("cannot read the configuration again for SunSpec discovery:\n{e}"),
+            },
+            None => tracing::warn!("SunSpec discovery needs the gateway started from a configuration file: `sunspec: auto` devices are not read"),
+        }
+    }
     let mut config = Arc::new(config);
     let mut generation = 1u64;
     let mut running: Vec<RunningBus> = (0..config.buses.len())
-        .filter_map(|b| spawn_bus(&config, generation, b, &tagged_tx, &cancel))
+        .filter_map(|b| spawn_bus(&config, generation, b, &tagged_tx, &discoveries_tx, &cancel))
         .collect();
     let handles = |running: &[RunningBus]| -> Vec<BusHandle> {
         running.iter().map(|r| r.handle.clone()).collect()
@@ -408,70 +446,98 @@ pub async fn run_with_reload(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let new = tokio::select! {
             _ = cancel.cancelled() => break,
             Some(()) = requested => {
                 let path = reload.as_ref().expect("reload requested").path.clone();
-                let Some(new) = load_for_reload(&path, &config) else { continue };
+                let Some((new, text)) = load_for_reload(&path, &config, &discovered) else { continue };
                 if let Some(n) = crate::notify::Notifier::from_env() {
                     let _ = n.send("RELOADING=1");
                 }
-                generation += 1;
-                let new = Arc::new(new);
-                let (memory, old_supervisor) = sidecars.stop().await;
-                let (mut kept, mut stopped) = (Vec::new(), 0usize);
-                // All at once: the reload takes as long as the slowest bus takes to stop.
-                let mut stopping = tokio::task::JoinSet::new();
-                for r in running.drain(..) {
-                    let same = new
-                        .buses
-                        .iter()
-                        .position(|b| b.name == r.config.buses[r.bus].name)
-                        .is_some_and(|b| bus_def(&new, b) == bus_def(&r.config, r.bus));
-                    if same {
-                        kept.push(r);
-                    } else {
-                        stopping.spawn(stop_bus(r));
-                        stopped += 1;
+                if new.devices.iter().any(|d| d.sunspec.is_some()) {
+                    source = Some((path, text));
+                }
+                new
+            }
+            Some((key, found)) = discoveries_rx.recv() => {
+                let device = key.0.clone();
+                discovered.insert(key.clone(), found);
+                let Some((path, text)) = &source else { continue };
+                let library = crate::config::profile::Library::for_config(path);
+                match crate::config::parse_discovered(text, &path.display().to_string(), &library, &discovered) {
+                    Ok(loaded) => {
+                        let file = path.display().to_string();
+                        for w in &loaded.warnings {
+                            tracing::warn!("{}", crate::config::warning_line(&file, w));
+                        }
+                        tracing::info!(device = %device, "SunSpec points added: restarting the device's bus");
+                        loaded.config
+                    }
+                    Err(errors) => {
+                        tracing::error!(device = %device, "the SunSpec points found do not fit the configuration; the device is not read:\n{errors}");
+                        // Kept, it would make every later reload fail too.
+                        discovered.remove(&key);
+                        continue;
                     }
                 }
-                stopping.join_all().await;
-                old_supervisor.cancel();
-                let kept_names: Vec<String> = kept.iter().map(|r| r.config.buses[r.bus].name.clone()).collect();
-                let started: Vec<RunningBus> = (0..new.buses.len())
-                    .filter(|&b| !kept_names.contains(&new.buses[b].name))
-                    .filter_map(|b| spawn_bus(&new, generation, b, &tagged_tx, &cancel))
-                    .collect();
-                tracing::info!(
-                    kept = kept.len(),
-                    stopped,
-                    started = started.len(),
-                    "configuration reloaded"
-                );
-                running = kept;
-                running.extend(started);
-                // Command topics the new configuration adds are subscribed to at once.
-                link.subscriptions
-                    .send_if_modified(|filters| {
-                        let wanted = crate::command::subscriptions(&new);
-                        let changed = *filters != wanted;
-                        *filters = wanted;
-                        changed
-                    });
-                config = new;
-                let _ = tagged_tx.send(Input::Reconfigured(config.clone())).await;
-                sidecars = Sidecars::start(
-                    &config,
-                    &handles(&running),
-                    &router_input,
-                    &tagged_tx,
-                    &link.sender,
-                    &observed,
-                    memory,
-                    &cancel,
-                );
+            }
+        };
+        generation += 1;
+        let new = Arc::new(new);
+        let (memory, old_supervisor) = sidecars.stop().await;
+        let (mut kept, mut stopped) = (Vec::new(), 0usize);
+        // All at once: the reload takes as long as the slowest bus takes to stop.
+        let mut stopping = tokio::task::JoinSet::new();
+        for r in running.drain(..) {
+            let same = new
+                .buses
+                .iter()
+                .position(|b| b.name == r.config.buses[r.bus].name)
+                .is_some_and(|b| bus_def(&new, b) == bus_def(&r.config, r.bus));
+            if same {
+                kept.push(r);
+            } else {
+                stopping.spawn(stop_bus(r));
+                stopped += 1;
             }
         }
+        stopping.join_all().await;
+        old_supervisor.cancel();
+        let kept_names: Vec<String> = kept
+            .iter()
+            .map(|r| r.config.buses[r.bus].name.clone())
+            .collect();
+        let started: Vec<RunningBus> = (0..new.buses.len())
+            .filter(|&b| !kept_names.contains(&new.buses[b].name))
+            .filter_map(|b| spawn_bus(&new, generation, b, &tagged_tx, &discoveries_tx, &cancel))
+            .collect();
+        tracing::info!(
+            kept = kept.len(),
+            stopped,
+            started = started.len(),
+            "configuration reloaded"
+        );
+        running = kept;
+        running.extend(started);
+        // Command topics the new configuration adds are subscribed to at once.
+        link.subscriptions.send_if_modified(|filters| {
+            let wanted = crate::command::subscriptions(&new);
+            let changed = *filters != wanted;
+            *filters = wanted;
+            changed
+        });
+        config = new;
+        let _ = tagged_tx.send(Input::Reconfigured(config.clone())).await;
+        sidecars = Sidecars::start(
+            &config,
+            &handles(&running),
+            &router_input,
+            &tagged_tx,
+            &link.sender,
+            &observed,
+            memory,
+            &cancel,
+        );
     }
 
     tracing::info!("shutting down: stopping polls");

@@ -373,6 +373,12 @@ pub fn check_report(path: &Path, config: &Config) -> String {
                 humantime::format_duration(device.timeout),
                 device.points.len()
             );
+            if device.sunspec.is_some() {
+                let _ = writeln!(
+                    out,
+                    "    sunspec: auto: the SunSpec models' points are added when the gateway discovers the device (`fieldbridge sunspec` shows them now); the bus time below leaves them out"
+                );
+            }
             if let Some(prof) = &device.profile {
                 profile_points(&mut out, device, prof);
             }

@@ -520,6 +520,16 @@ pub struct Device {
     pub ha: DeviceHa,
     /// The profile the device's points came from, if any.
     pub profile: Option<DeviceProfile>,
+    /// `sunspec: auto`: the device's models are discovered at run time.
+    pub sunspec: Option<SunSpecDevice>,
+}
+
+/// A device whose points come from SunSpec discovery (`sunspec: auto`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SunSpecDevice {
+    /// What discovery found, once it has run: its points are then among the device's (as
+    /// profile points, [`DeviceProfile`]). `None`: not discovered yet, the bus discovers.
+    pub found: Option<std::sync::Arc<crate::sunspec::Discovered>>,
 }
 
 /// A device's profile as `check` shows it.

@@ -53,7 +53,12 @@ fn reference_config_loads() {
     assert_eq!(c.gateway.prefix, "plant/hall3");
     assert_eq!(c.mqtt.status_topic, "plant/hall3/status");
     assert_eq!(c.buses.len(), 3);
-    assert_eq!(c.devices.len(), 4);
+    assert_eq!(c.devices.len(), 5);
+    // inverter-1: `sunspec: auto`, nothing discovered yet, so no points until the bus runs.
+    let inverter = &c.devices[4];
+    assert_eq!(inverter.name, "inverter-1");
+    assert!(inverter.sunspec.as_ref().is_some_and(|s| s.found.is_none()));
+    assert!(inverter.points.is_empty());
     // meter-4: the eastron-sdm630 profile, three points excluded, one changed, one added.
     let profiled = c.devices[3]
         .profile

@@ -4,7 +4,9 @@
 //! pysunspec2's own client (tests/sunspec/client.py). Every point must agree: names, scale
 //! factors applied, "not implemented" as no value. Also: the other two bases, a chain that never
 //! ends and a length past the address space (bounded, refused with a reason, the models before
-//! kept), and `fieldbridge scan` naming the SunSpec device.
+//! kept), `fieldbridge scan` naming the SunSpec device, and `sunspec: auto` in `run`: the
+//! gateway discovers the device itself, publishes every point as pysunspec2 reads it, and
+//! discovers again when the device comes back with other models.
 //!
 //! The peers are installed by scripts/install-sunspec (scripts/test runs it); a missing venv
 //! fails the tests.
@@ -17,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, kill_and_reap, port_accepts, run_cli, wait_until};
+use common::{Gateway, Mosquitto, MqttProbe};
 use serde_json::Value;
 
 const START: Duration = Duration::from_secs(20);
@@ -51,7 +54,10 @@ struct SunSpecDevice {
 
 impl SunSpecDevice {
     fn start(args: &[&str]) -> SunSpecDevice {
-        let port = free_port();
+        Self::start_on(free_port(), args)
+    }
+
+    fn start_on(port: u16, args: &[&str]) -> SunSpecDevice {
         let mut child = Command::new(python())
             .arg(script("device.py"))
             .arg("--port")
@@ -265,5 +271,138 @@ fn the_model_table_is_what_the_generator_makes_of_pysunspec2s_definitions() {
         out.status.success(),
         "src/sunspec/models.rs is stale: run scripts/sunspec-models\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every point of device `inv` published under `t/inv/`, until the names in `wanted` have all
+/// arrived (bounded by `within`): name -> its value (`null` when bad quality), and the errors
+/// of the bad ones.
+async fn collect(
+    probe: &mut MqttProbe,
+    wanted: &[&String],
+    within: Duration,
+) -> (
+    serde_json::Map<String, Value>,
+    serde_json::Map<String, Value>,
+) {
+    let deadline = Instant::now() + within;
+    let (mut values, mut errors) = (serde_json::Map::new(), serde_json::Map::new());
+    while !wanted.iter().all(|w| values.contains_key(*w)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(m) = probe.next(left).await else {
+            let mut missing: Vec<&&String> = wanted
+                .iter()
+                .filter(|w| !values.contains_key(**w))
+                .collect();
+            missing.sort();
+            panic!("within {within:?}, no message for {missing:?}");
+        };
+        let Some(name) = m.topic.strip_prefix("t/inv/") else {
+            continue;
+        };
+        if name == "status" || name.contains('/') {
+            continue;
+        }
+        let j = m.json();
+        values.insert(name.to_string(), j["value"].clone());
+        if let Some(e) = j.get("error") {
+            errors.insert(name.to_string(), e.clone());
+        }
+    }
+    (values, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sunspec_auto_discovers_the_device_publishes_what_pysunspec2_reads_and_rediscovers() {
+    const WAIT: Duration = Duration::from_secs(30);
+    let device = SunSpecDevice::start(&["--models", "1,103,160:2,203"]);
+    let theirs = pysunspec2_reads(device.port);
+    let broker = Mosquitto::start();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let yaml = format!(
+        "gateway: {{ id: gw, prefix: t }}\n\
+         mqtt: {{ url: \"mqtt://127.0.0.1:{}\" }}\n\
+         buses: [ {{ name: b, type: tcp, host: 127.0.0.1, port: {}, reconnect_max: 200ms }} ]\n\
+         devices:\n\
+         \x20 - name: inv\n\
+         \x20   bus: b\n\
+         \x20   interval: 300ms\n\
+         \x20   offline_after: 2\n\
+         \x20   backoff_max: 300ms\n\
+         \x20   sunspec: auto\n\
+         \x20   points_exclude: [common_Opt, no_such_point]\n\
+         \x20   points:\n\
+         \x20     - {{ name: marker, address: 40000, type: u32 }}\n",
+        broker.port(),
+        device.port
+    );
+    // Valid before any discovery: the device has no points of SunSpec yet.
+    let gateway = Gateway::start(&yaml);
+    gateway.expect_log("SunSpec device discovered", WAIT);
+    gateway.expect_log("SunSpec points added", WAIT);
+    let logs = gateway.logs();
+    assert!(
+        logs.contains("models=1 common (L 66), 103 inverter_three_phase (L 50), 160 mppt (L 48), 203 ac_meter_abcn (L 105)"),
+        "{}",
+        logs
+    );
+    assert!(
+        logs.contains("the device's SunSpec models have no point `no_such_point`"),
+        "{logs}"
+    );
+
+    let mut wanted: Vec<&String> = theirs.keys().filter(|k| *k != "common_Opt").collect();
+    let marker = "marker".to_string();
+    wanted.push(&marker);
+    let (ours, errors) = collect(&mut probe, &wanted, WAIT).await;
+    // Scale factors applied and sentinels as no value, exactly as pysunspec2 reads them.
+    let differ: Vec<String> = theirs
+        .iter()
+        .filter(|(k, _)| *k != "common_Opt")
+        .filter(|(k, v)| !agree(v, &ours[*k]))
+        .map(|(k, v)| format!("{k}: pysunspec2 {v}, fieldbridge {}", ours[k]))
+        .collect();
+    assert!(differ.is_empty(), "values differ:\n{}", differ.join("\n"));
+    let not_implemented = theirs.iter().filter(|(_, v)| v.is_null()).count();
+    assert!(
+        not_implemented >= 10,
+        "too few sentinels to test: {not_implemented}"
+    );
+    assert!(
+        errors.values().all(|e| e == "not_implemented"),
+        "{errors:?}"
+    );
+    // The device's own point is read beside them ("SunS"), the excluded one is not published.
+    assert_eq!(ours["marker"], 0x5375_6E53u32);
+    assert!(!ours.contains_key("common_Opt"));
+    // Scale factors are applied, not published.
+    assert!(
+        !ours.keys().any(|k| k.ends_with("_SF")),
+        "{:?}",
+        ours.keys()
+    );
+
+    // The device comes back as another one (a firmware update): discovered again, its new
+    // points published, the old ones no longer.
+    let port = device.port;
+    drop(device);
+    gateway.expect_log("device offline", WAIT);
+    let _replaced = SunSpecDevice::start_on(port, &["--models", "1,101"]);
+    assert!(
+        wait_until(WAIT, || gateway.logs().contains(
+            "models=1 common (L 66), 101 inverter_single_phase (L 50)"
+        )),
+        "{}",
+        gateway.logs()
+    );
+    probe.drain();
+    let single = "inverter_single_phase_W".to_string();
+    let (after, _) = collect(&mut probe, &[&single, &marker], WAIT).await;
+    assert!(after["inverter_single_phase_W"].is_number(), "{after:?}");
+    probe.drain();
+    let (later, _) = collect(&mut probe, &[&single], WAIT).await;
+    assert!(
+        !later.keys().any(|k| k.starts_with("inverter_three_phase")),
+        "{later:?}"
     );
 }

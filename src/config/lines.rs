@@ -91,7 +91,7 @@ fn terminated(mut s: String, end: &str) -> String {
     s
 }
 
-impl Validator {
+impl Validator<'_> {
     /// A `type: lines` bus.
     pub(super) fn line_bus(&mut self, path: &str, b: RawBus) -> Bus {
         let p = |k: &str| format!("{path}.{k}");

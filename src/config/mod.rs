@@ -147,6 +147,12 @@ fn release_freed_memory() {
 
 /// As [`load_with_warnings`], with profiles from `library`.
 pub fn load_with_library(path: &Path, library: &Library) -> Result<Loaded, ConfigErrors> {
+    let text = read_text(path)?;
+    parse_with_library(&text, &path.display().to_string(), library)
+}
+
+/// The configuration file's text, at most [`MAX_FILE_BYTES`] of UTF-8.
+pub fn read_text(path: &Path) -> Result<String, ConfigErrors> {
     let file = path.display().to_string();
     let whole = |message: String| ConfigErrors {
         file: file.clone(),
@@ -175,10 +181,7 @@ pub fn load_with_library(path: &Path, library: &Library) -> Result<Loaded, Confi
             .map_or_else(|| "or more".to_string(), |m| format!("{} bytes", m.len()));
         return Err(too_large(&file, &size));
     }
-    match String::from_utf8(bytes) {
-        Ok(text) => parse_with_library(&text, &file, library),
-        Err(e) => Err(whole(format!("cannot read the file: {e}"))),
-    }
+    String::from_utf8(bytes).map_err(|e| whole(format!("cannot read the file: {e}")))
 }
 
 fn too_large(file: &str, size: &str) -> ConfigErrors {
@@ -217,6 +220,17 @@ pub fn parse_with_library(
     text: &str,
     file_name: &str,
     library: &Library,
+) -> Result<Loaded, ConfigErrors> {
+    parse_discovered(text, file_name, library, &Discoveries::new())
+}
+
+/// As [`parse_with_library`], with the points SunSpec discovery found on the `sunspec: auto`
+/// devices named in `discovered`.
+pub fn parse_discovered(
+    text: &str,
+    file_name: &str,
+    library: &Library,
+    discovered: &Discoveries,
 ) -> Result<Loaded, ConfigErrors> {
     let fail = |errors| ConfigErrors {
         file: file_name.to_string(),
@@ -269,6 +283,7 @@ pub fn parse_with_library(
         library: library.clone(),
         profiles: profile::Cache::new(),
         current: None,
+        discovered,
     };
     let config = v.config(raw);
     if v.errors.is_empty() {
@@ -611,7 +626,7 @@ fn render(template: &str, vars: &[(&str, &str)]) -> Result<String, (String, Stri
 // ---------------------------------------------------------------------------------------------
 // stage 2
 
-struct Validator {
+struct Validator<'a> {
     loc: Locator,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigError>,
@@ -620,7 +635,13 @@ struct Validator {
     profiles: profile::Cache,
     /// Set while the keys of a profile are checked: errors then name its file and lines.
     current: Option<std::rc::Rc<profile::Source>>,
+    /// What SunSpec discovery found on the `sunspec: auto` devices, by device name.
+    discovered: &'a Discoveries,
 }
+
+/// What SunSpec discovery found, by device (name, bus name, unit), kept by the running
+/// gateway: a device moved to another bus or unit is another device, discovered again.
+pub type Discoveries = HashMap<(String, String, i64), std::sync::Arc<crate::sunspec::Discovered>>;
 
 /// How the collision table names command topics (the wildcard check skips them).
 const COMMAND_TOPIC_OF: &str = "the command topic of";
@@ -631,7 +652,7 @@ struct TopicOwner {
     path: String,
 }
 
-impl Validator {
+impl Validator<'_> {
     /// The locator of the file being checked (a profile's, while its keys are), and its name
     /// when it is not the configuration.
     fn here(&self) -> (&Locator, Option<String>) {
@@ -1078,6 +1099,17 @@ impl Validator {
                 "Home Assistant discovery announces the JSON topics, which Sparkplug mode does not publish",
                 Some("use one of `sparkplug` and `homeassistant`".into()),
             );
+        }
+        if sparkplug.is_some() {
+            for (i, d) in devices.iter().enumerate() {
+                if d.sunspec.is_some() {
+                    self.err(
+                        &format!("devices[{i}].sunspec"),
+                        "SunSpec discovery changes a device's metrics at run time, which Sparkplug births do not allow",
+                        Some("list the device's points (`fieldbridge sunspec` prints them), or use the JSON mode".into()),
+                    );
+                }
+            }
         }
         let http = raw.http.and_then(|h| self.http(h));
         Config {
@@ -2557,20 +2589,40 @@ impl Validator {
             Some(name) => self.profile(&p("profile"), name),
             None => None,
         };
+        let sunspec = self.sunspec_mode(path, &mut d, line_bus, profile_name.is_some());
+        let mut pending_changes: Vec<(usize, RawPoint)> = Vec::new();
+        let source = match &sunspec {
+            Some(Some(found)) if source.is_none() && profile_name.is_none() => {
+                Some(profile::sunspec_source(&d.name, found))
+            }
+            _ => source,
+        };
         let (merged, excluded) = match &source {
             Some(s) => self.merge_profile(path, &mut d, s),
             None => {
-                if d.points_exclude.take().is_some() && profile_name.is_none() {
+                if d.points_exclude.take().is_some() && profile_name.is_none() && sunspec.is_none()
+                {
                     self.err(
                         &p("points_exclude"),
                         "`points_exclude` drops points of a profile, and the device has no `profile`",
                         Some("add `profile: NAME`, or remove `points_exclude`".into()),
                     );
                 }
-                let own = std::mem::take(&mut d.points);
-                let merged = own
+                let mut own: Vec<(usize, RawPoint)> = std::mem::take(&mut d.points)
                     .into_iter()
                     .enumerate()
+                    .collect();
+                if matches!(sunspec, Some(None)) {
+                    // Changes to points not discovered yet: checked below, applied once the
+                    // device is discovered.
+                    let (changes, rest) = own
+                        .into_iter()
+                        .partition(|(_, r)| r.address.is_none() && r.register.is_none());
+                    pending_changes = changes;
+                    own = rest;
+                }
+                let merged = own
+                    .into_iter()
                     .map(|(j, raw)| MergedPoint {
                         raw,
                         source: PointSource::Device,
@@ -2762,9 +2814,27 @@ impl Validator {
             points.push(point);
             self.current = prev;
         }
+        // A SunSpec device's changes to points it has not discovered yet: their keys are
+        // checked on a stand-in register (holding, u16), the point itself is left out.
+        for (j, change) in pending_changes {
+            let stand_in = RawPoint {
+                register: Some("holding".into()),
+                address: Some(0),
+                ..change
+            };
+            let _ = self.point(
+                &format!("{path}.points[{j}]"),
+                stand_in,
+                &groups,
+                &defaults,
+                gw,
+                &d.name,
+            );
+        }
         // A profile that failed has said why.
         let broken_profile = profile_name.is_some() && source.is_none();
-        if points.is_empty() && !broken_profile {
+        // A SunSpec device not discovered yet has no points until the bus discovers it.
+        if points.is_empty() && !broken_profile && sunspec.is_none() {
             self.err(
                 &p("points"),
                 "the device has no points",
@@ -2797,6 +2867,7 @@ impl Validator {
             points_by_name,
             commands,
             line,
+            sunspec: sunspec.map(|found| crate::model::SunSpecDevice { found }),
             ha: DeviceHa {
                 points: {
                     // Only points with settings of their own; `homeassistant.rs` takes a
@@ -2820,6 +2891,69 @@ impl Validator {
             }),
         };
         (device, unit_ok, point_paths)
+    }
+
+    /// `sunspec:` of a device: `None` without it, else what discovery found so far. A device
+    /// discovered already has its `points_exclude` names checked against the discovered
+    /// points: a name the device's models do not have is a warning (the models are the
+    /// device's, not the file's), not an error.
+    fn sunspec_mode(
+        &mut self,
+        path: &str,
+        d: &mut RawDevice,
+        line_bus: bool,
+        profile: bool,
+    ) -> Option<Option<std::sync::Arc<crate::sunspec::Discovered>>> {
+        let mode = d.sunspec.take()?;
+        let at = format!("{path}.sunspec");
+        if mode != "auto" {
+            self.err(
+                &at,
+                format!("`{mode}` is not a SunSpec mode"),
+                Some(
+                    "`sunspec: auto` finds the device's SunSpec models when the gateway runs"
+                        .into(),
+                ),
+            );
+        }
+        if line_bus {
+            self.err(
+                &at,
+                "SunSpec is Modbus: a device of a `lines` bus cannot be discovered",
+                Some("put the device on an rtu, tcp or rtu_over_tcp bus".into()),
+            );
+        }
+        if profile {
+            self.err(
+                &at,
+                "a device takes its points from a profile or from SunSpec discovery, not both",
+                Some("remove `profile` (discovery finds the points) or `sunspec`".into()),
+            );
+        }
+        let key = (d.name.clone(), d.bus.clone(), d.unit.unwrap_or(1));
+        let found = self.discovered.get(&key).cloned();
+        match (&found, d.points_exclude.as_mut()) {
+            (Some(f), Some(exclude)) => {
+                let (points, _) = crate::sunspec::points(&f.discovery);
+                let mut kept = Vec::new();
+                for (i, x) in std::mem::take(exclude).into_iter().enumerate() {
+                    if points.iter().any(|p| p.name == x) {
+                        kept.push(x);
+                    } else {
+                        self.warn(
+                            &format!("{path}.points_exclude[{i}]"),
+                            format!("the device's SunSpec models have no point `{x}`"),
+                            Some("`fieldbridge sunspec` lists the device's points".into()),
+                        );
+                    }
+                }
+                *exclude = kept;
+            }
+            // Checked once discovery has found the points.
+            (None, Some(_)) => d.points_exclude = None,
+            _ => {}
+        }
+        Some(found)
     }
 
     /// Points of one device and register kind may not share registers, except bit points with
@@ -3445,7 +3579,7 @@ fn parse_rate(s: &str) -> Result<Option<Rate>, String> {
     Ok(Some(Rate { count, per }))
 }
 
-impl Validator {
+impl Validator<'_> {
     fn bit_write(&mut self, path: &str, v: Option<&str>) -> Option<BitWrite> {
         v.map(|v| {
             self.choice(

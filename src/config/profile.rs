@@ -281,7 +281,7 @@ fn overlay(base: &mut RawPoint, top: RawPoint) {
     );
 }
 
-impl Validator {
+impl Validator<'_> {
     /// The profile `name` (read once per configuration), or `None` if it is missing or has
     /// errors (reported, naming its file).
     pub(super) fn profile(&mut self, path: &str, name: &str) -> Option<Rc<Source>> {
@@ -486,6 +486,85 @@ impl Validator {
         }
         (out, excluded)
     }
+}
+
+/// The points SunSpec discovery found on a device, as a profile of its own (the device's
+/// points override them by name, `points_exclude` drops them): holding registers in SunSpec's
+/// word order, read-only; their scale factors are applied by the bus, not by `scale`.
+pub(super) fn sunspec_source(device: &str, found: &crate::sunspec::Discovered) -> Rc<Source> {
+    use crate::sunspec::T;
+    let (points, _) = crate::sunspec::points(&found.discovery);
+    let points = points
+        .into_iter()
+        .map(|p| {
+            let (ty, length) = match p.ty {
+                T::I16 | T::Sf => ("i16", None),
+                T::U16 | T::E16 | T::B16 | T::Acc16 => ("u16", None),
+                T::I32 => ("i32", None),
+                T::U32 | T::E32 | T::B32 | T::Acc32 => ("u32", None),
+                T::F32 => ("f32", None),
+                T::U64 | T::Acc64 => ("u64", None),
+                T::I64 => ("i64", None),
+                T::Str(n) => ("string", Some(i64::from(n))),
+            };
+            let unit = match p.units {
+                "" => None,
+                "Pct" => Some("%"),
+                "C" => Some("°C"),
+                "Secs" => Some("s"),
+                u => Some(u),
+            };
+            RawPoint {
+                name: p.name,
+                register: Some("holding".into()),
+                address: Some(i64::from(p.address)),
+                data_type: Some(ty.into()),
+                bit: None,
+                length,
+                order: None,
+                scale: None,
+                offset: None,
+                unit: unit.map(str::to_string),
+                labels: None,
+                group: None,
+                topic: None,
+                payload: None,
+                publish: None,
+                qos: None,
+                retain: None,
+                writable: None,
+                min: None,
+                max: None,
+                command: None,
+                homeassistant: None,
+                field: None,
+            }
+        })
+        .collect();
+    let or = |s: &str, default: &str| {
+        if s.is_empty() {
+            default.to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    Rc::new(Source {
+        file: format!("SunSpec discovery on device {device}"),
+        loc: Locator::new(""),
+        raw: RawProfile {
+            name: "sunspec".into(),
+            vendor: or(&found.manufacturer, "SunSpec"),
+            model: or(&found.model, "SunSpec device"),
+            document: format!(
+                "SunSpec models at {}: {}",
+                found.discovery.base,
+                crate::sunspec::chain_line(&found.discovery)
+            ),
+            notes: None,
+            device: None,
+            points,
+        },
+    })
 }
 
 /// A profile's metadata, as `fieldbridge profiles` lists it.
@@ -763,5 +842,142 @@ points:
         .unwrap_err();
         assert_eq!(err.errors[0].path, "name", "{err}");
         assert_eq!(err.errors[0].line, Some(1));
+    }
+
+    fn sunspec_errors(text: &str) -> Vec<String> {
+        match super::super::parse(text, "fieldbridge.yaml") {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .errors
+                .iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect(),
+        }
+    }
+
+    /// Marker at 40000, model 1 at 40002 (L 66) and 103 at 40070 (L 50), end.
+    fn discovered() -> crate::sunspec::Discovered {
+        use crate::sunspec::{Discovery, Found};
+        crate::sunspec::Discovered {
+            discovery: Discovery {
+                base: 40000,
+                models: vec![
+                    Found {
+                        id: 1,
+                        start: 40002,
+                        len: 66,
+                    },
+                    Found {
+                        id: 103,
+                        start: 40070,
+                        len: 50,
+                    },
+                ],
+                stopped: None,
+            },
+            manufacturer: "Acme".into(),
+            model: String::new(),
+        }
+    }
+
+    #[test]
+    fn sunspec_auto_needs_no_points_until_discovered_and_refuses_what_cannot_be_discovered() {
+        let d = device(
+            &config(
+                "    sunspec: auto
+    points_exclude: [anything]
+",
+            ),
+            &Library { dirs: Vec::new() },
+        );
+        assert!(d.points.is_empty());
+        assert_eq!(d.sunspec, Some(crate::model::SunSpecDevice { found: None }));
+
+        let e = sunspec_errors(&config(
+            "    sunspec: yes
+",
+        ));
+        assert_eq!(e, vec!["devices[0].sunspec: `yes` is not a SunSpec mode"]);
+        let e = sunspec_errors(&config(
+            "    sunspec: auto
+    profile: sdm630
+",
+        ));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("from a profile or from SunSpec discovery, not both")),
+            "{e:?}"
+        );
+        let sparkplug = config(
+            "    sunspec: auto
+",
+        )
+        .replace(
+            "mqtt: { host: localhost }",
+            "mqtt: { host: localhost }\nsparkplug: { group_id: g, edge_node_id: n }",
+        );
+        let e = sunspec_errors(&sparkplug);
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("devices[0].sunspec: SunSpec discovery changes")),
+            "{e:?}"
+        );
+        let lines = "gateway: { id: gw }\nmqtt: { host: localhost }\nbuses:\n  - { name: l, type: lines, port: /dev/ttyUSB0 }\ndevices:\n  - { name: m, bus: l, sunspec: auto, mode: stream, parse: { regex: '(?P<v>\\d+)' }, points: [ { name: v, field: v } ] }\n";
+        let e = sunspec_errors(lines);
+        assert!(e.iter().any(|e| e.contains("SunSpec is Modbus")), "{e:?}");
+    }
+
+    #[test]
+    fn discovered_points_are_a_profile_the_device_overrides_and_excludes_from() {
+        let mut found = super::super::Discoveries::new();
+        found.insert(
+            ("m".into(), "b".into(), 1),
+            std::sync::Arc::new(discovered()),
+        );
+        let text = config(
+            "    sunspec: auto\n    points_exclude: [common_Opt, gone]\n    points:\n      - { name: inverter_three_phase_W, publish: { mode: on_change } }\n      - { name: marker, address: 40000, type: u32 }\n",
+        );
+        let loaded = super::super::parse_discovered(
+            &text,
+            "fieldbridge.yaml",
+            &Library { dirs: Vec::new() },
+            &found,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let d = &loaded.config.devices[0];
+        let n = names(d);
+        assert!(
+            n.contains(&"common_Mn")
+                && n.contains(&"inverter_three_phase_W")
+                && n.contains(&"marker"),
+            "{n:?}"
+        );
+        assert!(!n.contains(&"common_Opt"));
+        assert!(!n.iter().any(|n| n.ends_with("_SF")), "{n:?}");
+        // An exclusion the models do not have is a warning: the models are the device's.
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(loaded.warnings[0].message.contains("no point `gone`"));
+        let w = &d.points[n
+            .iter()
+            .position(|x| *x == "inverter_three_phase_W")
+            .unwrap()];
+        assert_eq!((w.address, w.data_type), (40070 + 14, DataType::I16));
+        assert_eq!(w.unit.as_deref(), Some("W"));
+        assert!(
+            matches!(w.publish, crate::model::PublishPolicy::OnChange { .. }),
+            "{:?}",
+            w.publish
+        );
+        assert_eq!(d.ha.manufacturer.as_deref(), Some("Acme"));
+        // A device on another unit is another device: not discovered yet.
+        let other = config("    unit: 2\n    sunspec: auto\n    points:\n      - { name: marker, address: 40000, type: u32 }\n");
+        let loaded = super::super::parse_discovered(
+            &other,
+            "fieldbridge.yaml",
+            &Library { dirs: Vec::new() },
+            &found,
+        )
+        .unwrap();
+        assert_eq!(names(&loaded.config.devices[0]), vec!["marker"]);
     }
 }

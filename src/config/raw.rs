@@ -207,7 +207,9 @@ pub struct RawDevice {
     pub profile: Option<String>,
     /// Names of the profile's points this device does not read.
     pub points_exclude: Option<Vec<String>>,
-    /// May be omitted with a profile.
+    /// `auto`: the points come from SunSpec discovery on the device at run time.
+    pub sunspec: Option<String>,
+    /// May be omitted with a profile or `sunspec`.
     #[serde(default)]
     pub points: Vec<RawPoint>,
     /// Home Assistant's device registry (optional).

@@ -58,6 +58,12 @@ pub enum BusEvent {
         online: bool,
         reason: String,
     },
+    /// SunSpec discovery on a `sunspec: auto` device found a model chain other than the one
+    /// its points came from (or the first one): the application restarts the bus with it.
+    Discovered {
+        device: usize,
+        found: Arc<crate::sunspec::Discovered>,
+    },
 }
 
 /// An operation asked of the bus by another task.
@@ -206,6 +212,109 @@ struct DeviceState {
     online: Option<bool>,
     backoff_until: Option<Instant>,
     last_error: String,
+    /// `sunspec: auto` devices: what their points came from and how they are read.
+    sunspec: Option<SunSpecState>,
+}
+
+/// The SunSpec side of a `sunspec: auto` device on the bus.
+struct SunSpecState {
+    /// The discovery the device's points came from; `None`: discover on the next run.
+    found: Option<Arc<crate::sunspec::Discovered>>,
+    /// Per poll group: its SunSpec points (index into the device's points, layout) and the
+    /// reads that cover them and their scale factors.
+    groups: Vec<SunSpecGroup>,
+    /// Discover again on the next run (the device came back from offline).
+    again: bool,
+    /// A discovery went to the application, which restarts the bus with it: not again.
+    sent: bool,
+}
+
+#[derive(Default)]
+struct SunSpecGroup {
+    points: Vec<(usize, crate::sunspec::Point)>,
+    reads: Vec<(u16, u16)>,
+}
+
+impl SunSpecState {
+    /// The device's points that are the discovered ones (same name, register and type: a
+    /// point of the device's own that replaces one is read as an ordinary point).
+    fn of(device: &Device) -> Option<SunSpecState> {
+        let s = device.sunspec.as_ref()?;
+        let mut groups: Vec<SunSpecGroup> = (0..device.groups.len())
+            .map(|_| SunSpecGroup::default())
+            .collect();
+        if let Some(found) = &s.found {
+            let (layout, _) = crate::sunspec::points(&found.discovery);
+            for sp in layout {
+                let mine = device.points.iter().position(|p| {
+                    p.name == sp.name
+                        && p.kind == RegisterKind::Holding
+                        && p.address == sp.address
+                        && p.data_type == crate::sunspec::data_type(sp.ty)
+                });
+                if let Some(i) = mine {
+                    groups[device.points[i].group].points.push((i, sp));
+                }
+            }
+            for g in &mut groups {
+                g.reads = crate::sunspec::reads_for(
+                    g.points.iter().map(|(_, sp)| sp),
+                    device.max_gap,
+                    device.max_registers,
+                );
+            }
+        }
+        Some(SunSpecState {
+            found: s.found.clone(),
+            groups,
+            again: false,
+            sent: false,
+        })
+    }
+
+    fn is_sunspec(&self, point: usize) -> bool {
+        self.groups
+            .iter()
+            .any(|g| g.points.iter().any(|(i, _)| *i == point))
+    }
+}
+
+/// Holding registers through the bus's connection for SunSpec discovery: queued requests are
+/// served before each read, as between poll transactions; after a timeout or transport error
+/// nothing more is sent (the walk ends there).
+struct BusRegisters<'a> {
+    task: &'a mut BusTask,
+    unit: u8,
+    timeout: Duration,
+    failed: Option<RequestError>,
+}
+
+impl crate::sunspec::Registers for BusRegisters<'_> {
+    async fn read(&mut self, start: u16, count: u16) -> Result<Vec<u16>, String> {
+        if let Some(e) = &self.failed {
+            return Err(e.to_string());
+        }
+        self.task.serve_queued().await;
+        let started = Instant::now();
+        let result = self
+            .task
+            .conn
+            .read(self.unit, RegisterKind::Holding, start, count, self.timeout)
+            .await;
+        self.task.stats.transaction(started.elapsed(), &result);
+        self.task.stats.heartbeat.beat();
+        match result {
+            Ok(Data::Words(w)) if w.len() == usize::from(count) => Ok(w),
+            Ok(_) => Err("short or bit answer".into()),
+            Err(e) => {
+                let shown = e.to_string();
+                if !e.is_exception() {
+                    self.failed = Some(e);
+                }
+                Err(shown)
+            }
+        }
+    }
 }
 
 struct Job {
@@ -244,12 +353,19 @@ impl BusTask {
             .into_iter()
             .enumerate()
             .map(|(slot, (index, device))| {
+                let sunspec = SunSpecState::of(&device);
                 let mut group_points = vec![Vec::new(); device.groups.len()];
                 for (p, point) in device.points.iter().enumerate() {
-                    group_points[point.group].push(p);
+                    // SunSpec points are read by their own reads (`poll_sunspec`).
+                    if !sunspec.as_ref().is_some_and(|s| s.is_sunspec(p)) {
+                        group_points[point.group].push(p);
+                    }
                 }
                 for (g, group) in device.groups.iter().enumerate() {
-                    if !group_points[g].is_empty() {
+                    let sunspec_job = sunspec.as_ref().is_some_and(|s| {
+                        !s.groups[g].points.is_empty() || (g == 0 && s.found.is_none())
+                    });
+                    if !group_points[g].is_empty() || sunspec_job {
                         let name = format!("{}/{}", device.name, group.name);
                         // The first polls are spread too, over at most a second: a start
                         // must not send every device's first request (and publish) at once.
@@ -273,6 +389,7 @@ impl BusTask {
                     online: None,
                     backoff_until: None,
                     last_error: String::new(),
+                    sunspec,
                     device,
                 }
             })
@@ -422,6 +539,12 @@ impl BusTask {
                 if let Some(s) = self.stats.devices.get(slot) {
                     s.good(took);
                 }
+                if state.online == Some(false) {
+                    // Back from offline: its firmware (and model chain) may be another now.
+                    if let Some(s) = state.sunspec.as_mut().filter(|s| s.found.is_some()) {
+                        s.again = true;
+                    }
+                }
                 if state.online != Some(true) {
                     state.online = Some(true);
                     BusStats::add(&self.stats.devices_online, 1);
@@ -503,6 +626,153 @@ impl BusTask {
 
     /// Reads every block of a group. `Err` on the first transport-level failure.
     async fn poll_group(
+        &mut self,
+        slot: usize,
+        group: usize,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<(usize, Result<Raw, String>)>, RequestError> {
+        if let Some(s) = &self.devices[slot].sunspec {
+            if (s.found.is_none() || s.again) && group == 0 {
+                if s.found.is_none() && s.sent {
+                    // Handed over: the bus is restarted with the discovered points.
+                    return Ok(Vec::new());
+                }
+                return self.discover(slot).await.map(|()| Vec::new());
+            }
+        }
+        let mut values = self.poll_blocks(slot, group, cancel).await?;
+        self.poll_sunspec(slot, group, &mut values).await?;
+        Ok(values)
+    }
+
+    /// SunSpec discovery on a `sunspec: auto` device; a chain other than the one its points
+    /// came from goes to the application. `Err` when the device gave no chain (no answer, or
+    /// no marker).
+    async fn discover(&mut self, slot: usize) -> Result<(), RequestError> {
+        let (unit, timeout) = {
+            let d = &self.devices[slot].device;
+            (d.unit, d.timeout)
+        };
+        let mut src = BusRegisters {
+            task: self,
+            unit,
+            timeout,
+            failed: None,
+        };
+        let outcome = crate::sunspec::discover_device(&mut src).await;
+        let failed = src.failed.take();
+        let found = match outcome {
+            Ok(found) => found,
+            Err(e) => return Err(failed.unwrap_or(RequestError::Protocol(e))),
+        };
+        let state = &mut self.devices[slot];
+        let Some(s) = state.sunspec.as_mut() else {
+            return Ok(());
+        };
+        s.again = false;
+        if let Some(why) = &found.discovery.stopped {
+            tracing::warn!(device = %state.device.name, reason = %why, "SunSpec model chain cut short; the models before the cut are read");
+        }
+        if s.found.as_deref() == Some(&found) {
+            tracing::debug!(device = %state.device.name, "SunSpec models unchanged");
+            return Ok(());
+        }
+        if s.sent {
+            return Ok(());
+        }
+        s.sent = true;
+        tracing::info!(
+            device = %state.device.name,
+            bus = %self.name,
+            base = found.discovery.base,
+            models = %crate::sunspec::chain_line(&found.discovery),
+            manufacturer = %found.manufacturer,
+            model = %found.model,
+            "SunSpec device discovered"
+        );
+        let event = BusEvent::Discovered {
+            device: state.index,
+            found: Arc::new(found),
+        };
+        // A closed channel means shutting down: nothing to hand over then.
+        let _ = self.events.send(event).await;
+        Ok(())
+    }
+
+    /// Reads the SunSpec points of a group (whole reads, the scale factors among them, so a
+    /// value and its scale factor come from the same cycle) and decodes them.
+    async fn poll_sunspec(
+        &mut self,
+        slot: usize,
+        group: usize,
+        values: &mut Vec<(usize, Result<Raw, String>)>,
+    ) -> Result<(), RequestError> {
+        let reads = match &self.devices[slot].sunspec {
+            Some(s) if !s.groups[group].points.is_empty() => s.groups[group].reads.clone(),
+            _ => return Ok(()),
+        };
+        let (unit, timeout) = {
+            let d = &self.devices[slot].device;
+            (d.unit, d.timeout)
+        };
+        // (start, words) of each read answered; (start, count, reason) of each refused.
+        let mut image: Vec<(u16, Vec<u16>)> = Vec::with_capacity(reads.len());
+        let mut refused: Vec<(u16, u16, String)> = Vec::new();
+        for (start, count) in reads {
+            self.serve_queued().await;
+            let started = Instant::now();
+            let result = self
+                .conn
+                .read(unit, RegisterKind::Holding, start, count, timeout)
+                .await;
+            self.stats.transaction(started.elapsed(), &result);
+            self.stats.heartbeat.beat();
+            match result {
+                Ok(Data::Words(w)) if w.len() == usize::from(count) => image.push((start, w)),
+                Ok(_) => refused.push((start, count, "decode: short answer".into())),
+                Err(e @ RequestError::Exception(_)) => refused.push((start, count, e.reason())),
+                Err(other) => {
+                    self.stats.resets.store(self.conn.resets, Ordering::Relaxed);
+                    return Err(other);
+                }
+            }
+        }
+        let reg = |a: u16| {
+            image.iter().find_map(|(s, w)| {
+                a.checked_sub(*s)
+                    .and_then(|o| w.get(usize::from(o)))
+                    .copied()
+            })
+        };
+        let why_not = |a: u16| {
+            refused
+                .iter()
+                .find(|(s, c, _)| a >= *s && u32::from(a) < u32::from(*s) + u32::from(*c))
+                .map(|(_, _, r)| r.clone())
+        };
+        let s = self.devices[slot].sunspec.as_ref().expect("checked above");
+        for (i, sp) in &s.groups[group].points {
+            let sf = match sp.sf {
+                Some(crate::sunspec::Sf::Register(r)) => Some(r),
+                _ => None,
+            };
+            let refusal = (0..sp.ty.width())
+                .map(|k| sp.address.wrapping_add(k))
+                .chain(sf)
+                .find_map(why_not);
+            values.push((
+                *i,
+                match refusal {
+                    Some(reason) => Err(reason),
+                    None => crate::sunspec::decode_raw(sp, reg),
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the planned blocks of a group. `Err` on the first transport-level failure.
+    async fn poll_blocks(
         &mut self,
         slot: usize,
         group: usize,

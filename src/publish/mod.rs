@@ -261,6 +261,8 @@ impl Stage {
                         }
                         encoder.status(d, online, out);
                     }
+                    // The application's (it reconfigures); the bus forwarder keeps it.
+                    BusEvent::Discovered { .. } => {}
                     BusEvent::Reading(reading) => {
                         filters.used_by(reading.device, self.events_seen);
                         render(&config, &reading, filters, &mut self.samples, encoder, out);
