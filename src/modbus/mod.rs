@@ -637,7 +637,15 @@ impl BusTask {
                     // Handed over: the bus is restarted with the discovered points.
                     return Ok(Vec::new());
                 }
-                return self.discover(slot).await.map(|()| Vec::new());
+                self.discover(slot).await?;
+                // Found again as it was: this cycle's readings are not left out.
+                let same = self.devices[slot]
+                    .sunspec
+                    .as_ref()
+                    .is_some_and(|s| s.found.is_some() && !s.sent);
+                if !same {
+                    return Ok(Vec::new());
+                }
             }
         }
         let mut values = self.poll_blocks(slot, group, cancel).await?;
