@@ -223,7 +223,9 @@ struct SunSpecState {
     /// Per poll group: its SunSpec points (index into the device's points, layout) and the
     /// reads that cover them and their scale factors.
     groups: Vec<SunSpecGroup>,
-    /// Discover again on the next run (the device came back from offline).
+    /// Discover again on the next run: at every start of the bus (a reload may have put
+    /// another device behind the same name, host or unit) and when the device comes back
+    /// from offline. Found as it was, the poll goes on in the same cycle.
     again: bool,
     /// A discovery went to the application, which restarts the bus with it: not again.
     sent: bool,
@@ -267,7 +269,7 @@ impl SunSpecState {
         Some(SunSpecState {
             found: s.found.clone(),
             groups,
-            again: false,
+            again: s.found.is_some(),
             sent: false,
         })
     }
@@ -308,13 +310,27 @@ impl crate::sunspec::Registers for BusRegisters<'_> {
             Ok(_) => Err("short or bit answer".into()),
             Err(e) => {
                 let shown = e.to_string();
-                if !e.is_exception() {
+                // "No such register" ends a walk (or moves to the next base); a busy device,
+                // a gateway without a path, a timeout or a transport error fails the discovery,
+                // which is then tried again with the device's back-off instead of taking a
+                // chain cut short by chance for the device's own.
+                if !no_such_register(&e) {
                     self.failed = Some(e);
                 }
                 Err(shown)
             }
         }
     }
+}
+
+/// An exception that says the registers asked for do not exist (or cannot be read so), as
+/// opposed to one that says "not now".
+fn no_such_register(e: &RequestError) -> bool {
+    use tokio_modbus::ExceptionCode as E;
+    matches!(
+        e,
+        RequestError::Exception(E::IllegalFunction | E::IllegalDataAddress | E::IllegalDataValue)
+    )
 }
 
 struct Job {
@@ -363,7 +379,8 @@ impl BusTask {
                 }
                 for (g, group) in device.groups.iter().enumerate() {
                     let sunspec_job = sunspec.as_ref().is_some_and(|s| {
-                        !s.groups[g].points.is_empty() || (g == 0 && s.found.is_none())
+                        // Group 0 always: it discovers (again), even when nothing was found.
+                        !s.groups[g].points.is_empty() || g == 0
                     });
                     if !group_points[g].is_empty() || sunspec_job {
                         let name = format!("{}/{}", device.name, group.name);
@@ -668,11 +685,10 @@ impl BusTask {
             failed: None,
         };
         let outcome = crate::sunspec::discover_device(&mut src).await;
-        let failed = src.failed.take();
-        let found = match outcome {
-            Ok(found) => found,
-            Err(e) => return Err(failed.unwrap_or(RequestError::Protocol(e))),
-        };
+        if let Some(failed) = src.failed.take() {
+            return Err(failed);
+        }
+        let found = outcome.map_err(RequestError::Protocol)?;
         let state = &mut self.devices[slot];
         let Some(s) = state.sunspec.as_mut() else {
             return Ok(());
