@@ -643,6 +643,19 @@ struct Validator<'a> {
 /// gateway: a device moved to another bus or unit is another device, discovered again.
 pub type Discoveries = HashMap<(String, String, i64), std::sync::Arc<crate::sunspec::Discovered>>;
 
+/// The [`Discoveries`] keys of a configuration's `sunspec: auto` devices.
+pub fn discovery_keys(config: &Config) -> std::collections::HashSet<(String, String, i64)> {
+    config
+        .devices
+        .iter()
+        .filter(|d| d.sunspec.is_some())
+        .map(|d| {
+            let bus = config.buses[d.bus].name.clone();
+            (d.name.clone(), bus, i64::from(d.unit))
+        })
+        .collect()
+}
+
 /// How the collision table names command topics (the wildcard check skips them).
 const COMMAND_TOPIC_OF: &str = "the command topic of";
 
@@ -2929,6 +2942,32 @@ impl Validator<'_> {
                 "a device takes its points from a profile or from SunSpec discovery, not both",
                 Some("remove `profile` (discovery finds the points) or `sunspec`".into()),
             );
+        }
+        // A change (no `address`) keeps the discovered register, which the bus decodes by its
+        // SunSpec definition with the live scale factor: keys that would decode or write it
+        // otherwise would be silently wrong, so they are refused.
+        for (j, r) in d.points.iter().enumerate() {
+            if r.address.is_some() || r.register.is_some() {
+                continue;
+            }
+            let decoding = [
+                ("type", r.data_type.is_some()),
+                ("bit", r.bit.is_some()),
+                ("length", r.length.is_some()),
+                ("order", r.order.is_some()),
+                ("scale", r.scale.is_some()),
+                ("offset", r.offset.is_some()),
+                ("writable", r.writable == Some(true)),
+            ];
+            for (k, given) in decoding {
+                if given {
+                    self.err(
+                        &format!("{path}.points[{j}].{k}"),
+                        format!("`{k}` on a discovered SunSpec point: the gateway reads it by its SunSpec definition, with its scale factor register"),
+                        Some("to decode or write it yourself, give the point its `address` (and `type`, `scale`: `fieldbridge sunspec` prints them): it is then a point of its own".into()),
+                    );
+                }
+            }
         }
         let key = (d.name.clone(), d.bus.clone(), d.unit.unwrap_or(1));
         let found = self.discovered.get(&key).cloned();

@@ -188,6 +188,8 @@ pub(super) struct Source {
     pub file: String,
     pub loc: Locator,
     pub raw: RawProfile,
+    /// The points SunSpec discovery found ([`sunspec_source`]), not a file.
+    pub discovered: bool,
 }
 
 /// Reads and parses a profile file: stage 1 only (serde), errors naming the file.
@@ -230,6 +232,7 @@ pub(super) fn read_profile(file: &Path) -> Result<Source, Vec<ConfigError>> {
             file: shown,
             loc,
             raw,
+            discovered: false,
         }),
         Err(e) => {
             let mut err = from_serde(&e);
@@ -476,6 +479,19 @@ impl Validator<'_> {
         }
         for (j, o) in own.into_iter().enumerate() {
             if let Some(raw) = o {
+                if source.discovered && raw.address.is_none() && raw.register.is_none() {
+                    // A change to a point this device turned out not to have (another model,
+                    // e.g. a single-phase inverter): the device decides what exists.
+                    self.warn(
+                        &format!("{path}.points[{j}]"),
+                        format!(
+                            "the device's SunSpec models have no point `{}`: the change is ignored",
+                            raw.name
+                        ),
+                        Some("`fieldbridge sunspec` lists the device's points".into()),
+                    );
+                    continue;
+                }
                 out.push(MergedPoint {
                     raw,
                     source: PointSource::Device,
@@ -564,6 +580,7 @@ pub(super) fn sunspec_source(device: &str, found: &crate::sunspec::Discovered) -
             device: None,
             points,
         },
+        discovered: true,
     })
 }
 
@@ -857,27 +874,7 @@ points:
 
     /// Marker at 40000, model 1 at 40002 (L 66) and 103 at 40070 (L 50), end.
     fn discovered() -> crate::sunspec::Discovered {
-        use crate::sunspec::{Discovery, Found};
-        crate::sunspec::Discovered {
-            discovery: Discovery {
-                base: 40000,
-                models: vec![
-                    Found {
-                        id: 1,
-                        start: 40002,
-                        len: 66,
-                    },
-                    Found {
-                        id: 103,
-                        start: 40070,
-                        len: 50,
-                    },
-                ],
-                stopped: None,
-            },
-            manufacturer: "Acme".into(),
-            model: String::new(),
-        }
+        crate::sunspec::example_discovered()
     }
 
     #[test]
@@ -979,5 +976,68 @@ points:
         )
         .unwrap();
         assert_eq!(names(&loaded.config.devices[0]), vec!["marker"]);
+    }
+
+    #[test]
+    fn a_change_to_a_point_the_device_lacks_is_a_warning_and_a_change_that_would_decode_or_write_it_is_refused(
+    ) {
+        let mut found = super::super::Discoveries::new();
+        found.insert(
+            ("m".into(), "b".into(), 1),
+            std::sync::Arc::new(discovered()),
+        );
+        // A three-phase point changed on a device that turns out to have other models: the
+        // discovery still applies (the device is read), the change is a warning.
+        let text = config(
+            "    sunspec: auto
+    points:
+      - { name: inverter_single_phase_W, publish: { mode: on_change } }
+",
+        );
+        let loaded = super::super::parse_discovered(
+            &text,
+            "fieldbridge.yaml",
+            &Library { dirs: Vec::new() },
+            &found,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let n = names(&loaded.config.devices[0]);
+        assert!(
+            n.contains(&"common_Mn") && !n.contains(&"inverter_single_phase_W"),
+            "{n:?}"
+        );
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(loaded.warnings[0]
+            .message
+            .contains("no point `inverter_single_phase_W`"));
+        // Writable or re-decoded without an address: its scale factor register would not be
+        // applied to the write (a setpoint 100 times off), so refused, discovered or not.
+        for change in [
+            "{ name: inverter_three_phase_W, writable: true }",
+            "{ name: inverter_three_phase_W, scale: 0.1 }",
+        ] {
+            let text = config(&format!(
+                "    sunspec: auto
+    points:
+      - {change}
+"
+            ));
+            for discoveries in [&found, &super::super::Discoveries::new()] {
+                let e = super::super::parse_discovered(
+                    &text,
+                    "fieldbridge.yaml",
+                    &Library { dirs: Vec::new() },
+                    discoveries,
+                )
+                .err()
+                .unwrap_or_else(|| panic!("{change} accepted"));
+                assert!(
+                    e.errors
+                        .iter()
+                        .any(|e| e.message.contains("on a discovered SunSpec point")),
+                    "{e}"
+                );
+            }
+        }
     }
 }

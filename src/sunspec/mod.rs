@@ -569,6 +569,31 @@ pub fn chain_line(d: &Discovery) -> String {
     s
 }
 
+/// Models 1 and 103 at base 40000, manufacturer `Acme`: a discovery for tests.
+#[cfg(test)]
+pub(crate) fn example_discovered() -> Discovered {
+    Discovered {
+        discovery: Discovery {
+            base: 40000,
+            models: vec![
+                Found {
+                    id: 1,
+                    start: 40002,
+                    len: 66,
+                },
+                Found {
+                    id: 103,
+                    start: 40070,
+                    len: 50,
+                },
+            ],
+            stopped: None,
+        },
+        manufacturer: "Acme".into(),
+        model: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
