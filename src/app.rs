@@ -68,7 +68,7 @@ fn spawn_bus(
     generation: u64,
     b: usize,
     tagged: &mpsc::Sender<Input>,
-    discoveries: &mpsc::Sender<Discovery>,
+    discoveries: &mpsc::UnboundedSender<Discovery>,
     stop: &CancellationToken,
 ) -> Option<RunningBus> {
     let bus = &config.buses[b];
@@ -104,7 +104,9 @@ fn spawn_bus(
                     config.buses[d.bus].name.clone(),
                     i64::from(d.unit),
                 );
-                let _ = discoveries.send((key, found)).await;
+                // Unbounded, so the forwarder never waits on the loop that may be stopping
+                // this bus; a bus sends at most one discovery per device.
+                let _ = discoveries.send((key, found));
                 continue;
             }
             let t = Tagged {
@@ -381,7 +383,7 @@ pub async fn run_with_reload(
 
     // SunSpec discoveries: a bus hands one over, the configuration is validated again with
     // it (from the running configuration's text) and the bus restarted, as a reload would.
-    let (discoveries_tx, mut discoveries_rx) = mpsc::channel::<Discovery>(16);
+    let (discoveries_tx, mut discoveries_rx) = mpsc::unbounded_channel::<Discovery>();
     let mut discovered = crate::config::Discoveries::new();
     let mut source: Option<(std::path::PathBuf, String)> = None;
     if config.devices.iter().any(|d| d.sunspec.is_some()) {
@@ -454,14 +456,31 @@ pub async fn run_with_reload(
                 if let Some(n) = crate::notify::Notifier::from_env() {
                     let _ = n.send("RELOADING=1");
                 }
-                if new.devices.iter().any(|d| d.sunspec.is_some()) {
-                    source = Some((path, text));
-                }
+                // Always the text now running: a discovery arriving later is applied to it,
+                // never to the configuration this reload replaced.
+                source = Some((path, text));
+                let wanted = crate::config::discovery_keys(&new);
+                discovered.retain(|k, _| wanted.contains(k));
                 new
             }
             Some((key, found)) = discoveries_rx.recv() => {
                 let device = key.0.clone();
-                discovered.insert(key.clone(), found);
+                // Those that came together make one reload (one restart of each bus).
+                let mut arrived = vec![(key, found)];
+                while let Ok(more) = discoveries_rx.try_recv() {
+                    arrived.push(more);
+                }
+                let wanted = crate::config::discovery_keys(&config);
+                let before = discovered.clone();
+                for (key, found) in arrived {
+                    // From a bus of a configuration a reload has replaced: not this device.
+                    if wanted.contains(&key) {
+                        discovered.insert(key, found);
+                    }
+                }
+                if discovered == before {
+                    continue;
+                }
                 let Some((path, text)) = &source else { continue };
                 let library = crate::config::profile::Library::for_config(path);
                 match crate::config::parse_discovered(text, &path.display().to_string(), &library, &discovered) {
@@ -475,8 +494,8 @@ pub async fn run_with_reload(
                     }
                     Err(errors) => {
                         tracing::error!(device = %device, "the SunSpec points found do not fit the configuration; the device is not read:\n{errors}");
-                        // Kept, it would make every later reload fail too.
-                        discovered.remove(&key);
+                        // Kept, it would make every later reload fail too: back to what runs.
+                        discovered = before;
                         continue;
                     }
                 }
