@@ -151,6 +151,24 @@ pub fn entities(config: &Config) -> Vec<Entity> {
         }
     }
     for device in &config.devices {
+        // Discovered SunSpec points the bus scales by a scale-factor register: their decimals
+        // are the device's (49.98 Hz is not to be shown as 50).
+        let scaled: Vec<&str> = match device.sunspec.as_ref().and_then(|s| s.found.as_ref()) {
+            Some(f) => {
+                let (layout, _) = crate::sunspec::points(&f.discovery);
+                device
+                    .points
+                    .iter()
+                    .filter(|p| {
+                        layout.iter().any(|sp| {
+                            sp.sf.is_some() && sp.name == p.name && sp.address == p.address
+                        })
+                    })
+                    .map(|p| p.name.as_str())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         for (p, point) in device.points.iter().enumerate() {
             let settings = device.ha.points.get(p).cloned().unwrap_or_default();
             if !settings.enabled
@@ -158,7 +176,10 @@ pub fn entities(config: &Config) -> Vec<Entity> {
             {
                 continue;
             }
-            out.push(entity(config, &ha.prefix, &node, device, p, &settings));
+            let scaled = scaled.contains(&point.name.as_str());
+            out.push(entity(
+                config, &ha.prefix, &node, device, p, &settings, scaled,
+            ));
         }
     }
     out
@@ -172,6 +193,7 @@ fn entity(
     device: &Device,
     p: usize,
     settings: &PointHa,
+    device_scaled: bool,
 ) -> Entity {
     let point = &device.points[p];
     let command = device
@@ -281,7 +303,7 @@ fn entity(
         if let Some(unit) = &point.unit {
             c.insert("unit_of_measurement".into(), json!(ha_unit(unit)));
         }
-        if let Some(d) = precision(point) {
+        if let Some(d) = precision(point).filter(|_| !device_scaled) {
             c.insert("suggested_display_precision".into(), json!(d));
         }
     }
@@ -505,6 +527,35 @@ devices:
         assert_eq!(pr.component, "select");
         assert_eq!(pr.payload["options"], json!(["A", "B"]));
         assert_eq!(pr.payload["command_template"], "{{ value | tojson }}");
+    }
+
+    #[test]
+    fn discovered_sunspec_points_scaled_by_the_device_get_no_rounding_precision() {
+        let text = "gateway: { id: gw1 }\nmqtt: { url: \"mqtt://127.0.0.1:1883\" }\nhomeassistant: { discovery: true }\nbuses:\n  - { name: b, type: tcp, host: 127.0.0.1 }\ndevices:\n  - { name: inv, bus: b, sunspec: auto }\n";
+        let mut found = crate::config::Discoveries::new();
+        found.insert(
+            ("inv".into(), "b".into(), 1),
+            std::sync::Arc::new(crate::sunspec::example_discovered()),
+        );
+        let library = crate::config::profile::Library { dirs: Vec::new() };
+        let loaded = crate::config::parse_discovered(text, "t.yaml", &library, &found)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let all = entities(&loaded.config);
+        // Hz with a scale-factor register (10^-2 on most inverters): the device's decimals.
+        let hz = by_name(&all, "inverter_three_phase_Hz");
+        assert_eq!(hz.payload["unit_of_measurement"], "Hz");
+        assert!(
+            hz.payload.get("suggested_display_precision").is_none(),
+            "{}",
+            hz.payload
+        );
+        // An unscaled integer (the operating state) keeps "no decimals".
+        let id = by_name(&all, "inverter_three_phase_St");
+        assert_eq!(
+            id.payload["suggested_display_precision"], 0,
+            "{}",
+            id.payload
+        );
     }
 
     #[test]
