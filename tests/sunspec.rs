@@ -406,3 +406,59 @@ async fn sunspec_auto_discovers_the_device_publishes_what_pysunspec2_reads_and_r
         "{later:?}"
     );
 }
+
+/// A timeout in the middle of the walk (a noisy line) fails the discovery, which is tried again:
+/// the chain cut short there is never taken for the device's. Our own test device (not
+/// pysunspec2) because it can answer one request late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_in_the_middle_of_discovery_is_retried_not_taken_for_a_shorter_chain() {
+    use common::device::{DeviceState, TcpDevice};
+    const WAIT: Duration = Duration::from_secs(30);
+    let state = DeviceState::new(&[1]);
+    // "SunS", model 1 (66 registers), model 103 (50) with W = 1234 and W_SF = 0, the end.
+    state.set_holding(1, 40000, &[0x5375, 0x6E53, 1, 66]);
+    state.set_holding(1, 40070, &[103, 50]);
+    state.set_holding(1, 40070 + 14, &[1234, 0]);
+    state.set_holding(1, 40122, &[0xFFFF, 0]);
+    // The header of model 103 is answered after the device's timeout, once.
+    state.add_late_once(1, 40070, Duration::from_millis(600));
+    let device = TcpDevice::start(state);
+    let broker = Mosquitto::start();
+    let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
+    let yaml = format!(
+        "gateway: {{ id: gw, prefix: t }}\n\
+         mqtt: {{ url: \"mqtt://127.0.0.1:{}\" }}\n\
+         buses: [ {{ name: b, type: tcp, host: 127.0.0.1, port: {}, reconnect_max: 200ms }} ]\n\
+         devices:\n\
+         \x20 - {{ name: inv, bus: b, interval: 300ms, timeout: 200ms, backoff_max: 300ms, sunspec: auto }}\n",
+        broker.port(),
+        device.port()
+    );
+    let gateway = Gateway::start(&yaml);
+    gateway.expect_log("SunSpec device discovered", WAIT);
+    let logs = gateway.logs();
+    assert!(
+        !logs.contains("model chain cut short"),
+        "a cut chain was taken:\n{logs}"
+    );
+    assert!(
+        logs.contains("models=1 common (L 66), 103 inverter_three_phase (L 50)"),
+        "{logs}"
+    );
+    let w = "inverter_three_phase_W".to_string();
+    let (values, _) = collect(&mut probe, &[&w], WAIT).await;
+    // Scaled (by W_SF = 0), so a float.
+    assert_eq!(
+        values["inverter_three_phase_W"].as_f64(),
+        Some(1234.0),
+        "{values:?}"
+    );
+    // The late answer was the first try's: the device was asked again.
+    let headers = device
+        .state()
+        .requests()
+        .iter()
+        .filter(|r| r.address == 40070)
+        .count();
+    assert!(headers >= 2, "model 103's header read {headers} times");
+}
