@@ -157,14 +157,7 @@ fn load_for_reload(
             tracing::error!("reload refused, keeping the running configuration:\n{errors}");
             None
         }
-        Ok((new, _))
-            if new.gateway != running.gateway
-                || new.mqtt != running.mqtt
-                || new.store != running.store
-                || new.sparkplug != running.sparkplug
-                || new.http != running.http
-                || (new.sparkplug.is_some() && new.devices != running.devices) =>
-        {
+        Ok((new, _)) if needs_restart(&new, running) => {
             tracing::error!(
                 "reload refused: the gateway, mqtt, store, sparkplug or http section changed (or, in Sparkplug mode, the devices: their births would change), which needs a restart (systemctl restart fieldbridge); keeping the running configuration"
             );
@@ -172,6 +165,17 @@ fn load_for_reload(
         }
         Ok(loaded) => Some(loaded),
     }
+}
+
+/// Whether `new` changes what a reload cannot: the gateway, mqtt, store, sparkplug or http
+/// section (e.g. a password file edited on disk), or in Sparkplug mode the devices.
+fn needs_restart(new: &Config, running: &Config) -> bool {
+    new.gateway != running.gateway
+        || new.mqtt != running.mqtt
+        || new.store != running.store
+        || new.sparkplug != running.sparkplug
+        || new.http != running.http
+        || (new.sparkplug.is_some() && new.devices != running.devices)
 }
 
 /// Where commands go now: the current router's queue, and the configuration it routes by.
@@ -484,6 +488,12 @@ pub async fn run_with_reload(
                 let Some((path, text)) = &source else { continue };
                 let library = crate::config::profile::Library::for_config(path);
                 match crate::config::parse_discovered(text, &path.display().to_string(), &library, &discovered) {
+                    Ok(loaded) if needs_restart(&loaded.config, &config) => {
+                        // The kept text is the running one, so a file it names (a password
+                        // or profile file) changed on disk since: that needs a restart.
+                        tracing::error!(device = %device, "SunSpec points found, but a file the configuration reads changed the gateway, mqtt, store, sparkplug or http section since it was loaded; they are applied at the next restart (systemctl restart fieldbridge)");
+                        continue;
+                    }
                     Ok(loaded) => {
                         let file = path.display().to_string();
                         for w in &loaded.warnings {
