@@ -873,6 +873,19 @@ points:
     }
 
     /// Marker at 40000, model 1 at 40002 (L 66) and 103 at 40070 (L 50), end.
+    /// `text` validated with `found`, no profile library.
+    fn parse_with(
+        text: &str,
+        found: &super::super::Discoveries,
+    ) -> Result<super::super::Loaded, super::super::ConfigErrors> {
+        super::super::parse_discovered(
+            text,
+            "fieldbridge.yaml",
+            &Library { dirs: Vec::new() },
+            found,
+        )
+    }
+
     fn discovered() -> crate::sunspec::Discovered {
         crate::sunspec::example_discovered()
     }
@@ -934,13 +947,7 @@ points:
         let text = config(
             "    sunspec: auto\n    points_exclude: [common_Opt, gone]\n    points:\n      - { name: inverter_three_phase_W, publish: { mode: on_change } }\n      - { name: marker, address: 40000, type: u32 }\n",
         );
-        let loaded = super::super::parse_discovered(
-            &text,
-            "fieldbridge.yaml",
-            &Library { dirs: Vec::new() },
-            &found,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let loaded = parse_with(&text, &found).unwrap_or_else(|e| panic!("{e}"));
         let d = &loaded.config.devices[0];
         let n = names(d);
         assert!(
@@ -968,13 +975,7 @@ points:
         assert_eq!(d.ha.manufacturer.as_deref(), Some("Acme"));
         // A device on another unit is another device: not discovered yet.
         let other = config("    unit: 2\n    sunspec: auto\n    points:\n      - { name: marker, address: 40000, type: u32 }\n");
-        let loaded = super::super::parse_discovered(
-            &other,
-            "fieldbridge.yaml",
-            &Library { dirs: Vec::new() },
-            &found,
-        )
-        .unwrap();
+        let loaded = parse_with(&other, &found).unwrap();
         assert_eq!(names(&loaded.config.devices[0]), vec!["marker"]);
     }
 
@@ -994,13 +995,7 @@ points:
       - { name: inverter_single_phase_W, publish: { mode: on_change } }
 ",
         );
-        let loaded = super::super::parse_discovered(
-            &text,
-            "fieldbridge.yaml",
-            &Library { dirs: Vec::new() },
-            &found,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let loaded = parse_with(&text, &found).unwrap_or_else(|e| panic!("{e}"));
         let n = names(&loaded.config.devices[0]);
         assert!(
             n.contains(&"common_Mn") && !n.contains(&"inverter_single_phase_W"),
@@ -1023,14 +1018,9 @@ points:
 "
             ));
             for discoveries in [&found, &super::super::Discoveries::new()] {
-                let e = super::super::parse_discovered(
-                    &text,
-                    "fieldbridge.yaml",
-                    &Library { dirs: Vec::new() },
-                    discoveries,
-                )
-                .err()
-                .unwrap_or_else(|| panic!("{change} accepted"));
+                let e = parse_with(&text, discoveries)
+                    .err()
+                    .unwrap_or_else(|| panic!("{change} accepted"));
                 assert!(
                     e.errors
                         .iter()
