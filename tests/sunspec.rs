@@ -462,3 +462,39 @@ async fn a_timeout_in_the_middle_of_discovery_is_retried_not_taken_for_a_shorter
         .count();
     assert!(headers >= 2, "model 103's header read {headers} times");
 }
+
+/// Points found that the configuration refuses (here a topic of the device's own point that a
+/// discovered one also gets) are logged, and the device is not shown online with nothing read:
+/// it goes offline like a device that cannot be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_the_configuration_refuses_leaves_the_device_offline_not_silently_online() {
+    use common::device::{DeviceState, TcpDevice};
+    const WAIT: Duration = Duration::from_secs(30);
+    let state = DeviceState::new(&[1]);
+    state.set_holding(1, 40000, &[0x5375, 0x6E53, 1, 66]);
+    state.set_holding(1, 40070, &[0xFFFF, 0]);
+    let device = TcpDevice::start(state);
+    let broker = Mosquitto::start();
+    let yaml = format!(
+        "gateway: {{ id: gw, prefix: t }}\n\
+         mqtt: {{ url: \"mqtt://127.0.0.1:{}\" }}\n\
+         buses: [ {{ name: b, type: tcp, host: 127.0.0.1, port: {}, reconnect_max: 200ms }} ]\n\
+         devices:\n\
+         \x20 - name: inv\n\
+         \x20   bus: b\n\
+         \x20   interval: 200ms\n\
+         \x20   offline_after: 2\n\
+         \x20   backoff_max: 200ms\n\
+         \x20   sunspec: auto\n\
+         \x20   points:\n\
+         \x20     - {{ name: mine, address: 41000, topic: \"t/inv/common_Mn\" }}\n",
+        broker.port(),
+        device.port()
+    );
+    let gateway = Gateway::start(&yaml);
+    gateway.expect_log(
+        "the SunSpec points found do not fit the configuration",
+        WAIT,
+    );
+    gateway.expect_log("device offline", WAIT);
+}

@@ -651,8 +651,12 @@ impl BusTask {
         if let Some(s) = &self.devices[slot].sunspec {
             if (s.found.is_none() || s.again) && group == 0 {
                 if s.found.is_none() && s.sent {
-                    // Handed over: the bus is restarted with the discovered points.
-                    return Ok(Vec::new());
+                    // Handed over: the bus is restarted with the discovered points, normally
+                    // before this poll. Still here, the configuration refused them (logged):
+                    // nothing is read, and the device is not to look online.
+                    return Err(RequestError::Protocol(
+                        "the SunSpec points found were not applied (see the log)".into(),
+                    ));
                 }
                 self.discover(slot).await?;
                 // Found again as it was: this cycle's readings are not left out.
