@@ -383,16 +383,28 @@ pub fn reads_for<'a>(
     max_gap: u16,
     max: u16,
 ) -> Vec<(u16, u16)> {
+    let max = u32::from(max.clamp(1, MAX_READ));
     let mut spans: Vec<(u32, u32)> = Vec::new();
     for p in points {
         let a = u32::from(p.address);
-        spans.push((a, a + u32::from(p.ty.width())));
-        if let Some(Sf::Register(r)) = p.sf {
-            spans.push((u32::from(r), u32::from(r) + 1));
+        let value = (a, a + u32::from(p.ty.width()));
+        match p.sf {
+            Some(Sf::Register(r)) => {
+                let sf = (u32::from(r), u32::from(r) + 1);
+                let both = (value.0.min(sf.0), value.1.max(sf.1));
+                // A value and its scale factor in one read whatever the gap (one transaction:
+                // a device changing its scale factor cannot pair an old one with a new value),
+                // unless they are further apart than a read can reach.
+                if both.1 - both.0 <= max {
+                    spans.push(both);
+                } else {
+                    spans.extend([value, sf]);
+                }
+            }
+            _ => spans.push(value),
         }
     }
     spans.sort_unstable();
-    let max = u32::from(max.clamp(1, MAX_READ));
     let mut reads: Vec<(u32, u32)> = Vec::new();
     for (start, end) in spans {
         match reads.last_mut() {
@@ -779,9 +791,10 @@ mod tests {
             at(12, T::Str(4), Some(Sf::Constant(0))),
         ];
         assert_eq!(reads_for(&pts, 10, 125), vec![(10, 11), (200, 2)]);
-        // The scale factor 10 registers on, with a gap of 3 allowed: its own read.
-        assert_eq!(reads_for(&pts, 3, 125), vec![(10, 6), (20, 1), (200, 2)]);
-        // No read longer than the limit.
+        // The scale factor 10 registers on, with a gap of 3 allowed: still the value's read,
+        // so both come from one transaction.
+        assert_eq!(reads_for(&pts, 3, 125), vec![(10, 11), (200, 2)]);
+        // No read longer than the limit (then the scale factor has its own).
         assert_eq!(reads_for(&pts, 200, 8), vec![(10, 6), (20, 1), (200, 2)]);
     }
 
