@@ -277,6 +277,17 @@ fn the_model_table_is_what_the_generator_makes_of_pysunspec2s_definitions() {
 /// Every point of device `inv` published under `t/inv/`, until the names in `wanted` have all
 /// arrived (bounded by `within`): name -> its value (`null` when bad quality), and the errors
 /// of the bad ones.
+/// A gateway on the broker at `broker` with one TCP bus `b` to `device`, and `devices` (the
+/// list's items, YAML) on it; topics under `t/`.
+fn gateway_yaml(broker: u16, device: u16, devices: &str) -> String {
+    format!(
+        "gateway: {{ id: gw, prefix: t }}\n\
+         mqtt: {{ url: \"mqtt://127.0.0.1:{broker}\" }}\n\
+         buses: [ {{ name: b, type: tcp, host: 127.0.0.1, port: {device}, reconnect_max: 200ms }} ]\n\
+         devices:\n{devices}"
+    )
+}
+
 async fn collect(
     probe: &mut MqttProbe,
     wanted: &[&String],
@@ -319,22 +330,10 @@ async fn sunspec_auto_discovers_the_device_publishes_what_pysunspec2_reads_and_r
     let theirs = pysunspec2_reads(device.port);
     let broker = Mosquitto::start();
     let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
-    let yaml = format!(
-        "gateway: {{ id: gw, prefix: t }}\n\
-         mqtt: {{ url: \"mqtt://127.0.0.1:{}\" }}\n\
-         buses: [ {{ name: b, type: tcp, host: 127.0.0.1, port: {}, reconnect_max: 200ms }} ]\n\
-         devices:\n\
-         \x20 - name: inv\n\
-         \x20   bus: b\n\
-         \x20   interval: 300ms\n\
-         \x20   offline_after: 2\n\
-         \x20   backoff_max: 300ms\n\
-         \x20   sunspec: auto\n\
-         \x20   points_exclude: [common_Opt, no_such_point]\n\
-         \x20   points:\n\
-         \x20     - {{ name: marker, address: 40000, type: u32 }}\n",
+    let yaml = gateway_yaml(
         broker.port(),
-        device.port
+        device.port,
+        "  - name: inv\n    bus: b\n    interval: 300ms\n    offline_after: 2\n    backoff_max: 300ms\n    sunspec: auto\n    points_exclude: [common_Opt, no_such_point]\n    points:\n      - { name: marker, address: 40000, type: u32 }\n",
     );
     // Valid before any discovery: the device has no points of SunSpec yet.
     let gateway = Gateway::start(&yaml);
@@ -425,14 +424,10 @@ async fn a_timeout_in_the_middle_of_discovery_is_retried_not_taken_for_a_shorter
     let device = TcpDevice::start(state);
     let broker = Mosquitto::start();
     let mut probe = MqttProbe::connect(broker.port(), "t/#").await;
-    let yaml = format!(
-        "gateway: {{ id: gw, prefix: t }}\n\
-         mqtt: {{ url: \"mqtt://127.0.0.1:{}\" }}\n\
-         buses: [ {{ name: b, type: tcp, host: 127.0.0.1, port: {}, reconnect_max: 200ms }} ]\n\
-         devices:\n\
-         \x20 - {{ name: inv, bus: b, interval: 300ms, timeout: 200ms, backoff_max: 300ms, sunspec: auto }}\n",
+    let yaml = gateway_yaml(
         broker.port(),
-        device.port()
+        device.port(),
+        "  - { name: inv, bus: b, interval: 300ms, timeout: 200ms, backoff_max: 300ms, sunspec: auto }\n",
     );
     let gateway = Gateway::start(&yaml);
     gateway.expect_log("SunSpec device discovered", WAIT);
@@ -475,21 +470,10 @@ async fn a_discovery_the_configuration_refuses_leaves_the_device_offline_not_sil
     state.set_holding(1, 40070, &[0xFFFF, 0]);
     let device = TcpDevice::start(state);
     let broker = Mosquitto::start();
-    let yaml = format!(
-        "gateway: {{ id: gw, prefix: t }}\n\
-         mqtt: {{ url: \"mqtt://127.0.0.1:{}\" }}\n\
-         buses: [ {{ name: b, type: tcp, host: 127.0.0.1, port: {}, reconnect_max: 200ms }} ]\n\
-         devices:\n\
-         \x20 - name: inv\n\
-         \x20   bus: b\n\
-         \x20   interval: 200ms\n\
-         \x20   offline_after: 2\n\
-         \x20   backoff_max: 200ms\n\
-         \x20   sunspec: auto\n\
-         \x20   points:\n\
-         \x20     - {{ name: mine, address: 41000, topic: \"t/inv/common_Mn\" }}\n",
+    let yaml = gateway_yaml(
         broker.port(),
-        device.port()
+        device.port(),
+        "  - name: inv\n    bus: b\n    interval: 200ms\n    offline_after: 2\n    backoff_max: 200ms\n    sunspec: auto\n    points:\n      - { name: mine, address: 41000, topic: \"t/inv/common_Mn\" }\n",
     );
     let gateway = Gateway::start(&yaml);
     gateway.expect_log(
