@@ -286,8 +286,7 @@ impl SunSpecState {
 /// nothing more is sent (the walk ends there).
 struct BusRegisters<'a> {
     task: &'a mut BusTask,
-    unit: u8,
-    timeout: Duration,
+    slot: usize,
     failed: Option<RequestError>,
 }
 
@@ -296,15 +295,10 @@ impl crate::sunspec::Registers for BusRegisters<'_> {
         if let Some(e) = &self.failed {
             return Err(e.to_string());
         }
-        self.task.serve_queued().await;
-        let started = Instant::now();
         let result = self
             .task
-            .conn
-            .read(self.unit, RegisterKind::Holding, start, count, self.timeout)
+            .transact(self.slot, RegisterKind::Holding, start, count)
             .await;
-        self.task.stats.transaction(started.elapsed(), &result);
-        self.task.stats.heartbeat.beat();
         match result {
             Ok(Data::Words(w)) if w.len() == usize::from(count) => Ok(w),
             Ok(_) => Err("short or bit answer".into()),
@@ -678,14 +672,9 @@ impl BusTask {
     /// came from goes to the application. `Err` when the device gave no chain (no answer, or
     /// no marker).
     async fn discover(&mut self, slot: usize) -> Result<(), RequestError> {
-        let (unit, timeout) = {
-            let d = &self.devices[slot].device;
-            (d.unit, d.timeout)
-        };
         let mut src = BusRegisters {
             task: self,
-            unit,
-            timeout,
+            slot,
             failed: None,
         };
         let outcome = crate::sunspec::discover_device(&mut src).await;
@@ -736,33 +725,25 @@ impl BusTask {
         values: &mut Vec<(usize, Result<Raw, String>)>,
     ) -> Result<(), RequestError> {
         let reads = match &self.devices[slot].sunspec {
-            Some(s) if !s.groups[group].points.is_empty() => s.groups[group].reads.clone(),
+            Some(s) if !s.groups[group].points.is_empty() => s.groups[group].reads.len(),
             _ => return Ok(()),
         };
-        let (unit, timeout) = {
-            let d = &self.devices[slot].device;
-            (d.unit, d.timeout)
-        };
         // (start, words) of each read answered; (start, count, reason) of each refused.
-        let mut image: Vec<(u16, Vec<u16>)> = Vec::with_capacity(reads.len());
+        let mut image: Vec<(u16, Vec<u16>)> = Vec::with_capacity(reads);
         let mut refused: Vec<(u16, u16, String)> = Vec::new();
-        for (start, count) in reads {
-            self.serve_queued().await;
-            let started = Instant::now();
-            let result = self
-                .conn
-                .read(unit, RegisterKind::Holding, start, count, timeout)
-                .await;
-            self.stats.transaction(started.elapsed(), &result);
-            self.stats.heartbeat.beat();
-            match result {
+        for k in 0..reads {
+            let (start, count) = match &self.devices[slot].sunspec {
+                Some(s) => s.groups[group].reads[k],
+                None => break,
+            };
+            match self
+                .transact(slot, RegisterKind::Holding, start, count)
+                .await
+            {
                 Ok(Data::Words(w)) if w.len() == usize::from(count) => image.push((start, w)),
                 Ok(_) => refused.push((start, count, "decode: short answer".into())),
                 Err(e @ RequestError::Exception(_)) => refused.push((start, count, e.reason())),
-                Err(other) => {
-                    self.stats.resets.store(self.conn.resets, Ordering::Relaxed);
-                    return Err(other);
-                }
+                Err(other) => return Err(other),
             }
         }
         let reg = |a: u16| {
@@ -799,6 +780,31 @@ impl BusTask {
         Ok(())
     }
 
+    /// One read of a poll (blocks, SunSpec reads, discovery) of `slot`'s device: the queued
+    /// requests first (commands and one-shot reads go between transactions), then the read,
+    /// counted, with a heartbeat; a failure of the link itself updates the reset count.
+    async fn transact(
+        &mut self,
+        slot: usize,
+        kind: RegisterKind,
+        start: u16,
+        count: u16,
+    ) -> Result<Data, RequestError> {
+        self.serve_queued().await;
+        let (unit, timeout) = {
+            let d = &self.devices[slot].device;
+            (d.unit, d.timeout)
+        };
+        let started = Instant::now();
+        let result = self.conn.read(unit, kind, start, count, timeout).await;
+        self.stats.transaction(started.elapsed(), &result);
+        self.stats.heartbeat.beat();
+        if matches!(&result, Err(e) if !e.is_exception()) {
+            self.stats.resets.store(self.conn.resets, Ordering::Relaxed);
+        }
+        result
+    }
+
     /// Reads the planned blocks of a group. `Err` on the first transport-level failure.
     async fn poll_blocks(
         &mut self,
@@ -829,18 +835,9 @@ impl BusTask {
             if guard > 10_000 || cancel.is_cancelled() {
                 break;
             }
-            self.serve_queued().await;
-            let (unit, timeout) = {
-                let d = &self.devices[slot].device;
-                (d.unit, d.timeout)
-            };
-            let started = Instant::now();
             let result = self
-                .conn
-                .read(unit, block.kind, block.start, block.count, timeout)
+                .transact(slot, block.kind, block.start, block.count)
                 .await;
-            self.stats.transaction(started.elapsed(), &result);
-            self.stats.heartbeat.beat();
             let state = &mut self.devices[slot];
             let points = &state.device.points;
             match result {
@@ -874,10 +871,7 @@ impl BusTask {
                         }
                     }
                 }
-                Err(other) => {
-                    self.stats.resets.store(self.conn.resets, Ordering::Relaxed);
-                    return Err(other);
-                }
+                Err(other) => return Err(other),
             }
         }
         if bad_changed {
