@@ -635,7 +635,7 @@ struct Validator<'a> {
     profiles: profile::Cache,
     /// Set while the keys of a profile are checked: errors then name its file and lines.
     current: Option<std::rc::Rc<profile::Source>>,
-    /// What SunSpec discovery found on the `sunspec: auto` devices, by device name.
+    /// What SunSpec discovery found on the `sunspec: auto` devices, by (name, bus, unit).
     discovered: &'a Discoveries,
 }
 
@@ -2906,10 +2906,10 @@ impl Validator<'_> {
         (device, unit_ok, point_paths)
     }
 
-    /// `sunspec:` of a device: `None` without it, else what discovery found so far. A device
-    /// discovered already has its `points_exclude` names checked against the discovered
-    /// points: a name the device's models do not have is a warning (the models are the
-    /// device's, not the file's), not an error.
+    /// `sunspec:` of a device: `None` without it, else what discovery found so far. Its
+    /// `points_exclude` and changes are checked against the discovered points by
+    /// `merge_profile` (a name the models lack is a warning there: the models are the
+    /// device's, not the file's); before discovery, `points_exclude` waits.
     fn sunspec_mode(
         &mut self,
         path: &str,
@@ -2971,26 +2971,9 @@ impl Validator<'_> {
         }
         let key = (d.name.clone(), d.bus.clone(), d.unit.unwrap_or(1));
         let found = self.discovered.get(&key).cloned();
-        match (&found, d.points_exclude.as_mut()) {
-            (Some(f), Some(exclude)) => {
-                let (points, _) = crate::sunspec::points(&f.discovery);
-                let mut kept = Vec::new();
-                for (i, x) in std::mem::take(exclude).into_iter().enumerate() {
-                    if points.iter().any(|p| p.name == x) {
-                        kept.push(x);
-                    } else {
-                        self.warn(
-                            &format!("{path}.points_exclude[{i}]"),
-                            format!("the device's SunSpec models have no point `{x}`"),
-                            Some("`fieldbridge sunspec` lists the device's points".into()),
-                        );
-                    }
-                }
-                *exclude = kept;
-            }
-            // Checked once discovery has found the points.
-            (None, Some(_)) => d.points_exclude = None,
-            _ => {}
+        if found.is_none() {
+            // Checked (by `merge_profile`) once discovery has found the points.
+            d.points_exclude = None;
         }
         Some(found)
     }

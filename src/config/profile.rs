@@ -420,7 +420,14 @@ impl Validator<'_> {
         let exclude = d.points_exclude.take().unwrap_or_default();
         let names: Vec<&str> = prof.points.iter().map(|p| p.name.as_str()).collect();
         for (i, x) in exclude.iter().enumerate() {
-            if !names.contains(&x.as_str()) {
+            if !names.contains(&x.as_str()) && source.discovered {
+                // The device decides what exists: one file serves devices of other models.
+                self.warn(
+                    &format!("{path}.points_exclude[{i}]"),
+                    format!("the device's SunSpec models have no point `{x}`"),
+                    Some("`fieldbridge sunspec` lists the device's points".into()),
+                );
+            } else if !names.contains(&x.as_str()) {
                 self.err(
                     &format!("{path}.points_exclude[{i}]"),
                     format!("profile `{}` has no point `{x}`", prof.name),
