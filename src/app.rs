@@ -468,12 +468,12 @@ pub async fn run_with_reload(
                 new
             }
             Some((key, found)) = discoveries_rx.recv() => {
-                let device = key.0.clone();
                 // Those that came together make one reload (one restart of each bus).
                 let mut arrived = vec![(key, found)];
                 while let Ok(more) = discoveries_rx.try_recv() {
                     arrived.push(more);
                 }
+                let device = arrived.iter().map(|((name, _, _), _)| name.as_str()).collect::<Vec<_>>().join(", ");
                 let wanted = crate::config::discovery_keys(&config);
                 let before = discovered.clone();
                 for (key, found) in arrived {

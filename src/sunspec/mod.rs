@@ -28,7 +28,8 @@
 //! generated profile: the device's own points override them by name, `points_exclude` drops
 //! them) and restarts that bus as a reload would. The bus then reads the mapped points in
 //! blocks of [`reads_for`], the scale factors among them, and decodes each point with
-//! [`decode_raw`]. Discovery runs again when the device comes back from offline.
+//! [`decode_raw`]. Discovery runs again at every start of the bus and when the device comes
+//! back from offline; found as it was, nothing changes.
 
 pub mod cli;
 pub mod models;
@@ -376,8 +377,9 @@ pub async fn discover_device(src: &mut impl Registers) -> Result<Discovered, Str
     })
 }
 
-/// The reads (start, count) that cover `points` and their scale-factor registers: registers
-/// sorted, runs at most `max_gap` apart joined, each read at most `max` registers.
+/// The reads (start, count) that cover `points` and their scale-factor registers, each at
+/// most `max` registers: a value and its scale factor always in one read when `max` reaches
+/// across them, other runs joined when at most `max_gap` apart.
 pub fn reads_for<'a>(
     points: impl IntoIterator<Item = &'a Point>,
     max_gap: u16,
