@@ -482,3 +482,41 @@ async fn a_discovery_the_configuration_refuses_leaves_the_device_offline_not_sil
     );
     gateway.expect_log("device offline", WAIT);
 }
+
+/// A reload that puts another inverter behind the same device (the bus's port changed, the
+/// name and unit did not): the bus's start discovers again, and the other models are read, not
+/// the first inverter's layout on the second one's registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_puts_another_inverter_behind_the_device_discovers_it_again() {
+    use common::device::{DeviceState, TcpDevice};
+    const WAIT: Duration = Duration::from_secs(30);
+    let inverter = |model: u16| {
+        let state = DeviceState::new(&[1]);
+        state.set_holding(1, 40000, &[0x5375, 0x6E53, 1, 66]);
+        state.set_holding(1, 40070, &[model, 50]);
+        state.set_holding(1, 40122, &[0xFFFF, 0]);
+        TcpDevice::start(state)
+    };
+    let (three, single) = (inverter(103), inverter(101));
+    let broker = Mosquitto::start();
+    let device = "  - { name: inv, bus: b, interval: 300ms, sunspec: auto }\n";
+    let mut gateway = Gateway::start(&gateway_yaml(broker.port(), three.port(), device));
+    gateway.expect_log("SunSpec points added", WAIT);
+    assert!(gateway.logs().contains("103 inverter_three_phase"));
+    // The file as the harness wrote it (with its store), the bus's port changed.
+    let written = std::fs::read_to_string(gateway.config_path()).expect("config read");
+    let moved = written.replace(
+        &format!("port: {},", three.port()),
+        &format!("port: {},", single.port()),
+    );
+    assert_ne!(moved, written);
+    std::fs::write(gateway.config_path(), moved).expect("config rewritten");
+    gateway.hangup();
+    assert!(
+        wait_until(WAIT, || gateway
+            .logs()
+            .contains("101 inverter_single_phase")),
+        "{}",
+        gateway.logs()
+    );
+}
