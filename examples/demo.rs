@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
 
 /// When the PLC loses power, when it comes back, when the demo ends (from start).
 const POWER_CUT_AT: Duration = Duration::from_secs(8);
@@ -162,15 +162,21 @@ async fn retained(broker: u16) -> anyhow::Result<Vec<(String, String)>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,rumqttd=off,rumqttc=off")),
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| fieldbridge::logging::parse_filter(&v).ok())
+        .unwrap_or_else(|| {
+            fieldbridge::logging::parse_filter("warn,rumqttd=off,rumqttc=off").expect("valid")
+        });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_timer(tracing_subscriber::fmt::time::Uptime::default())
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter(filter),
         )
-        .with_target(false)
-        .with_timer(tracing_subscriber::fmt::time::Uptime::default())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     println!(

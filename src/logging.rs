@@ -22,9 +22,9 @@ use std::fmt;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::prelude::*;
-use tracing_subscriber::EnvFilter;
 
 /// Where logs go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,9 +46,11 @@ pub fn choose(force_journald: bool) -> Sink {
 /// `gateway.log_level`); an invalid directive falls back to `info`.
 pub fn init(default_level: &str, sink: Sink) {
     let filter = || {
-        EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::try_new(default_level))
-            .unwrap_or_else(|_| EnvFilter::new("info"))
+        std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|v| parse_filter(&v).ok())
+            .or_else(|| parse_filter(default_level).ok())
+            .unwrap_or_else(|| Targets::new().with_default(Level::INFO))
     };
     if sink == Sink::Journal {
         match systemd_journal_logger::JournalLog::new() {
@@ -65,12 +67,25 @@ pub fn init(default_level: &str, sink: Sink) {
     let ansi = sink == Sink::Terminal
         && std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter())
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .compact()
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                .compact()
+                .with_filter(filter()),
+        )
         .try_init();
+}
+
+/// Parses a log filter: `info`, or `info,fieldbridge::modbus=debug` (a default level and
+/// per-target levels; a target names a module path and everything under it). The syntax of
+/// `RUST_LOG` without span and field directives, which the gateway does not need.
+pub fn parse_filter(spec: &str) -> Result<Targets, String> {
+    if spec.trim().is_empty() {
+        return Err("the filter is empty".into());
+    }
+    spec.parse::<Targets>().map_err(|e| e.to_string())
 }
 
 /// Sends every event to the journal as one entry with fields.
@@ -263,5 +278,19 @@ mod tests {
         let seen = capture(|| tracing::info!("fieldbridge started"));
         assert_eq!(seen[0].1.message, "fieldbridge started");
         assert!(seen[0].1.fields.is_empty());
+    }
+
+    #[test]
+    fn filters_take_a_default_and_per_module_levels_covering_submodules() {
+        let f = parse_filter("warn,fieldbridge::modbus=debug").unwrap();
+        assert!(f.would_enable("fieldbridge::modbus::rtu", &Level::DEBUG));
+        assert!(!f.would_enable("fieldbridge::modbus::rtu", &Level::TRACE));
+        assert!(!f.would_enable("fieldbridge::link", &Level::INFO));
+        assert!(f.would_enable("fieldbridge::link", &Level::WARN));
+        assert!(f.would_enable("rumqttc::state", &Level::WARN));
+        let off = parse_filter("off").unwrap();
+        assert!(!off.would_enable("fieldbridge", &Level::ERROR));
+        assert!(parse_filter("").is_err());
+        assert!(parse_filter("fieldbridge=loud").is_err());
     }
 }

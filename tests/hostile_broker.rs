@@ -15,6 +15,7 @@ use common::{Mosquitto, MqttProbe};
 use fieldbridge::link::{self, InMessage, Link, LinkSettings, OutMessage, Outbox};
 use fieldbridge::model::{Config, Qos};
 use tokio::sync::mpsc;
+use tracing_subscriber::prelude::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -42,8 +43,9 @@ struct Running {
 fn start(cfg: &Config, subscriptions: &[&str], outbox: Option<Outbox>) -> Running {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter("fieldbridge=debug")
         .with_test_writer()
+        .finish()
+        .with(fieldbridge::logging::parse_filter("fieldbridge=debug").expect("valid"))
         .try_init();
     let (_, announcer) = fieldbridge::publish::encoding(cfg);
     let mut settings = LinkSettings::from_config(&cfg.mqtt);

@@ -569,7 +569,7 @@ fn every_line_mistake_is_reported_with_its_line() {
         (
             "devices[0].parse.regex",
             13,
-            "not a regular expression: unclosed character class",
+            "not a regular expression: found unclosed character class",
         ),
         ("devices[0].checksum", 14, "`crc` is not one of nmea"),
         (

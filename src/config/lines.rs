@@ -387,7 +387,7 @@ impl Validator<'_> {
                 };
                 let reply = c.and_then(|c| c.reply.clone());
                 if let Some(re) = &reply {
-                    if let Err(e) = regex::Regex::new(re) {
+                    if let Err(e) = regex_lite::Regex::new(re) {
                         self.err(
                             &format!("{cp}.reply"),
                             format!("not a regular expression: {}", first_line(&e.to_string())),
@@ -503,7 +503,7 @@ impl Validator<'_> {
         );
         let parser = self.line_parser(path, k.parse.as_ref());
         if let Some(LineParser::Regex(re)) = &parser {
-            if let Ok(re) = regex::Regex::new(re) {
+            if let Ok(re) = regex_lite::Regex::new(re) {
                 let names: Vec<&str> = re.capture_names().flatten().collect();
                 for (j, lp) in line_points.iter().enumerate() {
                     if !names.contains(&lp.field.as_str()) {
@@ -566,7 +566,7 @@ impl Validator<'_> {
             return None;
         }
         if let Some(re) = &r.regex {
-            return match regex::Regex::new(re) {
+            return match regex_lite::Regex::new(re) {
                 Ok(compiled) if compiled.capture_names().flatten().next().is_some() => {
                     Some(LineParser::Regex(re.clone()))
                 }
@@ -582,7 +582,7 @@ impl Validator<'_> {
                     self.err(
                         &format!("{pp}.regex"),
                         format!("not a regular expression: {}", first_line(&e.to_string())),
-                        Some("Rust regex syntax; named captures are (?P<name>...)".into()),
+                        Some("Rust regex syntax (ASCII classes, no \\p{...}); named captures are (?P<name>...)".into()),
                     );
                     None
                 }

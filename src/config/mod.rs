@@ -927,7 +927,7 @@ impl Validator<'_> {
         }
         let log_level = g.log_level.unwrap_or_else(|| "info".into());
         const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-        // EnvFilter takes a bare word as a target name (`verbose` = all of target `verbose`);
+        // A filter takes a bare word as a target name (`verbose` = all of target `verbose`);
         // here that is almost always a mistyped level.
         if let Some(bad) = log_level
             .split(',')
@@ -939,7 +939,7 @@ impl Validator<'_> {
                 format!("`{bad}` is not a level"),
                 Some("levels are off, error, warn, info, debug, trace; for one module write e.g. fieldbridge::modbus=debug".into()),
             );
-        } else if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        } else if let Err(e) = crate::logging::parse_filter(&log_level) {
             self.err(
                 "gateway.log_level",
                 format!("`{log_level}` is not a log filter: {e}"),

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use regex::Regex;
+use regex_lite::Regex;
 
 use crate::codec::Raw;
 use crate::model::{Checksum, DataType, Device, Encoding, LineParser};
