@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`model`]: the validated configuration every other module runs on (plain data).
 //! - [`config`]: YAML loading and validation (raw serde structs → [`model::Config`]), errors with
-//!   path, line, column and hint; device profiles (`config::profile`: `profiles/NAME.yaml`
+//!   path, line, column and hint; the YAML reader (`config::yaml`: yaml_rust2's parser into a
+//!   compact tree, a serde deserializer over it); device profiles (`config::profile`: `profiles/NAME.yaml`
 //!   merged into the devices that name them, errors naming the profile file).
 //! - [`codec`]: registers ↔ typed values, both directions (pure).
 //! - [`plan`]: points → coalesced read blocks within protocol limits; bad ranges (pure).

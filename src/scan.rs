@@ -953,7 +953,8 @@ mod tests {
         assert!(y.contains("  - name: scan\n    type: tcp\n"), "{y}");
         assert!(y.contains("  - name: eastron-sdm630-1\n    bus: scan\n    unit: 1\n    profile: eastron-sdm630\n"), "{y}");
         assert!(y.contains("  - name: unit-2\n"), "{y}");
-        let parsed: serde_yaml::Value = serde_yaml::from_str(&y).expect("valid YAML");
+        let parsed: crate::config::yaml::Value =
+            crate::config::yaml::from_str(&y).expect("valid YAML");
         assert_eq!(parsed["devices"].as_sequence().unwrap().len(), 2);
     }
 

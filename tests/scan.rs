@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// The unit ids of the scan's `devices:` fragment.
 fn units_found(stdout: &str) -> Vec<u64> {
-    let y: serde_yaml::Value = serde_yaml::from_str(stdout)
+    let y: fieldbridge::config::yaml::Value = fieldbridge::config::yaml::from_str(stdout)
         .unwrap_or_else(|e| panic!("scan output is not YAML ({e}):\n{stdout}"));
     y["devices"]
         .as_sequence()

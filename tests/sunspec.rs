@@ -239,7 +239,8 @@ fn scan_names_the_sunspec_device_and_its_models() {
         "/nonexistent/x.yaml",
     ]);
     assert!(out.success(), "{}", out.stderr);
-    let y: serde_yaml::Value = serde_yaml::from_str(&out.stdout).expect("YAML");
+    let y: fieldbridge::config::yaml::Value =
+        fieldbridge::config::yaml::from_str(&out.stdout).expect("YAML");
     let units: Vec<u64> = y["devices"]
         .as_sequence()
         .unwrap()

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use serde_yaml::Value;
+use super::yaml::Value;
 
 use super::raw::{RawBus, RawCommand, RawDevice, RawParse, RawPoint};
 use super::{closest, fmt_duration, Validator};

@@ -1,13 +1,13 @@
 //! Maps a YAML path (`devices[2].points[5].address`) to the line and column of its node.
 //!
-//! serde_yaml only knows positions while it parses; validation errors found later need them
-//! too, so the text is walked once more with yaml_rust2's event parser, recording where every
-//! node starts. Positions are 1-based.
+//! The YAML reader (`yaml.rs`) knows positions only while serde reads the tree; validation
+//! errors found later need them too, so the text is walked with yaml_rust2's event parser,
+//! recording where every node starts. Positions are 1-based.
 //!
 //! The same walk counts the nodes the document has once its aliases are expanded, without
 //! expanding them (an alias adds the size of its anchor's node), so that a file whose aliases
 //! would multiply it (`points: *p` on many devices, or "billion laughs") is refused before
-//! serde_yaml expands it.
+//! the YAML reader builds its tree.
 
 use std::collections::HashMap;
 
@@ -130,7 +130,7 @@ struct Walker {
     count: NodeCount,
 }
 
-/// Counts nodes as serde_yaml would see them, aliases replaced by what they name.
+/// Counts nodes as serde sees them, aliases replaced by what they name.
 #[derive(Default)]
 struct NodeCount {
     /// Nodes so far, expanded (saturating: a billion laughs stays a number).
@@ -161,8 +161,8 @@ impl NodeCount {
                     self.sizes.insert(*anchor, 1);
                 }
             }
-            // An alias to a node still open (a recursive alias) counts as one node; serde_yaml
-            // refuses it anyway.
+            // An alias to a node still open (a recursive alias) counts as one node; the YAML
+            // reader refuses it anyway.
             Event::Alias(id) => {
                 let n = self.sizes.get(id).copied().unwrap_or(1);
                 self.add(n, mark, true);

@@ -14,13 +14,14 @@ mod lines;
 mod locate;
 pub mod profile;
 mod raw;
+pub mod yaml;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_yaml::Value;
+use yaml::Value;
 
 use crate::model::MqttSession;
 use crate::model::{BitWrite, ClockPolicy, DeviceProfile, PointCommand, PointSource, Rate};
@@ -249,7 +250,7 @@ pub fn parse_discovered(
             file: None,
         }]));
     }
-    // Before serde_yaml, which would expand every alias.
+    // Before the YAML reader, which expands every alias.
     let loc = Locator::new(text);
     if let Some(over) = loc.too_many_nodes {
         let (message, hint) = if over.by_alias {
@@ -272,7 +273,7 @@ pub fn parse_discovered(
             file: None,
         }]));
     }
-    let raw: RawConfig = match serde_yaml::from_str(text) {
+    let raw: RawConfig = match yaml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => return Err(fail(vec![from_serde(&e)])),
     };
@@ -321,26 +322,14 @@ pub use crate::plan::frame_gap_for_baud;
 // ---------------------------------------------------------------------------------------------
 // serde errors
 
-/// Turns serde_yaml's single error into a [`ConfigError`] with a friendlier message.
-fn from_serde(e: &serde_yaml::Error) -> ConfigError {
-    let (line, column) = match e.location() {
-        Some(l) => (Some(l.line()), Some(l.column())),
+/// Turns the YAML reader's error into a [`ConfigError`] with a friendlier message.
+fn from_serde(e: &yaml::Error) -> ConfigError {
+    let (line, column) = match e.pos {
+        Some(p) => (Some(p.line), Some(p.column)),
         None => (None, None),
     };
-    let mut text = e.to_string();
-    if let Some(i) = text.find(" at line ") {
-        if line.is_some() {
-            text.truncate(i);
-        }
-    }
-    // serde_yaml writes `path: message`; a path has no spaces or backticks.
-    let (mut path, mut msg) = match text.split_once(": ") {
-        Some((p, m)) if !p.contains([' ', '`', '"']) => (p.to_string(), m.to_string()),
-        _ => (String::new(), text.clone()),
-    };
-    if path == "." {
-        path.clear();
-    }
+    let mut path = e.path.clone();
+    let mut msg = e.message.clone();
     let mut hint = None;
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let (key, expected) = rest.split_once('`').unwrap_or((rest, ""));

@@ -227,7 +227,7 @@ pub(super) fn read_profile(file: &Path) -> Result<Source, Vec<ConfigError>> {
             super::locate::MAX_NODES
         )));
     }
-    match serde_yaml::from_str::<RawProfile>(&text) {
+    match super::yaml::from_str::<RawProfile>(&text) {
         Ok(raw) => Ok(Source {
             file: shown,
             loc,

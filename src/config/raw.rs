@@ -4,8 +4,8 @@
 //! message (durations, enums, ranges) are kept loose (`String`, `i64`, `Value`) so that stage 2
 //! can report every bad value at once, with the allowed list, instead of serde's first error.
 
+use super::yaml::{Mapping, Value};
 use serde::Deserialize;
-use serde_yaml::{Mapping, Value};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
