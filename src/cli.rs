@@ -1,13 +1,14 @@
-//! Command line: `run`, `check`, `read`, `status`, `profiles`, `scan`, `sunspec`. Exit codes: 0 ok, 2 configuration error, 1 runtime
-//! failure.
+//! The subcommands `run`, `check`, `read`, `status`, `profiles` (`scan` and `sunspec` in their
+//! modules; [`crate::args`] parses the command line). Exit codes: 0 ok, 2 configuration error
+//! or bad arguments, 1 runtime failure.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::args::{self, Command, Parsed};
 use crate::modbus::{Connection, Data};
 use crate::model::{BusKind, Config, Device, Parity, RegisterKind};
 use crate::{app, codec, config, plan};
@@ -15,75 +16,6 @@ use crate::{app, codec, config, plan};
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_RUNTIME: i32 = 1;
 pub const EXIT_CONFIG: i32 = 2;
-
-const DEFAULT_CONFIG: &str = "/etc/fieldbridge/fieldbridge.yaml";
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "fieldbridge",
-    version,
-    about = "Field devices (Modbus RTU/TCP) to MQTT"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Run the gateway.
-    Run {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// Log to the systemd journal with structured fields (automatic when stderr is the
-        /// journal, as under systemd).
-        #[arg(long)]
-        journald: bool,
-    },
-    /// Validate the configuration; print devices, read blocks, topics and bus time per cycle.
-    Check {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// Show how LINE parses for line device DEVICE (escapes like \r\n are understood).
-        #[arg(long, num_args = 2, value_names = ["DEVICE", "LINE"])]
-        sample: Option<Vec<String>>,
-    },
-    /// Print the running gateway's figures (from its `http:` endpoint) and the
-    /// store-and-forward backlog (works while the gateway runs).
-    Status {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-    },
-    /// Read a device (or one point) once and print values and raw registers decoded every way.
-    Read {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// Device name.
-        device: String,
-        /// Point name; all points of the device when omitted.
-        point: Option<String>,
-    },
-    /// Find the devices on a bus: which unit ids answer, what they say they are, and a
-    /// `devices:` fragment to paste into the config.
-    Scan(crate::scan::Args),
-    /// Discover a SunSpec device (marker, model chain) and print every mapped point once.
-    Sunspec(crate::sunspec::cli::Args),
-    /// List the device profiles (the `profiles/` directory next to the config, then the
-    /// shipped ones), or show one's points.
-    Profiles {
-        /// The configuration whose `profiles/` directory is searched first (it need not exist).
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        #[command(subcommand)]
-        action: Option<ProfilesAction>,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum ProfilesAction {
-    /// Validate profile NAME and print its defaults and points.
-    Show { name: String },
-}
 
 /// What [`out!`] writes with. A reader that went away (EPIPE) ends the process with 141, as
 /// SIGPIPE would under a shell; a stdout that cannot be written at all (a full disk, say)
@@ -107,28 +39,32 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>) {
 pub const EXIT_BROKEN_PIPE: i32 = 141;
 
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK };
+    let command = match args::parse(std::env::args_os().skip(1)) {
+        Ok(Parsed::Command(c)) => c,
+        Ok(Parsed::Print(text)) => {
+            out!("{}", text.trim_end());
+            return EXIT_OK;
+        }
+        Err(args::Error(e)) => {
+            eprintln!("{e}");
+            return EXIT_CONFIG;
         }
     };
-    let path = match &cli.command {
+    let path = match &command {
         Command::Run { config, .. }
         | Command::Check { config, .. }
         | Command::Status { config }
         | Command::Read { config, .. } => config.clone(),
         Command::Scan(args) => return crate::scan::main(args),
         Command::Sunspec(args) => return crate::sunspec::cli::main(args),
-        Command::Profiles { config, action } => {
+        Command::Profiles { config, show } => {
             let library = config::profile::Library::for_config(config);
-            return match action {
+            return match show {
                 None => {
                     out!("{}", profiles_report(&library));
                     EXIT_OK
                 }
-                Some(ProfilesAction::Show { name }) => match profile_show(&library, name) {
+                Some(name) => match profile_show(&library, name) {
                     Ok(report) => {
                         out!("{report}");
                         EXIT_OK
@@ -149,14 +85,14 @@ pub fn main() -> i32 {
         }
     };
     let shown = path.display().to_string();
-    match cli.command {
+    match command {
         Command::Check { sample, .. } => {
             for w in &warnings {
                 eprintln!("{}", config::warning_line(&shown, w));
             }
             out!("{}", check_report(&path, &config));
-            match sample.as_deref() {
-                Some([device, line]) => match crate::lines::sample_report(&config, device, line) {
+            match &sample {
+                Some((device, line)) => match crate::lines::sample_report(&config, device, line) {
                     Ok(report) => {
                         out!("\n{report}");
                         EXIT_OK

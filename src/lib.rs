@@ -37,8 +37,9 @@
 //!   results and written values go to the publisher stage as events).
 //! - [`app`]: wires buses, router, publisher stage and link together; reloads; ordered
 //!   shutdown.
+//! - [`args`]: the command line (subcommands, options, help) from one table per subcommand.
 //! - [`cli`]: `run`, `check`, `read`, `status`, `profiles` sub-commands (`scan` and `sunspec`
-//!   parse their arguments in their own modules).
+//!   run in their own modules).
 //! - [`scan`]: `fieldbridge scan`: unit ids that answer on a bus, their identification (FC 43,
 //!   SunSpec common model), matching profiles, a `devices:` fragment (pure but for `scan::run`).
 //! - [`sunspec`]: SunSpec discovery (marker, bounded model chain) and the models' points with
@@ -78,6 +79,7 @@ macro_rules! outln {
 }
 
 pub mod app;
+pub mod args;
 pub mod cli;
 pub mod codec;
 pub mod command;

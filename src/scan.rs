@@ -648,38 +648,29 @@ pub fn sweep(base: &Serial, bauds: &[u32], parities: &[Parity]) -> Vec<BusKind> 
     out
 }
 
-/// `fieldbridge scan` arguments: exactly one of `--bus`, `--port`, `--host`.
-#[derive(clap::Args, Debug)]
+/// `fieldbridge scan` arguments (`crate::args` has their help): one of `--bus`, `--port`,
+/// `--host`.
+#[derive(Debug, PartialEq)]
 pub struct Args {
     /// The configuration whose bus `--bus` names (and whose profiles are matched).
-    #[arg(short, long, default_value = "/etc/fieldbridge/fieldbridge.yaml")]
     pub config: std::path::PathBuf,
     /// Scan this bus of the configuration.
-    #[arg(long, conflicts_with_all = ["port", "host"])]
     pub bus: Option<String>,
     /// Scan this serial port (Modbus RTU).
-    #[arg(long, conflicts_with = "host")]
     pub port: Option<String>,
     /// Scan this Modbus TCP endpoint, HOST:PORT (port 502 when omitted).
-    #[arg(long)]
     pub host: Option<String>,
     /// Unit ids to try: ranges and single ids, e.g. 1-32,40.
-    #[arg(long, default_value = "1-247")]
     pub units: String,
     /// Serial: baud rates to try, e.g. 9600,19200 (default: the bus's, or 9600).
-    #[arg(long)]
     pub baud: Option<String>,
     /// Serial: parities to try, e.g. none,even (default: the bus's, or none).
-    #[arg(long)]
     pub parity: Option<String>,
     /// Serial: data bits (7 or 8).
-    #[arg(long, default_value_t = 8)]
     pub data_bits: u8,
     /// Serial: stop bits (1 or 2).
-    #[arg(long, default_value_t = 1)]
     pub stop_bits: u8,
     /// How long to wait for each unit's answer.
-    #[arg(long, default_value = "100ms")]
     pub timeout: String,
 }
 

@@ -388,7 +388,7 @@ fn from_serde(e: &yaml::Error) -> ConfigError {
 }
 
 /// The candidate nearest to `word` by edit distance, if it is plausibly a typo of it.
-fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     fn distance(a: &str, b: &str) -> usize {
         let b: Vec<char> = b.chars().collect();
         let mut prev: Vec<usize> = (0..=b.len()).collect();

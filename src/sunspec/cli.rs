@@ -7,35 +7,27 @@ use std::time::Duration;
 
 use crate::model::{BusKind, Parity, Serial};
 
-/// `fieldbridge sunspec` arguments: exactly one of `--bus`, `--port`, `--host`.
-#[derive(clap::Args, Debug)]
+/// `fieldbridge sunspec` arguments (`crate::args` has their help): one of `--bus`, `--port`,
+/// `--host`.
+#[derive(Debug, PartialEq)]
 pub struct Args {
     /// The configuration whose bus `--bus` names.
-    #[arg(short, long, default_value = "/etc/fieldbridge/fieldbridge.yaml")]
     pub config: std::path::PathBuf,
     /// A bus of the configuration.
-    #[arg(long, conflicts_with_all = ["port", "host"])]
     pub bus: Option<String>,
     /// A serial port (Modbus RTU).
-    #[arg(long, conflicts_with = "host")]
     pub port: Option<String>,
     /// A Modbus TCP endpoint, HOST:PORT (port 502 when omitted).
-    #[arg(long)]
     pub host: Option<String>,
     /// Serial: baud rate.
-    #[arg(long, default_value_t = 9600)]
     pub baud: u32,
     /// Serial: parity (none, even, odd).
-    #[arg(long, default_value = "none")]
     pub parity: String,
     /// The device's unit id.
-    #[arg(long, default_value_t = 1)]
     pub unit: u8,
     /// How long to wait for each answer.
-    #[arg(long, default_value = "1s")]
     pub timeout: String,
     /// One JSON object, point name -> value (null: not implemented).
-    #[arg(long)]
     pub json: bool,
 }
 
