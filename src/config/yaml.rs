@@ -1270,6 +1270,33 @@ mod tests {
         assert_eq!(d.more, ["a", "b"]);
         let v: Value = from_str("a: &x [1, 2]\nb: *x\n").unwrap();
         assert_eq!(v.get("b"), v.get("a"));
+        // A bad value reached through an alias: the path where it is used, the line where
+        // its text is; the alias itself is where it is written.
+        #[derive(Debug, Deserialize)]
+        struct Anchored {
+            #[allow(dead_code)]
+            p: Value,
+            #[allow(dead_code)]
+            points: Vec<Point>,
+        }
+        let err = |text| from_str::<Anchored>(text).unwrap_err();
+        let e = err("p: &p { name: a, address: x }\npoints:\n  - *p\n");
+        assert_eq!(e.path, "points[0].address");
+        assert_eq!(
+            e.pos,
+            Some(Pos {
+                line: 1,
+                column: 27
+            })
+        );
+        let e = err("p: &p [1]\npoints:\n  - *p\n");
+        assert_eq!(
+            (e.path.as_str(), e.pos.map(|p| p.line)),
+            ("points[0]", Some(3))
+        );
+        // An alias inside its own anchor's node would be infinite.
+        let e = from_str::<Value>("a: &x [1, *x]\n").unwrap_err();
+        assert!(e.message.contains("alias"), "{e}");
         let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..8 {
             let p = i - 1;
