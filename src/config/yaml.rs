@@ -898,13 +898,6 @@ impl Number {
             Number::Float(_) => None,
         }
     }
-
-    pub fn as_f64(&self) -> f64 {
-        match *self {
-            Number::Int(i) => i as f64,
-            Number::Float(f) => f,
-        }
-    }
 }
 
 impl fmt::Display for Number {
@@ -931,14 +924,6 @@ type Entry<'a> = fn(&'a (Value, Value)) -> (&'a Value, &'a Value);
 impl Mapping {
     pub fn iter(&self) -> std::iter::Map<std::slice::Iter<'_, (Value, Value)>, Entry<'_>> {
         self.0.iter().map(|(k, v)| (k, v))
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Sets `key` to `value`: in place if the key is there (its old value returned), else at
@@ -970,27 +955,6 @@ impl<'a> IntoIterator for &'a Mapping {
 }
 
 impl Value {
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::String(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_i64(&self) -> Option<i64> {
-        match self {
-            Value::Number(n) => n.as_i64(),
-            _ => None,
-        }
-    }
-
-    pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Value::Number(n) => Some(n.as_f64()),
-            _ => None,
-        }
-    }
-
     pub fn as_sequence(&self) -> Option<&Vec<Value>> {
         match self {
             Value::Sequence(s) => Some(s),
