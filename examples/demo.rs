@@ -162,12 +162,7 @@ async fn retained(broker: u16) -> anyhow::Result<Vec<(String, String)>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| fieldbridge::logging::parse_filter(&v).ok())
-        .unwrap_or_else(|| {
-            fieldbridge::logging::parse_filter("warn,rumqttd=off,rumqttc=off").expect("valid")
-        });
+    let filter = fieldbridge::logging::filter_from_env("warn,rumqttd=off,rumqttc=off");
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()

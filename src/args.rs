@@ -319,7 +319,8 @@ impl Matches {
             .and_then(|(_, v)| v.first())
     }
 
-    fn flag(&self, long: &str) -> bool {
+    /// Whether the option was given (a flag is its presence).
+    fn given(&self, long: &str) -> bool {
         self.values.iter().any(|(l, _)| *l == long)
     }
 
@@ -479,7 +480,7 @@ fn matches(spec: &Spec, mut rest: std::vec::IntoIter<OsString>) -> Result<Option
 fn one_target(spec: &Spec, m: &Matches) -> Result<(), Error> {
     let given: Vec<&str> = ["bus", "port", "host"]
         .into_iter()
-        .filter(|l| m.flag(l))
+        .filter(|l| m.given(l))
         .collect();
     if given.len() > 1 {
         return Err(fail(
@@ -537,7 +538,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> 
     let command = match spec.name {
         "run" => Command::Run {
             config,
-            journald: m.flag("journald"),
+            journald: m.given("journald"),
         },
         "check" => Command::Check {
             config,
@@ -578,7 +579,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> 
                 parity: m.text_or_default(spec, "parity")?,
                 unit: m.number(spec, "unit")?,
                 timeout: m.text_or_default(spec, "timeout")?,
-                json: m.flag("json"),
+                json: m.given("json"),
             })
         }
         "profiles" => {

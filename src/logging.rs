@@ -45,13 +45,7 @@ pub fn choose(force_journald: bool) -> Sink {
 /// Installs the global subscriber. `RUST_LOG` wins over `default_level` (the config's
 /// `gateway.log_level`); an invalid directive falls back to `info`.
 pub fn init(default_level: &str, sink: Sink) {
-    let filter = || {
-        std::env::var("RUST_LOG")
-            .ok()
-            .and_then(|v| parse_filter(&v).ok())
-            .or_else(|| parse_filter(default_level).ok())
-            .unwrap_or_else(|| Targets::new().with_default(Level::INFO))
-    };
+    let filter = || filter_from_env(default_level);
     if sink == Sink::Journal {
         match systemd_journal_logger::JournalLog::new() {
             Ok(journal) => {
@@ -76,6 +70,15 @@ pub fn init(default_level: &str, sink: Sink) {
                 .with_filter(filter()),
         )
         .try_init();
+}
+
+/// `RUST_LOG` if it is set and parses, else `default_level`, else `info`.
+pub fn filter_from_env(default_level: &str) -> Targets {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| parse_filter(&v).ok())
+        .or_else(|| parse_filter(default_level).ok())
+        .unwrap_or_else(|| Targets::new().with_default(Level::INFO))
 }
 
 /// Parses a log filter: `info`, or `info,fieldbridge::modbus=debug` (a default level and

@@ -1,7 +1,8 @@
 //! YAML into serde types, on yaml_rust2's parser: the one YAML parser of the gateway.
 //!
-//! The text becomes a tree of nodes with their positions, aliases expanded (bounded by
-//! [`MAX_NODES`]), and a serde `Deserializer` walks the tree. Scalars are read by the YAML 1.2
+//! The text becomes a tree of nodes with their positions (an alias shares its anchor's node;
+//! what it would expand to is counted against [`MAX_NODES`]), and a serde `Deserializer`
+//! walks the tree. Scalars are read by the YAML 1.2
 //! core schema: a plain `~`, `null` or nothing is null, `true`/`false` (also `True`, `TRUE`...)
 //! are booleans (`yes`, `on` are text), `12`, `-3`, `0x1F`, `0o17`, `0b101` are integers
 //! (`012` is text), `1.5`, `1e3`, `.inf`, `.nan` are floats; a quoted or block scalar is always
@@ -227,6 +228,8 @@ struct Builder {
 }
 
 impl Builder {
+    /// The loader's locator refuses such a file first, with its own message; this bound keeps
+    /// every other reader (a profile, `scan`'s output in tests) from walking a billion laughs.
     fn count(&mut self, n: u64, at: At) -> bool {
         self.nodes = self.nodes.saturating_add(n);
         if self.nodes > MAX_NODES {
@@ -276,16 +279,19 @@ impl Builder {
     }
 }
 
-/// `!!str` makes a plain scalar text; the other core tags keep it plain. Other tags are refused.
-fn tag_plain(tag: &Option<Tag>, plain: bool) -> Result<bool, String> {
+/// A scalar's tag: `!!str` (and the non-specific `!`) make it text, `!!int`, `!!float`,
+/// `!!bool`, `!!null` keep it as written; `container` takes `!!seq` and `!!map`. Other tags are
+/// refused: a configuration has no use for them.
+fn tag_plain(tag: &Option<Tag>, plain: bool, container: bool) -> Result<bool, String> {
     let Some(t) = tag else { return Ok(plain) };
     let full = format!("{}{}", t.handle, t.suffix);
-    match full.strip_prefix("tag:yaml.org,2002:") {
-        Some("str") => Ok(false),
-        Some("int" | "float" | "bool" | "null") => Ok(plain),
-        _ if t.handle == "!" && t.suffix.is_empty() => Ok(false),
+    match (full.strip_prefix("tag:yaml.org,2002:"), container) {
+        (Some("str"), false) => Ok(false),
+        (Some("int" | "float" | "bool" | "null"), false) => Ok(plain),
+        (Some("seq" | "map"), true) => Ok(plain),
+        _ if t.handle == "!" && t.suffix.is_empty() && !container => Ok(false),
         _ => Err(format!(
-            "the YAML tag `{}{}` is not used in a configuration",
+            "the YAML tag `{}{}` is not used here in a configuration",
             t.handle, t.suffix
         )),
     }
@@ -303,7 +309,7 @@ impl MarkedEventReceiver for Builder {
                 if !self.count(1, at) {
                     return;
                 }
-                let plain = match tag_plain(&tag, style == TScalarStyle::Plain) {
+                let plain = match tag_plain(&tag, style == TScalarStyle::Plain, false) {
                     Ok(p) => p,
                     Err(m) => {
                         self.error = Some(Error::new(m, Some(at.into())));
@@ -345,8 +351,8 @@ impl MarkedEventReceiver for Builder {
                 if !self.count(1, at) {
                     return;
                 }
-                if let Some(t) = tag {
-                    if let Err(m) = tag_plain(&Some(t), true) {
+                if tag.is_some() {
+                    if let Err(m) = tag_plain(&tag, true, true) {
                         self.error = Some(Error::new(m, Some(at.into())));
                         return;
                     }
@@ -1220,6 +1226,27 @@ mod tests {
         assert_eq!(e.pos.unwrap().line, 3);
         let e = err("points: !custom []\n");
         assert!(e.message.contains("`!custom`"), "{e}");
+        let d: Doc =
+            from_str("points: !!seq [!!map { name: !!str 5, address: !!int 3 }]\n").unwrap();
+        assert_eq!(
+            (d.points[0].name.as_str(), d.points[0].address),
+            ("5", Some(3))
+        );
+        let e = err("points: !!str []\n");
+        assert!(e.message.contains("`tag:yaml.org,2002:str`"), "{e}");
+        // A flow mapping is where its `{` is (yaml_rust2's start mark), a block mapping where
+        // its first key is.
+        let e = err("points:\n  - name: {a: 1}\n");
+        assert_eq!(
+            (e.path.as_str(), e.pos),
+            (
+                "points[0].name",
+                Some(Pos {
+                    line: 2,
+                    column: 11
+                })
+            )
+        );
     }
 
     #[test]
